@@ -1,0 +1,1 @@
+"""pmxfs: a replicated cluster configuration filesystem."""

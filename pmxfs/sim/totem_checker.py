@@ -1,0 +1,128 @@
+"""Checkers for totem's guarantees, fed with every delivery and configuration change as it happens.
+
+Each application payload made by the simulator starts with `<sender>:<counter>:`, so a delivery
+can be traced back to exactly one `mcast` call, and inside one frame a sender's messages are in
+counter order. The checks:
+
+* nothing invented: every delivered payload was accepted by `mcast`, byte for byte, from its
+  sender;
+* nothing twice: a node incarnation delivers each message at most once;
+* agreed order: a message is delivered at the same (ring, seq) everywhere, and each node delivers
+  a ring's messages in increasing (seq, counter) order — together, one total order per ring;
+* virtual synchrony: members that move together from ring A to ring B delivered exactly the same
+  set of ring-A messages and report the same transitional membership; every member that installs
+  ring B reports the same regular membership;
+* self-delivery: (checked at the end) every message accepted by a node that never crashed was
+  delivered by that node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver
+from pmxfs.core.wire import RingId
+
+NodeKey = tuple[int, int]  # (node id, incarnation)
+
+
+class Violation(Exception):
+    """A guarantee of the ordered broadcast was broken."""
+
+
+def payload_id(payload: bytes) -> tuple[int, int]:
+    sender, counter, _ = payload.split(b":", 2)
+    return int(sender), int(counter)
+
+
+@dataclass
+class _NodeView:
+    ring: RingId
+    delivered: set[bytes] = field(default_factory=set)
+    in_ring: set[bytes] = field(default_factory=set)
+    last_position: tuple[int, int] = (0, -1)
+    pending_transitional: ConfChange | None = None
+
+
+class TotemChecker:
+    def __init__(self) -> None:
+        self.sent: dict[tuple[int, int], bytes] = {}
+        self.position: dict[bytes, tuple[RingId, int]] = {}
+        self.views: dict[NodeKey, _NodeView] = {}
+        self.moves: dict[tuple[RingId, RingId], tuple[frozenset[bytes], tuple[int, ...]]] = {}
+        self.regular: dict[RingId, tuple[int, ...]] = {}
+        self.delivered_count = 0
+        self.confchg_count = 0
+
+    def node_started(self, key: NodeKey) -> None:
+        self.views[key] = _NodeView(ring=RingId(seq=0, rep=key[0]))
+
+    def accepted(self, payload: bytes) -> None:
+        self.sent[payload_id(payload)] = payload
+
+    def on_deliver(self, key: NodeKey, d: Deliver) -> None:
+        view = self.views[key]
+        ident = payload_id(d.payload)
+        if ident[0] != d.sender or self.sent.get(ident) != d.payload:
+            raise Violation(f"n{key[0]} delivered a message nobody sent: {ident} from {d.sender}")
+        if d.payload in view.delivered:
+            raise Violation(f"n{key[0]} delivered {ident} twice")
+        if view.pending_transitional is not None:
+            raise Violation(f"n{key[0]} delivered {ident} between transitional and regular")
+        if d.ring_id != view.ring:
+            raise Violation(f"n{key[0]} delivered {ident} of ring {d.ring_id} while in {view.ring}")
+        where = self.position.setdefault(d.payload, (d.ring_id, d.seq))
+        if where != (d.ring_id, d.seq):
+            raise Violation(
+                f"n{key[0]} delivered {ident} at {d.ring_id}/{d.seq}, elsewhere at {where}"
+            )
+        pos = (d.seq, ident[1])
+        if pos <= view.last_position:
+            raise Violation(f"n{key[0]} delivered {ident} at {pos} after {view.last_position}")
+        view.last_position = pos
+        view.delivered.add(d.payload)
+        view.in_ring.add(d.payload)
+        self.delivered_count += 1
+
+    def on_confchg(self, key: NodeKey, c: ConfChange) -> None:
+        view = self.views[key]
+        self.confchg_count += 1
+        if key[0] not in c.members:
+            raise Violation(f"n{key[0]} got a configuration without itself: {c}")
+        if c.kind is ConfChangeKind.TRANSITIONAL:
+            if view.pending_transitional is not None:
+                raise Violation(f"n{key[0]} got two transitional configurations in a row")
+            view.pending_transitional = c
+            return
+        trans = view.pending_transitional
+        if trans is None or trans.ring_id != c.ring_id:
+            raise Violation(f"n{key[0]} got a regular configuration without a transitional one")
+        if not set(trans.members) <= set(c.members):
+            raise Violation(f"n{key[0]}: transitional {trans.members} not within {c.members}")
+        known = self.regular.setdefault(c.ring_id, c.members)
+        if known != c.members:
+            raise Violation(f"ring {c.ring_id}: members {c.members} on n{key[0]}, else {known}")
+        move = (view.ring, c.ring_id)
+        record = (frozenset(view.in_ring), trans.members)
+        first = self.moves.setdefault(move, record)
+        if first[1] != record[1]:
+            raise Violation(
+                f"n{key[0]} moved {move[0]}->{move[1]} with transitional {record[1]}, "
+                f"others with {first[1]}"
+            )
+        if first[0] != record[0]:
+            missing = sorted(payload_id(p) for p in first[0] ^ record[0])[:5]
+            raise Violation(
+                f"n{key[0]} moved {move[0]}->{move[1]} having delivered a different set of "
+                f"old-ring messages than others (differences, first five: {missing})"
+            )
+        view.ring = c.ring_id
+        view.in_ring = set()
+        view.last_position = (0, -1)
+        view.pending_transitional = None
+
+    def check_self_delivery(self, key: NodeKey, accepted: list[bytes]) -> None:
+        view = self.views[key]
+        lost = [payload_id(p) for p in accepted if p not in view.delivered]
+        if lost:
+            raise Violation(f"n{key[0]} never delivered {len(lost)} own messages: {lost[:5]}")
