@@ -163,6 +163,20 @@ class TotemCluster:
     def wait_one_ring(self, nodes: list[int] | None = None, timeout: int = 60_000) -> bool:
         return self.net.run_while(lambda: not self.one_ring(nodes), self.net.now + timeout)
 
+    def wait_stable_ring(self, stable_for: int, timeout: int = 60_000) -> bool:
+        """Wait until all live nodes have been in one and the same ring for `stable_for` ms."""
+        since: dict[str, object] = {"ring": None, "at": self.net.now}
+
+        def unsettled() -> bool:
+            ring = self.core(self.live()[0]).ring.ring_id if self.one_ring() else None
+            if ring != since["ring"]:
+                since["ring"], since["at"] = ring, self.net.now
+            at = since["at"]
+            assert isinstance(at, int)
+            return ring is None or self.net.now - at < stable_for
+
+        return self.net.run_while(unsettled, self.net.now + timeout)
+
     def check_self_delivery(self) -> None:
         for (node_id, incarnation), payloads in self.accepted.items():
             node = self.net.nodes[node_id]
@@ -203,11 +217,15 @@ def run_chaos(seed: int, node_range: tuple[int, int], *, keep_trace: bool = Fals
             node = net.nodes[n]
             if not node.up:
                 cluster.restart(n)
-        if not cluster.wait_one_ring(timeout=60_000):
+            elif node.paused_until is not None:
+                node.paused_until = net.now
+        if not cluster.wait_stable_ring(2 * params.consensus, timeout=60_000):
             states = {n: (cluster.core(n).state.value, list(cluster.core(n).ring.members))
                       for n in node_ids}
-            raise Violation(f"no single ring 60 s after healing: {states}")
-        cluster.run_for(3 * params.token)
+            raise Violation(f"no stable single ring 60 s after healing: {states}")
+        if not net.run_while(lambda: any(cluster.core(n).pending for n in node_ids),
+                             net.now + 60_000):
+            raise Violation("send queues did not drain in a healed ring")
         cluster.check_self_delivery()
         probes = [p for n in node_ids if (p := cluster.mcast(n)) is not None]
         if len(probes) != len(node_ids):
