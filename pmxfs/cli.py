@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pmxfs import config_check
+from pmxfs import config_check, debug_cpg, keygen
 
 
 class UsageError(Exception):
@@ -20,6 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmxfs", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     config_check.register(subparsers)
+    keygen.register(subparsers)
+    debug = subparsers.add_parser("debug", help="inspect a ring or a running node",
+                                  description="Inspect a ring or a running node.")
+    debug_commands = debug.add_subparsers(dest="debug_command", metavar="SUBCOMMAND",
+                                          required=True)
+    debug_cpg.register(debug_commands)
     return parser
 
 

@@ -127,3 +127,15 @@ def run_check(args: argparse.Namespace) -> int:
     _report(result.warnings)
     print(summary(result.config, result.update, current))
     return 0
+
+
+def load_checked(path: str) -> conf.ClusterConfig | None:
+    """Read and check the corosync.conf a command runs from, reporting problems exactly as
+    `pmxfs config check` does (warnings included); None when it cannot be used."""
+    try:
+        result = _load(path, None)
+    except _Unreadable as exc:
+        print(f"pmxfs: {exc}", file=sys.stderr)
+        return None
+    _report(result.errors + result.warnings)
+    return result.config

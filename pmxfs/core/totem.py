@@ -762,7 +762,11 @@ class Totem:
         if join.sender in self.fail:
             return
         merged_fail = set(self.fail)
-        if self.node_id in fail:
+        if join.ring_seq < self.ring.ring_id.seq:
+            # Sent before the sender knew of my current ring: its opinion of who failed is
+            # older than that ring. Only its proc set is news; my joins will update it.
+            pass
+        elif self.node_id in fail:
             merged_fail.add(join.sender)
         elif join.sender in self.ring.members:
             merged_fail |= fail

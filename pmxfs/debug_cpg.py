@@ -1,0 +1,142 @@
+"""`pmxfs debug cpg`: join a ring and watch it, like corosync's testcpg.
+
+    pmxfs debug cpg --config FILE --authkey FILE --node NAME [--data-dir DIR]
+
+Joins the ring described by FILE as node NAME and prints one JSON object per line on stdout:
+
+    {"event": "confchg", "kind": "transitional"|"regular", "ring_id": "1.8",
+     "members": [1, 2], "left": [3], "joined": []}
+    {"event": "deliver", "from": 2, "ring_id": "1.8", "seq": 17, "data": "hello"}
+    {"event": "counters", "totem": {...}, "transport": {...}}   (on SIGUSR1 and when leaving)
+
+Each line read on stdin is multicast as one message (UTF-8 text, without its newline); after
+end of input it keeps watching. SIGINT or SIGTERM leave cleanly (exit 0). A bad FILE is reported
+as `pmxfs config check` reports it, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from pmxfs import config_check
+from pmxfs.core import conf
+from pmxfs.core.totem import ConfChange, Deliver
+from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
+from pmxfs.runtime.frame_crypto import FrameCrypto
+from pmxfs.runtime.totem_node import RingSeqFileError, RingSeqStore, TotemNode
+from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
+
+DEFAULT_DATA_DIR = "/var/lib/pmxfs"
+
+
+def register(debug_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cpg = debug_commands.add_parser(
+        "cpg", help="join a ring and print deliveries and configuration changes as JSON lines",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cpg.add_argument("--config", required=True, metavar="FILE", help="corosync.conf")
+    cpg.add_argument("--authkey", required=True, metavar="FILE", help="cluster authkey")
+    cpg.add_argument("--node", required=True, metavar="NAME", help="this node's name in FILE")
+    cpg.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
+                     help=f"where the ring seq is kept (default {DEFAULT_DATA_DIR})")
+    cpg.set_defaults(handler=run)
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def event_json(event: Deliver | ConfChange) -> dict[str, Any]:
+    if isinstance(event, Deliver):
+        return {"event": "deliver", "from": event.sender, "ring_id": str(event.ring_id),
+                "seq": event.seq, "data": event.payload.decode("utf-8", errors="replace")}
+    return {"event": "confchg", "kind": event.kind.value, "ring_id": str(event.ring_id),
+            "members": list(event.members), "left": list(event.left),
+            "joined": list(event.joined)}
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_check.load_checked(args.config)
+    if config is None:
+        return 1
+    me = config.node_by_name(args.node)
+    if me is None or me.nodeid is None:
+        print(f"pmxfs: node {args.node!r} is not in {args.config}", file=sys.stderr)
+        return 1
+    try:
+        authkey = load_authkey(args.authkey)
+        ring_seq_store = RingSeqStore(args.data_dir, me.nodeid)
+        ring_seq_store.load()
+        boot_id = next_boot_id(args.data_dir, me.nodeid)
+    except (AuthkeyError, RingSeqFileError, BootIdFileError) as exc:
+        print(f"pmxfs: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pmxfs: cannot use data directory {args.data_dir}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        trio.run(_watch, config, me.nodeid, authkey, boot_id, ring_seq_store)
+    except OSError as exc:
+        print(f"pmxfs: cannot join the ring: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _watch(config: conf.ClusterConfig, node_id: int, authkey: bytes, boot_id: bytes,
+                 store: RingSeqStore) -> None:
+    infos = config.node_infos()
+    nodes = [i.nodeid for i in infos]
+    crypto = FrameCrypto(authkey, config.cluster_name, node_id, nodes, boot_id=boot_id)
+    transport = await UdpTransport.open(
+        node_id=node_id, addresses={i.nodeid: i.addr for i in infos}, port=config.port,
+        mode=config.transport, mcastaddr=config.mcastaddr if config.transport == "udp" else None,
+        crypto=crypto,
+    )
+    node = TotemNode(node_id, nodes, conf.totem_params(config), transport, store)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.run)
+                nursery.start_soon(_print_events, node)
+                nursery.start_soon(_read_stdin, node)
+                async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        _emit_counters(node)
+                        continue
+                    break
+                nursery.cancel_scope.cancel()
+        _emit_counters(node)
+    finally:
+        transport.close()
+
+
+def _emit_counters(node: TotemNode) -> None:
+    status = node.status()
+    _emit({"event": "counters", "totem": status.totem_counters,
+           "transport": status.transport_counters})
+
+
+async def _print_events(node: TotemNode) -> None:
+    async for batch in node.events():
+        for event in batch:
+            _emit(event_json(event))
+
+
+async def _read_stdin(node: TotemNode) -> None:
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buffered = b""
+    async with stdin:
+        while chunk := await stdin.receive_some(65536):
+            buffered += chunk
+            *lines, buffered = buffered.split(b"\n")
+            for line in lines:
+                await node.mcast(line)
+    if buffered:
+        await node.mcast(buffered)

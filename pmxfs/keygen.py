@@ -1,0 +1,134 @@
+"""`pmxfs keygen [PATH] [--force]`: write a new cluster authkey (256 random bytes, mode 0400).
+
+Every node of a cluster needs the same authkey: the frame key is derived from it and the cluster
+name (see `pmxfs.runtime.frame_crypto`). The file is written atomically, so a reader never sees a
+partial key and a crash never leaves one behind: the bytes go to a temporary file in the target
+directory, created with mode 0400, which is fsynced and then linked (or, with --force, renamed)
+into place; the directory is fsynced after. A missing parent directory is created with mode 0700.
+Without --force an existing PATH is left alone -- also when it appears between the check and the
+final step, because the temporary file is hard-linked to PATH, which fails if PATH exists (on a file
+system without hard links it falls back to rename after the check).
+
+Success prints PATH on stdout, exit 0. User errors (PATH exists, permission denied, ...) print one
+line `pmxfs: reason` on stderr, exit 1; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import secrets
+import sys
+
+from pmxfs.runtime.frame_crypto import AUTHKEY_BYTES
+
+DEFAULT_AUTHKEY_PATH = "/etc/pmxfs/authkey"
+
+
+class KeygenError(Exception):
+    """Why the key was not written; one line."""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `keygen` to the `pmxfs` parser."""
+    parser = subparsers.add_parser(
+        "keygen", help=f"write a new {AUTHKEY_BYTES}-byte cluster authkey (mode 0400)",
+        description=f"Write a new cluster authkey of {AUTHKEY_BYTES} random bytes to PATH "
+                    "(mode 0400, written atomically). Copy the same file to every node.")
+    parser.add_argument("path", metavar="PATH", nargs="?", default=DEFAULT_AUTHKEY_PATH,
+                        help=f"where to write the key (default {DEFAULT_AUTHKEY_PATH})")
+    parser.add_argument("--force", action="store_true", help="replace an existing PATH")
+    parser.set_defaults(handler=run_keygen)
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    """Handler of `pmxfs keygen`; returns the exit status."""
+    path: str = args.path
+    try:
+        write_authkey(path, force=args.force)
+    except KeygenError as exc:
+        print(f"pmxfs: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def write_authkey(path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Write AUTHKEY_BYTES fresh random bytes to `path` atomically, mode 0400."""
+    name = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(name))
+    if os.path.isdir(name):
+        raise KeygenError(f"{name} is a directory")
+    if not force and os.path.lexists(name):
+        raise KeygenError(f"{name} exists (use --force to replace it)")
+    try:
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700)
+    except OSError as exc:
+        raise KeygenError(f"cannot create directory {exc.filename or parent}: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        tmp = _write_temp(parent, secrets.token_bytes(AUTHKEY_BYTES))
+    except OSError as exc:
+        raise KeygenError(f"cannot write {name}: {exc.strerror or exc}") from None
+    try:
+        _install(tmp, name, force)
+        _fsync_dir(parent)
+    except OSError as exc:
+        raise KeygenError(f"cannot write {name}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _write_temp(directory: str, key: bytes) -> str:
+    """A new file in `directory` holding `key`, mode 0400, fsynced; returns its path."""
+    for _ in range(100):  # a name clash with another writer is retried, a bounded number of times
+        tmp = os.path.join(directory, f".authkey.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, 0o400)  # whatever the umask
+            view = memoryview(key)
+            while view:  # each write makes progress or raises
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+    raise OSError(errno.EEXIST, "cannot pick a temporary file name")
+
+
+def _install(tmp: str, name: str, force: bool) -> None:
+    if force:
+        os.replace(tmp, name)
+        return
+    try:
+        os.link(tmp, name)  # fails with EEXIST if `name` appeared meanwhile
+    except FileExistsError:
+        raise KeygenError(f"{name} exists (use --force to replace it)") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
+                             errno.EXDEV):
+            raise
+        if os.path.lexists(name):  # no hard links here: check, then rename
+            raise KeygenError(f"{name} exists (use --force to replace it)") from None
+        os.replace(tmp, name)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # some file systems cannot fsync a directory
+            raise
+    finally:
+        os.close(fd)

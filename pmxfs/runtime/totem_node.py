@@ -1,0 +1,205 @@
+"""The trio side of one totem instance: real time, real frames, the ring seq on disk.
+
+`TotemNode.run()` is two cooperating tasks in one trio thread, so the pure `Totem` core is only
+ever called from one place at a time:
+* the receive task awaits the next authenticated frame from the transport and feeds it to the core;
+* the timer task sleeps exactly until the core's `next_deadline()` (or until an input moved that
+  deadline earlier) and then calls `on_timer`. An idle node sleeps; there is no polling.
+After every core call the outputs are carried out in order: a `PersistRingSeq` is written and
+fsynced before any later `Send` leaves, `Send`s go to the transport, and deliveries and
+configuration changes are queued, in order, for the layer above (`events()`), as one batch per
+core call: a busy ring delivers thousands of messages a second, and waking the consumer once per
+message would cost more than ordering them.
+
+`mcast()` applies back-pressure: while the core's bounded send queue is full it waits until the
+core has sent something, instead of growing a queue of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from pmxfs.core.totem import (
+    ConfChange,
+    Deliver,
+    McastResult,
+    PersistRingSeq,
+    Send,
+    State,
+    Totem,
+)
+from pmxfs.core.totem_params import TotemParams
+from pmxfs.core.wire import RingId
+
+Event = Deliver | ConfChange
+
+
+class FrameTransport(Protocol):
+    """What a node needs from a transport: authenticated frames in, frames out."""
+
+    def send(self, to: int | None, payload: bytes) -> None: ...
+
+    async def recv(self) -> tuple[int, bytes]: ...
+
+    @property
+    def counters(self) -> dict[str, int]: ...
+
+
+class RingSeqFileError(Exception):
+    """The persisted ring seq file exists but cannot be read or trusted."""
+
+
+class RingSeqStore:
+    """`<data dir>/ringid_<nodeid>`: the highest ring seq this node has seen, as decimal text.
+
+    Written atomically (temporary file, fsync, rename, fsync of the directory) so a crash leaves
+    either the old or the new value, and a restarted node never reuses a ring id.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], node_id: int) -> None:
+        self.path = Path(data_dir) / f"ringid_{node_id}"
+
+    def load(self) -> int:
+        try:
+            text = self.path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RingSeqFileError(f"cannot read {self.path}: {exc}") from None
+        if not text.strip().isdigit():
+            raise RingSeqFileError(f"{self.path} does not hold a ring seq: {text[:40]!r}")
+        return int(text)
+
+    def store(self, ring_seq: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{ring_seq}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: int
+    state: State
+    ring_id: RingId
+    members: tuple[int, ...]
+    seq: int
+    aru: int
+    pending_messages: int
+    totem_counters: dict[str, int]
+    transport_counters: dict[str, int]
+
+
+class TotemNode:
+    """Runs a `Totem` core for `node_id` on `transport`; time 0 is when the node was created."""
+
+    def __init__(
+        self,
+        node_id: int,
+        nodes: Iterable[int],
+        params: TotemParams,
+        transport: FrameTransport,
+        store: RingSeqStore,
+    ) -> None:
+        self.transport = transport
+        self.store = store
+        self._epoch = trio.current_time()
+        self.totem = Totem(node_id, nodes, params, 0, ring_seq=store.load())
+        self._sleeping_until: int | None = None
+        self._wakeup = trio.Event()
+        self._space = trio.Event()
+        self._events_send, self._events_recv = trio.open_memory_channel[list[Event]](math.inf)
+        self._flush()
+
+    # ------------------------------------------------------------------ time
+
+    def now(self) -> int:
+        return int((trio.current_time() - self._epoch) * 1000)
+
+    def _trio_time(self, ms: int) -> float:
+        return self._epoch + ms / 1000
+
+    # ------------------------------------------------------------------ interface
+
+    def events(self) -> trio.MemoryReceiveChannel[list[Event]]:
+        """Batches of deliveries and configuration changes, in the order totem produced them."""
+        return self._events_recv
+
+    async def mcast(self, payload: bytes) -> None:
+        """Multicast one message; waits while the send queue is full."""
+        while True:
+            result = self.totem.mcast(self.now(), payload)
+            self._flush()
+            if result is McastResult.ACCEPTED:
+                return
+            self._space = trio.Event()
+            await self._space.wait()
+
+    def status(self) -> NodeStatus:
+        s = self.totem.status()
+        return NodeStatus(
+            node_id=s.node_id, state=s.state, ring_id=s.ring_id, members=s.members, seq=s.seq,
+            aru=s.aru, pending_messages=s.pending_messages, totem_counters=s.counters,
+            transport_counters=dict(self.transport.counters),
+        )
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_loop)
+            nursery.start_soon(self._timer_loop)
+
+    # ------------------------------------------------------------------ loops
+
+    async def _receive_loop(self) -> None:
+        while True:
+            src, data = await self.transport.recv()
+            self.totem.receive(self.now(), src, data)
+            self._flush()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.totem.next_deadline()
+            self._sleeping_until = deadline
+            self._wakeup = trio.Event()
+            if deadline is None:
+                await self._wakeup.wait()
+                continue
+            with trio.move_on_at(self._trio_time(deadline)) as sleep:
+                await self._wakeup.wait()
+            if sleep.cancelled_caught:
+                # trio woke us at or after the deadline; millisecond rounding must not make
+                # the core see an earlier time and leave us spinning until the clock moves.
+                self.totem.on_timer(max(self.now(), deadline))
+                self._flush()
+
+    def _flush(self) -> None:
+        events: list[Event] = []
+        for out in self.totem.drain():
+            if isinstance(out, Send):
+                self.transport.send(out.to, out.data)
+            elif isinstance(out, PersistRingSeq):
+                self.store.store(out.ring_seq)
+            else:
+                events.append(out)
+        if events:
+            self._events_send.send_nowait(events)
+        if self.totem.next_deadline() != self._sleeping_until:
+            self._wakeup.set()
+        if len(self.totem.pending) < self.totem.send_queue_messages:
+            self._space.set()
+
