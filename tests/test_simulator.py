@@ -34,6 +34,8 @@ REGRESSION_SEEDS = {
     197: "two groups never merged after heal",
     297: "simulator: settled check ran while a paused node still held the old ring",
     441: "simulator: probes sent while a paused node had not resumed",
+    1881: "zero-delay livelock: a join older than my ring still failed me, so I went singleton",
+    10285: "zero-delay livelock: a join older than my ring still failed me, so I went singleton",
 }
 
 CI_SEEDS = int(os.environ.get("PMXFS_SIM_SEEDS", "300"))

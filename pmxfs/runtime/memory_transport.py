@@ -50,7 +50,12 @@ class MemoryTransport:
             self._counters["frames_sent"] += 1
             self.hub.deliver(self.node_id, dst, payload)
 
-    async def recv(self) -> tuple[int, bytes]:
-        frame = await self.inbox_recv.receive()
-        self._counters["frames_received"] += 1
-        return frame
+    async def recv_batch(self, limit: int = 64) -> list[tuple[int, bytes]]:
+        batch = [await self.inbox_recv.receive()]
+        while len(batch) < limit:
+            try:
+                batch.append(self.inbox_recv.receive_nowait())
+            except trio.WouldBlock:
+                break
+        self._counters["frames_received"] += len(batch)
+        return batch

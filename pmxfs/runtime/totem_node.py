@@ -2,7 +2,8 @@
 
 `TotemNode.run()` is two cooperating tasks in one trio thread, so the pure `Totem` core is only
 ever called from one place at a time:
-* the receive task awaits the next authenticated frame from the transport and feeds it to the core;
+* the receive task awaits the next authenticated frames from the transport (all that are already
+  queued, so a busy node does its bookkeeping once per batch) and feeds them to the core;
 * the timer task sleeps exactly until the core's `next_deadline()` (or until an input moved that
   deadline earlier) and then calls `on_timer`. An idle node sleeps; there is no polling.
 After every core call the outputs are carried out in order: a `PersistRingSeq` is written and
@@ -46,7 +47,7 @@ class FrameTransport(Protocol):
 
     def send(self, to: int | None, payload: bytes) -> None: ...
 
-    async def recv(self) -> tuple[int, bytes]: ...
+    async def recv_batch(self, limit: int = 64) -> list[tuple[int, bytes]]: ...
 
     @property
     def counters(self) -> dict[str, int]: ...
@@ -167,8 +168,10 @@ class TotemNode:
 
     async def _receive_loop(self) -> None:
         while True:
-            src, data = await self.transport.recv()
-            self.totem.receive(self.now(), src, data)
+            batch = await self.transport.recv_batch()
+            now = self.now()
+            for src, data in batch:
+                self.totem.receive(now, src, data)
             self._flush()
 
     async def _timer_loop(self) -> None:

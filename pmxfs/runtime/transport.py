@@ -470,6 +470,19 @@ class UdpTransport:
         finally:
             self._receiving = False
 
+    async def recv_batch(self, limit: int = 64) -> list[tuple[int, bytes]]:
+        """At least one frame (waiting for it as `recv` does), plus those already queued in the
+        socket buffers, up to `limit`: under load the caller handles them in one go."""
+        batch = [await self.recv()]
+        while len(batch) < limit and not self._closed:
+            got = self._poll()
+            if got is None or isinstance(got, OSError):
+                break
+            frame = self._accept(*got)
+            if frame is not None:
+                batch.append(frame)
+        return batch
+
     def _poll(self) -> tuple[bytes, SockAddr] | OSError | None:
         """One datagram from whichever socket has one (round robin), an error, or None."""
         count = len(self._rx)
