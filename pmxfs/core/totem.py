@@ -283,6 +283,7 @@ class Totem:
         self.reassembly: dict[int, _Reassembly] = {}
 
         self._enter_gather(now)
+        self._run_loopback(now)
 
     # ------------------------------------------------------------------ public interface
 
