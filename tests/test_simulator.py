@@ -33,7 +33,9 @@ REGRESSION_SEEDS = {
     189: "livelock between a singleton ring and a gathering group",
     197: "two groups never merged after heal",
     297: "simulator: settled check ran while a paused node still held the old ring",
+    422: "livelock: stale fail opinions kept circulating among gathering nodes for ever",
     441: "simulator: probes sent while a paused node had not resumed",
+    543: "livelock: an abandoned commit token was accepted again and circulated for ever",
     1881: "zero-delay livelock: a join older than my ring still failed me, so I went singleton",
     10285: "zero-delay livelock: a join older than my ring still failed me, so I went singleton",
 }

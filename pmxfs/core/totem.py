@@ -248,6 +248,7 @@ class Totem:
         self.fail: set[int] = set()
         self.consensus: set[int] = {node_id}
         self.commit: CommitToken | None = None
+        self.last_commit_seq = 0  # seq of the last ring we committed to (even if abandoned)
         self.new_ring: _RingLog | None = None
         self.trans_members: tuple[int, ...] = ()
         self.recovery_queue: deque[Mcast] = deque()
@@ -747,7 +748,15 @@ class Totem:
                                                                 for n in join.fail):
             self._count("dropped_unknown_node")
             return
-        self.highest_ring_seq = max(self.highest_ring_seq, join.ring_seq)
+        forgot_failures = False
+        if join.ring_seq > self.highest_ring_seq:
+            self.highest_ring_seq = join.ring_seq
+            if self.state is State.GATHER and self.fail:
+                # Someone formed or tried a newer ring: who failed in our older attempt is no
+                # longer known. Forgetting it keeps stale exclusions from splitting every merge.
+                self._event(f"ring seq {join.ring_seq} is news: forget fail={sorted(self.fail)}")
+                self.fail = set()
+                forgot_failures = True
         if self.state is not State.GATHER:
             if join.sender in self._current_members() and join.ring_seq < self._current_ring_seq():
                 return  # sent before the sender joined the ring we are in
@@ -763,9 +772,9 @@ class Totem:
         if join.sender in self.fail:
             return
         merged_fail = set(self.fail)
-        if join.ring_seq < self.ring.ring_id.seq:
-            # Sent before the sender knew of my current ring: its opinion of who failed is
-            # older than that ring. Only its proc set is news; my joins will update it.
+        if join.ring_seq < self.highest_ring_seq:
+            # The sender has not heard of the newest ring (attempt) yet: its opinion of who
+            # failed is older than that. Only its proc set is news; my joins will update it.
             pass
         elif self.node_id in fail:
             merged_fail.add(join.sender)
@@ -776,7 +785,8 @@ class Totem:
             # comes from another partition, and believing it lets partitions break each other.
             merged_fail |= fail - set(self.ring.members)
         merged_proc = self.proc | proc
-        if self.state is State.GATHER and merged_proc == self.proc and merged_fail == self.fail:
+        if (self.state is State.GATHER and merged_proc == self.proc and merged_fail == self.fail
+                and not forgot_failures):
             return  # nothing new; the join timer keeps repeating our view
         self._event(f"join from {join.sender} (ring seq {join.ring_seq}) proc={sorted(proc)} "
                     f"fail={sorted(fail)} in {self.state.value}")
@@ -807,7 +817,7 @@ class Totem:
         members = tuple(sorted(live))
         if members[0] != self.node_id:
             return
-        new_seq = max(self.highest_ring_seq, self.ring.ring_id.seq) + 4
+        new_seq = max(self.highest_ring_seq, self.ring.ring_id.seq, self.last_commit_seq) + 4
         self.highest_ring_seq = new_seq
         infos: list[MemberInfo | None] = [None] * len(members)
         infos[0] = self._my_member_info()
@@ -822,6 +832,7 @@ class Totem:
     def _enter_commit(self, now: int, commit: CommitToken) -> None:
         self.outputs.append(PersistRingSeq(commit.ring_id.seq))
         self.state = State.COMMIT
+        self.last_commit_seq = commit.ring_id.seq
         self._event(f"commit {commit.ring_id} members={list(commit.members)}")
         self.join_at = None
         self.consensus_at = None
@@ -836,7 +847,11 @@ class Totem:
         if self.node_id not in ct.members:
             return
         if self.state is State.GATHER:
-            if set(ct.members) != self.proc - self.fail or ct.ring_id.seq <= self.ring.ring_id.seq:
+            if set(ct.members) != self.proc - self.fail:
+                return
+            if ct.ring_id.seq <= max(self.ring.ring_id.seq, self.last_commit_seq):
+                # a commit token we already entered (and abandoned) or an older one: accepting it
+                # again would let a stale token circulate for ever between gathering nodes
                 return
             self.highest_ring_seq = max(self.highest_ring_seq, ct.ring_id.seq)
             index = ct.members.index(self.node_id)
