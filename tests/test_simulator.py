@@ -36,6 +36,7 @@ REGRESSION_SEEDS = {
     422: "livelock: stale fail opinions kept circulating among gathering nodes for ever",
     441: "simulator: probes sent while a paused node had not resumed",
     543: "livelock: an abandoned commit token was accepted again and circulated for ever",
+    2437: "livelock: a representative carried its fail set from an abandoned commit onwards",
     1881: "zero-delay livelock: a join older than my ring still failed me, so I went singleton",
     10285: "zero-delay livelock: a join older than my ring still failed me, so I went singleton",
 }

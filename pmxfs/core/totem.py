@@ -26,6 +26,10 @@ Membership (states OPERATIONAL, GATHER, COMMIT, RECOVERY):
   `join` ms the member multicasts its proc set (who it believes alive) and fail set. Sets only grow
   by merging what others send; when every non-failed member has sent identical sets (consensus),
   the lowest id builds a commit token. Members that do not agree within `consensus` ms are failed.
+  As in corosync, only members of my own ring may tell me who else failed, and a node that lists
+  me as failed is failed in return. A fail set belongs to one attempt at forming a ring: it is
+  dropped when the attempt is abandoned or a join shows that a newer ring seq exists, so stale
+  exclusions cannot keep splitting a healed network.
 * COMMIT: the commit token names the new ring `{rep, highest seen seq + 4}` (persisted first, so a
   restarted node never reuses a ring id) and circulates twice: on the first rotation each member
   records its old ring id, aru and highest seq; on the second every member enters RECOVERY.
@@ -711,6 +715,10 @@ class Totem:
     def _enter_gather(self, now: int) -> None:
         if self.state is not State.GATHER:
             self._count("gather")
+        if self.state in (State.COMMIT, State.RECOVERY):
+            # The attempt our fail set belonged to is over; the others drop theirs when they
+            # hear of its ring seq. Carrying it into the next attempt revives stale exclusions.
+            self.fail = set()
         self.state = State.GATHER
         self._event(f"gather proc={sorted(self.proc)} fail={sorted(self.fail)}")
         self._cancel_ring_timers()
