@@ -119,7 +119,7 @@ async def _watch(config: conf.ClusterConfig, node_id: int, authkey: bytes, boot_
 
 def _emit_counters(node: TotemNode) -> None:
     status = node.status()
-    _emit({"event": "counters", "totem": status.totem_counters,
+    _emit({"event": "counters", "totem": status.totem.counters,
            "transport": status.transport_counters})
 
 

@@ -29,7 +29,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,13 +95,6 @@ TOTEM_DROPS = (TOTEM_MALFORMED, TOTEM_FOREIGN_TOKEN, TOTEM_UNKNOWN_NODE, TOTEM_S
 GENUINE_TOTEM_DROPS = ("dropped_duplicate_token",)
 
 
-@pytest.fixture
-def group() -> Iterator[ProcessGroup]:
-    procs = ProcessGroup()
-    try:
-        yield procs
-    finally:
-        procs.close()
 
 
 def udp_socket_stats(addr: str, port: int) -> tuple[int, int]:

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,13 +45,6 @@ MARGIN_S = 2.0  # scheduling noise on a loaded CI machine
 DELIVERY_TIMEOUT_S = 20.0
 
 
-@pytest.fixture
-def group() -> Iterator[ProcessGroup]:
-    procs = ProcessGroup()
-    try:
-        yield procs
-    finally:
-        procs.close()
 
 
 def _messages(tag: str, procs: list[CpgProcess], count: int) -> dict[CpgProcess, list[str]]:

@@ -55,10 +55,10 @@ class Cluster:
         del self.hub.transports[node_id]
 
     def in_one_ring(self, members: tuple[int, ...]) -> bool:
-        rings = {self.nodes[n].status().ring_id for n in members}
+        rings = {self.nodes[n].totem.status().ring_id for n in members}
         return len(rings) == 1 and all(
-            self.nodes[n].status().state is State.OPERATIONAL
-            and self.nodes[n].status().members == members
+            self.nodes[n].totem.status().state is State.OPERATIONAL
+            and self.nodes[n].totem.status().members == members
             for n in members
         )
 
@@ -115,7 +115,7 @@ async def test_ring_seq_is_persisted_before_use(
     cluster: Cluster, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     await wait_for(lambda: cluster.in_one_ring(NODES))
-    ring_seq = cluster.nodes[2].status().ring_id.seq
+    ring_seq = cluster.nodes[2].totem.status().ring_id.seq
     for n in NODES:
         assert RingSeqStore(tmp_path / f"n{n}", n).load() >= ring_seq
 

@@ -98,7 +98,7 @@ class Worker:
             while self.own_delivered < sent:
                 await trio.sleep(0.05)
         status = self.node.status()
-        return {"sent": sent, "delivered": self.delivered, "totem": status.totem_counters,
+        return {"sent": sent, "delivered": self.delivered, "totem": status.totem.counters,
                 "transport": status.transport_counters}
 
     async def latency(self, count: int, interval: float) -> dict[str, Any]:

@@ -33,11 +33,10 @@ from pmxfs.core.totem import (
     McastResult,
     PersistRingSeq,
     Send,
-    State,
     Totem,
+    TotemStatus,
 )
 from pmxfs.core.totem_params import TotemParams
-from pmxfs.core.wire import RingId
 
 Event = Deliver | ConfChange
 
@@ -95,14 +94,7 @@ class RingSeqStore:
 
 @dataclass(frozen=True)
 class NodeStatus:
-    node_id: int
-    state: State
-    ring_id: RingId
-    members: tuple[int, ...]
-    seq: int
-    aru: int
-    pending_messages: int
-    totem_counters: dict[str, int]
+    totem: TotemStatus
     transport_counters: dict[str, int]
 
 
@@ -152,12 +144,7 @@ class TotemNode:
             await self._space.wait()
 
     def status(self) -> NodeStatus:
-        s = self.totem.status()
-        return NodeStatus(
-            node_id=s.node_id, state=s.state, ring_id=s.ring_id, members=s.members, seq=s.seq,
-            aru=s.aru, pending_messages=s.pending_messages, totem_counters=s.counters,
-            transport_counters=dict(self.transport.counters),
-        )
+        return NodeStatus(self.totem.status(), dict(self.transport.counters))
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
