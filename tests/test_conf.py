@@ -471,6 +471,9 @@ WARNING_ROWS = [
                        "partitions could be quorate"),
     ("max_messages above window_size", text(totem="max_messages: 60"), "max_messages",
      "totem.max_messages (60) is larger than window_size (50); window_size limits it"),
+    ("hold not below token_retransmit", text(totem="hold: 2000"), "hold: 2000",
+     "totem.hold (2000 ms) is not below token_retransmit (869 ms): an idle ring's held token "
+     "is retransmitted before it moves on"),
 ]
 
 

@@ -32,6 +32,7 @@ from pmxfs.core.totem import (
 )
 from pmxfs.core.totem_params import TotemParams, derive_params
 from pmxfs.core.wire import (
+    Fragment,
     Join,
     Mcast,
     MergeDetect,
@@ -347,6 +348,52 @@ def test_all_or_none_when_the_frame_reaches_only_some_nodes(dropped_for: set[int
     after sending it: if any survivor got the frame, recovery gives it to all survivors; if
     none did, none delivers it."""
     assert _frame_reaches_only_some(dropped_for, seed=300 + len(dropped_for)) is expect
+
+
+def test_member_deaf_to_data_frames_is_dropped_even_during_recovery() -> None:
+    """Node 3 stops receiving data frames (tokens, joins and commit tokens still reach it) and
+    node 4 crashes before the operational fail-to-receive check fires. The next ring's recovery
+    needs frames node 3 can never receive; its stuck aru must fail it there and the others go
+    on as [1, 2]. Before the fix, failing it left the fail set empty and recovery repeated."""
+    params = derive_params(4, token=400, token_coefficient=50, join=30, merge=100,
+                           fail_recv_const=2500)
+    c = make_cluster([1, 2, 3, 4], seed=5, params=params)
+    net = c.net
+    original_send = net.send
+
+    def deaf_node_3(src: int, out: Send) -> None:
+        if isinstance(decode(out.data), Mcast):
+            for dst in net.nodes:
+                if dst not in (src, 3) and out.to in (None, dst):
+                    original_send(src, Send(dst, out.data))
+            return
+        original_send(src, out)
+
+    for _ in range(30):
+        send(c, 1, 1000)
+        send(c, 2, 1000)
+    net.send = deaf_node_3  # type: ignore[method-assign]
+    c.run_for(40)
+    c.crash(4)
+    payloads = [send(c, n, 500) for n in (1, 2) for _ in range(20)]
+    c.wait(lambda: c.core(1).state is State.OPERATIONAL and c.core(1).ring.members == (1, 2)
+           and c.all_have([1, 2], payloads), 30_000, "ring [1, 2] delivering everything")
+    assert c.core(1).counters["fail_to_receive"] >= 1
+
+
+def test_reassembly_of_an_endless_message_is_bounded() -> None:
+    """A (broken) member that announces a huge fragment count cannot make a receiver buffer
+    more than MAX_MESSAGE_BYTES: the partial message is dropped and counted."""
+    core = Totem(1, [1, 2], sim_params(2), 0)
+    ring = RingId(rep=1, seq=4)
+    chunk = b"x" * 60_000
+    count = MAX_MESSAGE_BYTES // len(chunk) + 10
+    for index in range(count):
+        core._reassemble(ring, index + 1, 2, Fragment(msg_id=7, index=index, count=count,
+                                                       data=chunk))
+        assert sum(len(p) for r in core.reassembly.values() for p in r.parts) <= MAX_MESSAGE_BYTES
+    assert core.counters["oversized_messages_dropped"] == 1
+    assert not [o for o in core.drain() if isinstance(o, Deliver)]
 
 
 # ============================================================================ load

@@ -207,6 +207,7 @@ class _Outgoing:
 class _Reassembly:
     msg_id: int
     next_index: int
+    size: int = 0
     parts: list[bytes] = field(default_factory=list)
 
 
@@ -588,8 +589,7 @@ class Totem:
         if (self.aru_unchanged >= self.params.fail_recv_const
                 and token.aru_addr != self.node_id and token.aru_addr in ring.members):
             self._count("fail_to_receive")
-            self.fail.add(token.aru_addr)
-            self._enter_gather(now)
+            self._enter_gather(now, failed={token.aru_addr})
             return
 
         if not recovering:
@@ -692,6 +692,12 @@ class Totem:
             if self.reassembly.pop(sender, None) is not None:
                 self._count("partial_messages_dropped")
             return
+        partial.size += len(frag.data)
+        if partial.size > MAX_MESSAGE_BYTES:
+            # Only a broken or hostile member sends this; refuse to buffer without bound.
+            del self.reassembly[sender]
+            self._count("oversized_messages_dropped")
+            return
         partial.parts.append(frag.data)
         partial.next_index += 1
         if partial.next_index == frag.count:
@@ -712,13 +718,17 @@ class Totem:
         self.held_token = None
         self.merge_at = None
 
-    def _enter_gather(self, now: int) -> None:
+    def _enter_gather(self, now: int, failed: set[int] | None = None) -> None:
+        """Start (or restart) gathering; `failed` are nodes this very step found failed."""
         if self.state is not State.GATHER:
             self._count("gather")
         if self.state in (State.COMMIT, State.RECOVERY):
             # The attempt our fail set belonged to is over; the others drop theirs when they
             # hear of its ring seq. Carrying it into the next attempt revives stale exclusions.
+            # What made us leave it (a deaf member, a join's failures) is news and stays.
             self.fail = set()
+        if failed:
+            self.fail |= failed
         self.state = State.GATHER
         self._event(f"gather proc={sorted(self.proc)} fail={sorted(self.fail)}")
         self._cancel_ring_timers()
@@ -779,7 +789,8 @@ class Totem:
             return
         if join.sender in self.fail:
             return
-        merged_fail = set(self.fail)
+        abandoning_attempt = self.state in (State.COMMIT, State.RECOVERY)
+        merged_fail = set() if abandoning_attempt else set(self.fail)
         if join.ring_seq < self.highest_ring_seq:
             # The sender has not heard of the newest ring (attempt) yet: its opinion of who
             # failed is older than that. Only its proc set is news; my joins will update it.
@@ -799,8 +810,7 @@ class Totem:
         self._event(f"join from {join.sender} (ring seq {join.ring_seq}) proc={sorted(proc)} "
                     f"fail={sorted(fail)} in {self.state.value}")
         self.proc = merged_proc
-        self.fail = merged_fail
-        self._enter_gather(now)
+        self._enter_gather(now, failed=merged_fail)
 
     def _on_merge_detect(self, now: int, msg: MergeDetect) -> None:
         if (self.state is State.OPERATIONAL and msg.ring_id != self.ring.ring_id

@@ -347,6 +347,11 @@ class _Validator:
         if p.hold >= p.token:
             self.rep.error(where("hold"), f"totem.hold ({p.hold} ms) must be less than token "
                                           f"({p.token} ms)")
+        elif p.hold >= p.token_retransmit:
+            self.rep.warn(where("hold"),
+                          f"totem.hold ({p.hold} ms) is not below token_retransmit "
+                          f"({p.token_retransmit} ms): an idle ring's held token is "
+                          f"retransmitted before it moves on")
         if p.token_retransmit >= p.token:
             self.rep.error(where("token_retransmit"),
                            f"totem.token_retransmit ({p.token_retransmit} ms) must be less than "
@@ -377,7 +382,8 @@ def validate(config: ClusterConfig) -> list[ConfigError]:
     algorithm ffsplit|lms, port, tie_breaker) not combined with two_node, last_man_standing or
     auto_tie_breaker, with votes set when expected_votes is set or votes are uneven, and
     expected_votes - device votes >= 2; every timeout >= 30 ms (explicit and derived), counts
-    >= 1, consensus >= join, hold < token, token_retransmit < token.
+    >= 1, consensus >= join, hold < token (a warning unless below token_retransmit),
+    token_retransmit < token.
     """
     return _validate(config)[0]
 
