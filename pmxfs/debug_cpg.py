@@ -27,7 +27,7 @@ import trio
 
 from pmxfs import config_check
 from pmxfs.core import conf
-from pmxfs.core.totem import ConfChange, Deliver
+from pmxfs.core.totem import ConfChange, Deliver, Stable
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
 from pmxfs.runtime.frame_crypto import FrameCrypto
 from pmxfs.runtime.totem_node import RingSeqFileError, RingSeqStore, TotemNode
@@ -126,7 +126,8 @@ def _emit_counters(node: TotemNode) -> None:
 async def _print_events(node: TotemNode) -> None:
     async for batch in node.events():
         for event in batch:
-            _emit(event_json(event))
+            if not isinstance(event, Stable):
+                _emit(event_json(event))
 
 
 async def _read_stdin(node: TotemNode) -> None:

@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from pmxfs.core import totem
-from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver
+from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver, Stable
 from pmxfs.core.wire import RingId
 from pmxfs.sim.totem_checker import TotemChecker, Violation
 from pmxfs.sim.totem_sim import TotemCluster, run_chaos, sim_params
@@ -125,6 +125,21 @@ def test_checker_catches_virtual_synchrony_breach() -> None:
     _install(checker, 1, new, (1, 2), (1, 2))
     with pytest.raises(Violation, match="different set"):
         _install(checker, 2, new, (1, 2), (1, 2))
+
+
+@pytest.mark.parametrize("stable_first", [True, False])
+def test_checker_catches_a_false_stable_point(stable_first: bool) -> None:
+    """Node 1 says seq 1 of the ring is stable, yet node 2 moves on without that message."""
+    checker, ring = _two_node_checker()
+    checker.on_deliver((1, 0), _deliver(1, 1, ring, 1))
+    if stable_first:
+        checker.on_stable((1, 0), Stable(ring, 1))
+        with pytest.raises(Violation, match="stable point"):
+            _install(checker, 2, RingId(seq=8, rep=2), (2,), (2,))
+    else:
+        _install(checker, 2, RingId(seq=8, rep=2), (2,), (2,))
+        with pytest.raises(Violation, match="stable point"):
+            checker.on_stable((1, 0), Stable(ring, 1))
 
 
 def test_simulator_finds_a_sabotaged_recovery(monkeypatch: pytest.MonkeyPatch) -> None:

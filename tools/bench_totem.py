@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
 
-from pmxfs.core.totem import ConfChangeKind, Deliver
+from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver
 from pmxfs.core.totem_params import derive_params
 from pmxfs.runtime.boot_id import next_boot_id
 from pmxfs.runtime.frame_crypto import FrameCrypto
@@ -66,7 +66,7 @@ class Worker:
             for event in batch:
                 if isinstance(event, Deliver):
                     self._count(event, now, own)
-                elif event.kind is ConfChangeKind.REGULAR:
+                elif isinstance(event, ConfChange) and event.kind is ConfChangeKind.REGULAR:
                     if len(event.members) == len(NODES):
                         self.ready.set()
                     answer({"confchg": list(event.members), "t": now})

@@ -137,13 +137,23 @@ class ConfChange:
 
 
 @dataclass(frozen=True, slots=True)
+class Stable:
+    """Every member of `ring_id` has received every frame up to `seq` (totem's "safe" point):
+    a message delivered with a seq at or below it survives any later partition of the ring,
+    because every transitional configuration that follows holds it."""
+
+    ring_id: RingId
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class PersistRingSeq:
     """Store the highest ring seq seen; hand it back as `ring_seq` when the node restarts."""
 
     ring_seq: int
 
 
-Output = Send | Deliver | ConfChange | PersistRingSeq
+Output = Send | Deliver | ConfChange | Stable | PersistRingSeq
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +277,7 @@ class Totem:
         self.forwarded_seq = 0
         self.held_token: Token | None = None
         self.prev_visit_aru = 0
+        self.stable_seq = 0
         self.last_seen_aru = -1
         self.aru_unchanged = 0
         self.last_visit_seq = -1
@@ -577,7 +588,11 @@ class Totem:
 
         # Free what every member holds (covered by the token's aru on two visits).
         if not recovering:
-            ring.free_upto(min(token.aru, self.prev_visit_aru, ring.delivered))
+            safe = min(token.aru, self.prev_visit_aru)
+            ring.free_upto(min(safe, ring.delivered))
+            if safe > self.stable_seq:
+                self.stable_seq = safe
+                self.outputs.append(Stable(ring.ring_id, safe))
         self.prev_visit_aru = token.aru
 
         # A member that cannot receive: aru stuck below seq for fail_recv_const rotations.
@@ -916,6 +931,7 @@ class Totem:
         self.my_fcc = 0
         self.my_backlog = 0
         self.prev_visit_aru = 0
+        self.stable_seq = 0
         self.last_seen_aru = -1
         self.aru_unchanged = 0
         self.token_loss_at = now + self.params.token

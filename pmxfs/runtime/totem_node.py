@@ -33,12 +33,13 @@ from pmxfs.core.totem import (
     McastResult,
     PersistRingSeq,
     Send,
+    Stable,
     Totem,
     TotemStatus,
 )
 from pmxfs.core.totem_params import TotemParams
 
-Event = Deliver | ConfChange
+Event = Deliver | ConfChange | Stable
 
 
 class FrameTransport(Protocol):

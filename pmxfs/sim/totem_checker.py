@@ -12,6 +12,8 @@ counter order. The checks:
 * virtual synchrony: members that move together from ring A to ring B delivered exactly the same
   set of ring-A messages and report the same transitional membership; every member that installs
   ring B reports the same regular membership;
+* stability: once any member reports `Stable(ring, s)`, every member that moves on from that ring
+  (rather than crashing) has delivered every message of the ring at seq <= s;
 * self-delivery: (checked at the end) every message accepted by a node that never crashed was
   delivered by that node.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver
+from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver, Stable
 from pmxfs.core.wire import RingId
 
 NodeKey = tuple[int, int]  # (node id, incarnation)
@@ -51,6 +53,9 @@ class TotemChecker:
         self.views: dict[NodeKey, _NodeView] = {}
         self.moves: dict[tuple[RingId, RingId], tuple[frozenset[bytes], tuple[int, ...]]] = {}
         self.regular: dict[RingId, tuple[int, ...]] = {}
+        self.stable: dict[RingId, int] = {}
+        self.ring_messages: dict[RingId, dict[bytes, int]] = {}
+        self.left_ring: dict[RingId, list[tuple[NodeKey, frozenset[bytes]]]] = {}
         self.delivered_count = 0
         self.confchg_count = 0
 
@@ -71,6 +76,12 @@ class TotemChecker:
             raise Violation(f"n{key[0]} delivered {ident} between transitional and regular")
         if d.ring_id != view.ring:
             raise Violation(f"n{key[0]} delivered {ident} of ring {d.ring_id} while in {view.ring}")
+        if d.seq <= self.stable.get(d.ring_id, 0):
+            for mover, had in self.left_ring.get(d.ring_id, []):
+                if d.payload not in had:
+                    raise Violation(f"n{mover[0]} left ring {d.ring_id} without {ident}, which "
+                                    f"is at seq {d.seq}, within the stable point")
+        self.ring_messages.setdefault(d.ring_id, {})[d.payload] = d.seq
         where = self.position.setdefault(d.payload, (d.ring_id, d.seq))
         if where != (d.ring_id, d.seq):
             raise Violation(
@@ -116,10 +127,30 @@ class TotemChecker:
                 f"n{key[0]} moved {move[0]}->{move[1]} having delivered a different set of "
                 f"old-ring messages than others (differences, first five: {missing})"
             )
+        had = frozenset(view.in_ring)
+        self.left_ring.setdefault(view.ring, []).append((key, had))
+        self._check_left_with_stable(view.ring, key, had, self.stable.get(view.ring, 0))
         view.ring = c.ring_id
         view.in_ring = set()
         view.last_position = (0, -1)
         view.pending_transitional = None
+
+    def on_stable(self, key: NodeKey, st: Stable) -> None:
+        if st.ring_id != self.views[key].ring:
+            raise Violation(f"n{key[0]} reported stable {st} outside its ring")
+        if st.seq <= self.stable.get(st.ring_id, 0):
+            return
+        self.stable[st.ring_id] = st.seq
+        for mover, had in self.left_ring.get(st.ring_id, []):
+            self._check_left_with_stable(st.ring_id, mover, had, st.seq)
+
+    def _check_left_with_stable(self, ring: RingId, key: NodeKey, had: frozenset[bytes],
+                                stable: int) -> None:
+        missing = [payload_id(p) for p, seq in self.ring_messages.get(ring, {}).items()
+                   if seq <= stable and p not in had]
+        if missing:
+            raise Violation(f"n{key[0]} left ring {ring} without {len(missing)} messages within "
+                            f"its stable point {stable}: {sorted(missing)[:5]}")
 
     def check_self_delivery(self, key: NodeKey, accepted: list[bytes]) -> None:
         view = self.views[key]

@@ -17,7 +17,15 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pmxfs.core.totem import ConfChange, Deliver, McastResult, PersistRingSeq, State, Totem
+from pmxfs.core.totem import (
+    ConfChange,
+    Deliver,
+    McastResult,
+    PersistRingSeq,
+    Stable,
+    State,
+    Totem,
+)
 from pmxfs.core.totem_params import TotemParams, derive_params
 
 from .network import Network, SimNode, SimulationStuck
@@ -106,6 +114,8 @@ class TotemCluster:
             self._trace(f"{self.net.now} n{node.node_id} {out.kind.value} {out.ring_id} "
                         f"members={list(out.members)} left={list(out.left)} "
                         f"joined={list(out.joined)}")
+        elif isinstance(out, Stable):
+            self.checker.on_stable(key, out)
         elif isinstance(out, PersistRingSeq):
             self.disk[node.node_id] = max(self.disk.get(node.node_id, 0), out.ring_seq)
 
