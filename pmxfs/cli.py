@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pmxfs import config_check, debug_cpg, keygen
+from pmxfs import config_check, db_tools, debug_cpg, keygen
 
 
 class UsageError(Exception):
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     config_check.register(subparsers)
     keygen.register(subparsers)
+    db_tools.register(subparsers)
     debug = subparsers.add_parser("debug", help="inspect a ring or a running node",
                                   description="Inspect a ring or a running node.")
     debug_commands = debug.add_subparsers(dest="debug_command", metavar="SUBCOMMAND",
