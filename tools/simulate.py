@@ -2,6 +2,10 @@
 
     python tools/simulate.py --seeds 0-999 --nodes 3-7          # many seeds, summary
     python tools/simulate.py --seed 42 --nodes 3-7 --trace      # replay one seed with its trace
+    python tools/simulate.py --workload fs --seeds 0-999 --nodes 3-5   # replicas, file workload
+
+Workloads: `totem` runs the ordered broadcast alone with application messages; `fs` runs full
+replicas (totem + quorum + memdb + sync, with simulated disks) under a random file workload.
 
 A violation prints the seed, the broken guarantee and the one-line command that replays it.
 The same seed always gives the same trace (its hash is printed with --trace).
@@ -19,7 +23,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pmxfs.sim.replica_sim import run_fs_chaos
 from pmxfs.sim.totem_sim import RunResult, run_chaos
+
+RUNNERS = {"totem": run_chaos, "fs": run_fs_chaos}
+# What RunResult's accepted / delivered / confchgs count, per workload: (json key, words).
+LABELS = {
+    "totem": (("messages_accepted", "messages accepted"), ("messages_delivered", "deliveries"),
+              ("membership_changes", "membership changes")),
+    "fs": (("writes_acknowledged", "writes acknowledged"),
+           ("operations_applied", "operations applied"), ("syncs", "syncs")),
+}
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -34,9 +48,9 @@ def parse_range(text: str) -> tuple[int, int]:
     return first, last
 
 
-def _run(args: tuple[int, tuple[int, int]]) -> RunResult:
-    seed, nodes = args
-    return run_chaos(seed, nodes)
+def _run(args: tuple[str, int, tuple[int, int]]) -> RunResult:
+    workload, seed, nodes = args
+    return RUNNERS[workload](seed, nodes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--seeds", type=parse_range, help="range of seeds, e.g. 0-999")
     which.add_argument("--seed", type=int, help="one seed")
     parser.add_argument("--nodes", type=parse_range, default=(3, 7), help="node count range")
-    parser.add_argument("--workload", choices=["totem"], default="totem")
+    parser.add_argument("--workload", choices=sorted(RUNNERS), default="totem")
     parser.add_argument("--trace", action="store_true", help="print the trace of --seed")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -54,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     node_arg = f"{args.nodes[0]}-{args.nodes[1]}"
 
     if args.seed is not None:
-        result = run_chaos(args.seed, args.nodes, keep_trace=args.trace)
+        result = RUNNERS[args.workload](args.seed, args.nodes, keep_trace=args.trace)
         if args.trace:
             print("\n".join(result.trace))
             print(f"trace hash {result.trace_hash}")
         status = "ok" if result.violation is None else f"VIOLATION: {result.violation}"
-        print(f"seed {args.seed} ({result.nodes} nodes): {status}; {result.delivered} deliveries, "
-              f"{result.confchgs} configuration changes, {result.events} events")
+        (_, accepted_words), (_, delivered_words), (_, changes_words) = LABELS[args.workload]
+        print(f"seed {args.seed} ({result.nodes} nodes): {status}; {result.accepted} "
+              f"{accepted_words}, {result.delivered} {delivered_words}, {result.confchgs} "
+              f"{changes_words}, {result.events} events")
         return 0 if result.violation is None else 1
 
     first, last = args.seeds
@@ -68,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     violations: list[RunResult] = []
     delivered = confchgs = accepted = 0
-    work = [(seed, args.nodes) for seed in seeds]
+    work = [(args.workload, seed, args.nodes) for seed in seeds]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for result in pool.map(_run, work, chunksize=4):
             delivered += result.delivered
@@ -80,18 +96,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  replay: python tools/simulate.py --workload {args.workload} "
                       f"--seed {result.seed} --nodes {node_arg} --trace", file=sys.stderr)
     elapsed = time.monotonic() - start
+    (a_key, a_words), (d_key, d_words), (c_key, c_words) = LABELS[args.workload]
     summary = {
         "workload": args.workload, "seeds": len(seeds), "nodes": node_arg,
-        "violations": len(violations), "messages_accepted": accepted,
-        "messages_delivered": delivered, "membership_changes": confchgs,
+        "violations": len(violations), a_key: accepted, d_key: delivered, c_key: confchgs,
         "seconds": round(elapsed, 1), "failed_seeds": [r.seed for r in violations],
     }
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"{summary['seeds']} seeds ({node_arg} nodes), {len(violations)} violations, "
-              f"{accepted} messages accepted, {delivered} deliveries, "
-              f"{confchgs} membership changes, {elapsed:.1f} s")
+              f"{accepted} {a_words}, {delivered} {d_words}, {confchgs} {c_words}, "
+              f"{elapsed:.1f} s")
     return 0 if not violations else 1
 
 

@@ -151,6 +151,8 @@ class Network:
         if node.core is None:
             return
         for out in node.core.drain():
+            if node.core is None:
+                return  # crashed while carrying out its outputs: the rest never happens
             if isinstance(out, Send):
                 self.send(node.node_id, out)
             else:

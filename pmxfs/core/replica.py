@@ -1,0 +1,861 @@
+"""The replica (DFSM): totem + quorum + memdb, so that every member holds the same tree.
+
+How it works
+------------
+* Normal mode (SYNCED): a proposal becomes an `OpMsg` through totem; every member applies the
+  delivered operation with the same deterministic `MemDB.apply`, gated by the ring's agreed
+  quorum (not quorate: EACCES everywhere). Each decision is recorded in the *applied table*
+  (operation id -> errno), which travels with the tree, so a re-sent operation is never applied
+  twice.
+* Acknowledgement waits for durability: a proposer replies only when its operation's position is
+  *stable* (totem's safe point: every member of the ring holds it, so every member that moves on
+  delivers it too). Delivery order alone is not enough: a message delivered here may never reach
+  the partition that continues, and a reply on it could promise a write the cluster loses. An
+  operation decided here but not yet stable when the ring ends becomes *doubtful*. The `Persist`
+  of a batch is emitted before any reply, so an acknowledged write is on disk.
+* Sync, after every REGULAR configuration change (SYNCING): every member multicasts a `StateMsg`
+  (quorum announcement, version, state checksum, per-entry digests, history, cluster log). With
+  all of them delivered, every member computes the same quorum and the same leader: the member
+  whose tree comes from the newest quorate ring (every quorate sync stamps the tree with its
+  ring seq), then the highest version, then the lowest node id. Versions alone cannot order two
+  partitions' trees; the newest quorate ring can, because only one partition is quorate.
+  If all checksums agree the sync is over; otherwise the leader multicasts the rows some member
+  lacks (`EntriesMsg`, in chunks) and `DoneMsg` (history and applied table); a member that
+  differs builds the leader's tree, verifies its checksum, and swaps it in atomically (one
+  `Persist(replace_all)`). Operations delivered meanwhile are
+  queued and applied when the sync completes, at the same point of the order on every member.
+* Nothing is dropped silently: rows written here that the leader never saw (the history tells:
+  their version lies in a ring span the leader's history does not have) are handed out as
+  `SaveLost` (the runtime writes them under lost+found) and announced in the cluster log.
+* Doubtful operations are settled after the next quorate sync (its stamp is persisted before the
+  answers): the applied table says whether and how they were decided; if not at all they are
+  sent again. After `unresolved_timeout` they are answered ETIMEDOUT (the outcome is unknown to
+  this node), so no write hangs for ever.
+* Verification: every `verify_interval` the lowest member opens a round; every member reports
+  its checksum at that point of the order; any difference starts a new sync epoch.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import msgpack
+
+from pmxfs.core.clusterlog import ClusterLog, LogWriter
+from pmxfs.core.conf import ClusterConfig
+from pmxfs.core.conf import check as check_config
+from pmxfs.core.entry import Entry, EntryType
+from pmxfs.core.fsop import FsOp, Unlock, UnlockRequest
+from pmxfs.core.memdb import COROSYNC_CONF, CorruptTree, MemDB
+from pmxfs.core.persist import Persist
+from pmxfs.core.quorum import LastManStanding, Quorum, QuorumConfig, QuorumStatus
+from pmxfs.core.replica_msgs import (
+    DoneMsg,
+    EntriesMsg,
+    ExpectedMsg,
+    HistorySpan,
+    LmsMsg,
+    LogMsg,
+    OpId,
+    OpMsg,
+    ReplicaMsg,
+    ResyncMsg,
+    StateMsg,
+    VerifyMsg,
+    decode_applied,
+    decode_history,
+    decode_msg,
+    encode_applied,
+    encode_history,
+    encode_msg,
+)
+from pmxfs.core.totem import (
+    ConfChange,
+    ConfChangeKind,
+    Deliver,
+    McastResult,
+    PersistRingSeq,
+    Send,
+    Stable,
+    Totem,
+)
+from pmxfs.core.totem_params import TotemParams
+from pmxfs.core.wire import ProtocolError, RingId
+
+HISTORY_SPANS = 64
+APPLIED_PER_NODE = 256
+MAX_PENDING = 256
+SYNC_CHUNK_BYTES = 2 << 20
+DEFAULT_VERIFY_INTERVAL_MS = 3_600_000
+DEFAULT_UNRESOLVED_TIMEOUT_MS = 60_000
+META_HISTORY = "history"
+META_QUORATE_RING = "quorate_ring_seq"
+META_APPLIED = "applied/"  # + node id
+
+
+class Mode(Enum):
+    SYNCING = "syncing"
+    SYNCED = "synced"
+
+
+class PendingState(Enum):
+    IN_FLIGHT = "in flight"  # handed to totem, not delivered yet
+    DECIDED = "decided"  # decided here, waiting for the decision to be stable
+    DOUBTFUL = "doubtful"  # the ring ended first: maybe decided elsewhere, maybe nowhere
+
+
+@dataclass
+class _Pending:
+    request_id: int
+    op: FsOp
+    state: PendingState
+    since: int
+    ring: RingId | None = None
+    seq: int = 0
+    errno: int = 0
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome of proposal `request_id`: 0 or an errno, and a reason for humans."""
+
+    request_id: int
+    errno: int
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SaveLost:
+    """Files this node had that the sync replaced: keep them under lost+found/<ring>/."""
+
+    ring_id: RingId
+    files: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidate:
+    """Cached views of these paths are stale ("" with everything=True: the whole tree)."""
+
+    paths: tuple[str, ...]
+    everything: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumChanged:
+    status: QuorumStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChanged:
+    """A new corosync.conf was taken by the cluster; rewrite the local copy."""
+
+    text: str
+
+
+Output = (Send | PersistRingSeq | ConfChange | Persist | Reply | SaveLost | Invalidate
+          | QuorumChanged | ConfigChanged)
+
+
+# ------------------------------------------------------------------------------ events
+# Structured notes for the simulator's checkers and for tracing; they never change behaviour.
+
+
+@dataclass(frozen=True, slots=True)
+class OpDecided:
+    op_id: OpId
+    op: FsOp
+    writer: int
+    errno: int
+    applied: bool  # went through memdb.apply (False: refused for lack of quorum)
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateTaken:
+    ring: RingId
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncCompleted:
+    ring: RingId
+    epoch: int
+    leader: int
+    adopted: bool
+    checksum: bytes
+
+
+ReplicaEvent = OpDecided | StateTaken | SyncCompleted
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """What the database held at start."""
+
+    entries: tuple[Entry, ...] = ()
+    version: int = 0
+    meta: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    node_id: int
+    mode: Mode
+    ring_id: RingId
+    members: tuple[int, ...]
+    version: int
+    checksum: str
+    quorum: QuorumStatus
+    pending: int
+    counters: dict[str, int]
+
+
+class Replica:
+    """One node's replica; see the module comment. Inputs: `receive`, `on_timer`, `propose`,
+    `propose_expected`, `log`; outputs via `drain`; `next_deadline` for the timer."""
+
+    def __init__(
+        self,
+        node_id: int,
+        config: ClusterConfig,
+        params: TotemParams,
+        now: int,
+        *,
+        incarnation: int,
+        stored: StoredState | None = None,
+        ring_seq: int = 0,
+        wall_offset: int = 0,
+        first_log_uid: int = 1,
+        verify_interval: int = DEFAULT_VERIFY_INTERVAL_MS,
+        unresolved_timeout: int = DEFAULT_UNRESOLVED_TIMEOUT_MS,
+        on_event: Callable[[ReplicaEvent], None] | None = None,
+        on_totem_event: Callable[[str], None] | None = None,
+    ) -> None:
+        """`now` is in ms on any clock; `now + wall_offset` is ms since the Unix epoch.
+        `first_log_uid` must be above every cluster log uid an earlier run of this node used
+        (the runtime passes its boot id)."""
+        stored = stored or StoredState()
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.config = config
+        self.names = {n.nodeid: n.name for n in config.node_infos() if n.nodeid is not None}
+        self.wall_offset = wall_offset
+        self.verify_interval = verify_interval
+        self.unresolved_timeout = unresolved_timeout
+        self.on_event = on_event
+        self.memdb = MemDB(stored.entries, stored.version)
+        self.history: list[HistorySpan] = list(
+            decode_history(msgpack.unpackb(stored.meta[META_HISTORY]))
+            if META_HISTORY in stored.meta else ())
+        self.quorate_ring_seq = int(stored.meta.get(META_QUORATE_RING, b"0"))
+        self.applied: dict[int, OrderedDict[OpId, int]] = {}
+        for key, blob in stored.meta.items():
+            if key.startswith(META_APPLIED):
+                for op_id, errno in decode_applied(msgpack.unpackb(blob)):
+                    self._record(op_id, errno)
+        self.quorum = Quorum(QuorumConfig.from_config(config), node_id)
+        self.log_buffer = ClusterLog()
+        self.log_writer = LogWriter(self.names.get(node_id, str(node_id)), first_log_uid)
+        self.counters: dict[str, int] = {}
+
+        self.mode = Mode.SYNCING
+        self.ring = RingId(seq=0, rep=node_id)
+        self.members: tuple[int, ...] = ()
+        self.epoch = 0
+        self.states: dict[int, StateMsg] = {}
+        self.leader: int | None = None
+        self.need_update = False
+        self.incoming: dict[int, Entry] = {}
+        self.queue: list[tuple[int, ReplicaMsg]] = []
+        self.verify_round = 0
+        self.verify_sums: dict[int, bytes] = {}
+        self.verify_at: int | None = None
+
+        self.next_counter = 0
+        self.pending: dict[OpId, _Pending] = {}
+        self.expected_requests: dict[OpId, int] = {}
+        self.outbox: deque[tuple[bytes, tuple[RingId, int] | None]] = deque()
+        self.outputs: list[Output] = []
+        self._replies: list[Reply] = []
+        self._upserts: dict[int, Entry] = {}
+        self._removed: set[int] = set()
+        self._meta: dict[str, bytes] = {}
+        self._replace_all = False
+        self._invalid: set[str] = set()
+        self._invalid_all = False
+        self._deliver_at: tuple[RingId, int] = (self.ring, 0)
+        self._stable_at: tuple[RingId, int] = (self.ring, 0)
+        self._now = now
+
+        self.totem = Totem(node_id, self.names, params, now, ring_seq=ring_seq,
+                           on_event=on_totem_event)
+        self._process(now)
+
+    # ------------------------------------------------------------------ inputs
+
+    def receive(self, now: int, src: int, data: bytes) -> None:
+        self.totem.receive(now, src, data)
+        self._process(now)
+
+    def on_timer(self, now: int) -> None:
+        self.totem.on_timer(now)
+        self._now = now
+        step = self.quorum.on_timer(now)
+        if step is not None and self._is_lowest():
+            self._send(LmsMsg(step.members, step.expected_votes))
+        if self.verify_at is not None and now >= self.verify_at:
+            self.verify_at = now + self.verify_interval
+            if self.mode is Mode.SYNCED and self._is_lowest():
+                self._send(VerifyMsg(self.ring, self.epoch, self.verify_round + 1, True, b""))
+        for op_id, p in list(self.pending.items()):
+            if (p.state is PendingState.DOUBTFUL
+                    and now - p.since >= self.unresolved_timeout):
+                self._count("unresolved_timeouts")
+                self._answer(op_id, E.ETIMEDOUT, "the outcome of this write is unknown here: "
+                                                 "the ring changed before it was confirmed")
+        self._process(now)
+
+    def propose(self, now: int, request_id: int, op: FsOp) -> OpId | None:
+        """Send `op`; its `Reply(request_id, ...)` comes out of `drain` later, or at once (and
+        then None is returned) when this node cannot take writes now."""
+        self._now = now
+        op_id: OpId | None = None
+        if not self.writable():
+            self._replies.append(Reply(request_id, E.EACCES, "this partition is not quorate"))
+        elif len(self.pending) >= MAX_PENDING:
+            self._replies.append(Reply(request_id, E.EAGAIN, "too many writes in flight"))
+        else:
+            op_id = self._new_op_id()
+            self.pending[op_id] = _Pending(request_id, op, PendingState.IN_FLIGHT, now)
+            self._send(OpMsg(op_id, op))
+        self._process(now)
+        return op_id
+
+    def propose_expected(self, now: int, request_id: int, expected: int) -> None:
+        op_id = self._new_op_id()
+        self.expected_requests[op_id] = request_id
+        self._send(ExpectedMsg(op_id, expected))
+        self._process(now)
+
+    def log(self, now: int, *, pri: int, tag: str, pid: int, user: str, msg: str) -> None:
+        """Add an entry to the cluster log of every member."""
+        self._now = now
+        self._send(LogMsg(self.log_writer.entry(time=self._wall_seconds(), pri=pri, tag=tag,
+                                                pid=pid, user=user, msg=msg)))
+        self._process(now)
+
+    # ------------------------------------------------------------------ outputs and queries
+
+    def drain(self) -> list[Output]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def next_deadline(self) -> int | None:
+        times = [t for t in (self.totem.next_deadline(), self.quorum.next_deadline(),
+                             self.verify_at) if t is not None]
+        doubtful = [p.since + self.unresolved_timeout for p in self.pending.values()
+                    if p.state is PendingState.DOUBTFUL]
+        return min(times + doubtful, default=None)
+
+    def writable(self) -> bool:
+        return self.quorum.status().quorate
+
+    def synced(self) -> bool:
+        return self.mode is Mode.SYNCED
+
+    def state_checksum(self) -> bytes:
+        """Tree, history and applied table: equal checksums mean equal replicated state."""
+        h = hashlib.sha256(self.memdb.checksum())
+        h.update(msgpack.packb(encode_history(tuple(self.history))))
+        h.update(msgpack.packb(encode_applied(self._applied_items())))
+        return h.digest()
+
+    def status(self) -> ReplicaStatus:
+        return ReplicaStatus(node_id=self.node_id, mode=self.mode, ring_id=self.ring,
+                             members=self.members, version=self.memdb.version,
+                             checksum=self.memdb.checksum().hex(),
+                             quorum=self.quorum.status(), pending=len(self.pending),
+                             counters=dict(self.counters))
+
+    # ------------------------------------------------------------------ the loop
+
+    def _process(self, now: int) -> None:
+        self._now = now
+        while True:
+            outs = self.totem.drain()
+            for out in outs:
+                if isinstance(out, Send | PersistRingSeq):
+                    self.outputs.append(out)
+                elif isinstance(out, Deliver):
+                    self._on_deliver(out)
+                elif isinstance(out, ConfChange):
+                    self.outputs.append(out)
+                    self._on_confchg(out)
+                elif isinstance(out, Stable):
+                    self._on_stable(out)
+            if not self._pump() and not outs:
+                break
+        self._flush_batch()
+
+    def _pump(self) -> bool:
+        sent = False
+        while self.outbox:
+            data, _ = self.outbox[0]
+            if self.totem.mcast(self._now, data) is McastResult.TRY_AGAIN:
+                break
+            self.outbox.popleft()
+            sent = True
+        return sent
+
+    def _send(self, msg: ReplicaMsg) -> None:
+        tag = (msg.ring, msg.epoch) if isinstance(msg, StateMsg | EntriesMsg | DoneMsg
+                                                  | VerifyMsg | ResyncMsg) else None
+        self.outbox.append((encode_msg(msg), tag))
+
+    def _flush_batch(self) -> None:
+        if self._upserts or self._removed or self._meta or self._replace_all:
+            self.outputs.append(Persist(
+                version=self.memdb.version,
+                upserts=tuple(self._upserts[i] for i in sorted(self._upserts)),
+                removed=tuple(sorted(self._removed)),
+                replace_all=self._replace_all,
+                meta=tuple(sorted(self._meta.items())),
+            ))
+            self._upserts, self._removed, self._meta = {}, set(), {}
+            self._replace_all = False
+        if self._invalid or self._invalid_all:
+            self.outputs.append(Invalidate(tuple(sorted(self._invalid)), self._invalid_all))
+            self._invalid, self._invalid_all = set(), False
+        self.outputs.extend(self._replies)
+        self._replies = []
+
+    # ------------------------------------------------------------------ membership
+
+    def _on_confchg(self, c: ConfChange) -> None:
+        if c.kind is ConfChangeKind.TRANSITIONAL:
+            # Every message of the old ring has been delivered: what is not stable by now may
+            # be missing in the partition that goes on.
+            for p in self.pending.values():
+                if p.state is PendingState.DECIDED:
+                    p.state, p.since = PendingState.DOUBTFUL, self._now
+            return
+        if self.mode is Mode.SYNCING:
+            self._abandon_queue()
+        self.ring = c.ring_id
+        self.members = c.members
+        self.verify_at = None
+        self._start_sync(0)
+
+    def _start_sync(self, epoch: int) -> None:
+        self.mode = Mode.SYNCING
+        self.epoch = epoch
+        self.states = {}
+        self.leader = None
+        self.need_update = False
+        self.incoming = {}
+        self.verify_sums = {}
+        self.outbox = deque(item for item in self.outbox
+                            if item[1] is None or item[1] == (self.ring, epoch))
+        self._emit_event(StateTaken(self.ring, epoch))
+        self._send(StateMsg(
+            ring=self.ring, epoch=epoch, announcement=self.quorum.announcement(),
+            version=self.memdb.version, checksum=self.state_checksum(),
+            last_ring_seq=self.quorate_ring_seq,
+            digests=tuple(sorted(self.memdb.digests().items())),
+            log=tuple(self.log_buffer.entries()),
+            log_cutoff=self.log_buffer.cutoff,
+        ))
+
+    def _abandon_queue(self) -> None:
+        """A sync ended without completing: queued operations were not decided here."""
+        for _, msg in self.queue:
+            if isinstance(msg, OpMsg):
+                self._mark_doubtful(msg.op_id)
+            elif isinstance(msg, ExpectedMsg) and msg.op_id in self.expected_requests:
+                self._replies.append(Reply(self.expected_requests.pop(msg.op_id), E.EAGAIN,
+                                           "the membership changed; try again"))
+        self.queue = []
+
+    # ------------------------------------------------------------------ deliveries
+
+    def _on_deliver(self, d: Deliver) -> None:
+        self._deliver_at = (d.ring_id, d.seq)
+        try:
+            msg = decode_msg(d.payload)
+        except ProtocolError:
+            self._count("bad_messages")
+            return
+        if isinstance(msg, LogMsg):
+            self.log_buffer.add(msg.entry)
+        elif isinstance(msg, StateMsg | EntriesMsg | DoneMsg | ResyncMsg | VerifyMsg):
+            self._on_sync_msg(d.sender, msg)
+        elif self.mode is Mode.SYNCING:
+            self.queue.append((d.sender, msg))
+        else:
+            self._on_ordered(d.sender, msg)
+
+    def _on_ordered(self, sender: int, msg: ReplicaMsg) -> None:
+        if isinstance(msg, OpMsg):
+            self._decide(sender, msg)
+        elif isinstance(msg, ExpectedMsg):
+            self._on_expected(msg)
+        elif isinstance(msg, LmsMsg):
+            status = self.quorum.apply_last_man_standing(
+                LastManStanding(msg.members, msg.expected))
+            if status is not None:
+                self.outputs.append(QuorumChanged(status))
+
+    def _on_expected(self, msg: ExpectedMsg) -> None:
+        before = self.quorum.status()
+        result = self.quorum.set_expected(msg.expected)
+        request = self.expected_requests.pop(msg.op_id, None)
+        if request is not None:
+            self._replies.append(Reply(request, 0 if result.accepted else E.EINVAL,
+                                       result.reason or ""))
+        if self.quorum.status() != before:
+            self.outputs.append(QuorumChanged(self.quorum.status()))
+
+    def _decide(self, sender: int, msg: OpMsg) -> None:
+        op_id = msg.op_id
+        if op_id.node != sender:
+            self._count("forged_op_ids")
+            return
+        recorded = self._recorded(op_id)
+        if recorded is not None:
+            self._count("duplicate_ops")
+            self._decided_here(op_id, recorded)
+            return
+        if not self.writable():
+            self._record_decision(op_id, E.EACCES)
+            self._emit_event(OpDecided(op_id, msg.op, sender, E.EACCES, False,
+                                       self.memdb.version))
+            self._decided_here(op_id, E.EACCES)
+            return
+        result = self.memdb.apply(msg.op, sender)
+        self._record_decision(op_id, result.errno)
+        self._emit_event(OpDecided(op_id, msg.op, sender, result.errno, True,
+                                   self.memdb.version))
+        if result.ok:
+            self._note_history()
+            for entry in result.upserts:
+                self._upserts[entry.inode] = entry
+                self._removed.discard(entry.inode)
+            for inode in result.removed:
+                self._upserts.pop(inode, None)
+                self._removed.add(inode)
+            self._invalid.update(result.paths)
+            if COROSYNC_CONF in result.paths:
+                self._on_config_written()
+            if isinstance(msg.op, UnlockRequest):
+                self._check_lock(msg.op.path)
+        self._decided_here(op_id, result.errno)
+
+    def _check_lock(self, path: str) -> None:
+        if self.memdb.lock_expired(path, self._now) and self._is_lowest():
+            checksum = self.memdb.lock_checksum(path)
+            if checksum is not None:
+                self._count("locks_expired")
+                self._send(OpMsg(self._new_op_id(), Unlock(path, checksum)))
+
+    def _on_config_written(self) -> None:
+        entry = self.memdb.lookup(COROSYNC_CONF)
+        if entry is None or entry.type is not EntryType.FILE:
+            return
+        text = entry.data.decode("utf-8", "replace")
+        result = check_config(text)
+        if result.config is None:
+            return
+        self.outputs.append(ConfigChanged(text))
+        status = self.quorum.reconfigure(QuorumConfig.from_config(result.config))
+        self.outputs.append(QuorumChanged(status))
+
+    def _note_history(self) -> None:
+        version = self.memdb.version
+        ring = self._deliver_at[0]
+        if self.history and self.history[-1].ring == ring:
+            last = self.history[-1]
+            self.history[-1] = HistorySpan(ring, last.first, version)
+        else:
+            self.history.append(HistorySpan(ring, version, version))
+            del self.history[:-HISTORY_SPANS]
+        self._meta[META_HISTORY] = msgpack.packb(encode_history(tuple(self.history)))
+
+    # ------------------------------------------------------------------ pending proposals
+
+    def _new_op_id(self) -> OpId:
+        self.next_counter += 1
+        return OpId(self.node_id, self.incarnation, self.next_counter)
+
+    def _decided_here(self, op_id: OpId, errno: int) -> None:
+        p = self.pending.get(op_id)
+        if p is not None:
+            p.state, p.errno = PendingState.DECIDED, errno
+            p.ring, p.seq = self._deliver_at
+            if p.ring == self._stable_at[0] and p.seq <= self._stable_at[1]:
+                self._answer(op_id, errno)  # totem may report stability before delivery
+
+    def _answer(self, op_id: OpId, errno: int, message: str = "") -> None:
+        p = self.pending.pop(op_id)
+        self._replies.append(Reply(p.request_id, errno, message))
+
+    def _on_stable(self, st: Stable) -> None:
+        self._stable_at = (st.ring_id, st.seq)
+        for op_id, p in list(self.pending.items()):
+            if p.state is PendingState.DECIDED and p.ring == st.ring_id and p.seq <= st.seq:
+                self._answer(op_id, p.errno)
+
+    def _mark_doubtful(self, op_id: OpId) -> None:
+        p = self.pending.get(op_id)
+        if p is not None:
+            p.state = PendingState.DOUBTFUL
+            p.since = self._now
+
+    def _settle_doubtful(self) -> None:
+        """After a quorate sync: answer from the applied table, or send again."""
+        if not self.quorum.status().quorate:
+            return
+        for op_id, p in list(self.pending.items()):
+            if p.state is not PendingState.DOUBTFUL:
+                continue
+            recorded = self._recorded(op_id)
+            if recorded is not None:
+                self._answer(op_id, recorded)
+            elif self._forgotten(op_id):
+                self._answer(op_id, E.EIO, "the outcome of this write is no longer known")
+            else:
+                self._count("ops_resent")
+                p.state = PendingState.IN_FLIGHT
+                self._send(OpMsg(op_id, p.op))
+
+    # ------------------------------------------------------------------ applied table
+
+    def _record(self, op_id: OpId, errno: int) -> None:
+        table = self.applied.setdefault(op_id.node, OrderedDict())
+        table[op_id] = errno
+        while len(table) > APPLIED_PER_NODE:
+            table.popitem(last=False)
+
+    def _record_decision(self, op_id: OpId, errno: int) -> None:
+        self._record(op_id, errno)
+        table = self.applied[op_id.node]
+        self._meta[f"{META_APPLIED}{op_id.node}"] = msgpack.packb(
+            encode_applied(tuple(table.items())))
+
+    def _recorded(self, op_id: OpId) -> int | None:
+        table = self.applied.get(op_id.node)
+        return None if table is None else table.get(op_id)
+
+    def _forgotten(self, op_id: OpId) -> bool:
+        table = self.applied.get(op_id.node)
+        return (table is not None and len(table) >= APPLIED_PER_NODE
+                and op_id < next(iter(table)))
+
+    def _applied_items(self) -> tuple[tuple[OpId, int], ...]:
+        return tuple(item for node in sorted(self.applied)
+                     for item in self.applied[node].items())
+
+    def _replace_applied(self, items: Iterable[tuple[OpId, int]]) -> None:
+        old_nodes = set(self.applied)
+        self.applied = {}
+        for op_id, errno in items:
+            self._record(op_id, errno)
+        for node in old_nodes | set(self.applied):
+            table = self.applied.get(node, OrderedDict())
+            self._meta[f"{META_APPLIED}{node}"] = msgpack.packb(
+                encode_applied(tuple(table.items())))
+
+    # ------------------------------------------------------------------ sync
+
+    def _on_sync_msg(self, sender: int, msg: StateMsg | EntriesMsg | DoneMsg | ResyncMsg
+                     | VerifyMsg) -> None:
+        if msg.ring != self.ring or sender not in self.members:
+            self._count("stale_sync_messages")
+            return
+        if isinstance(msg, ResyncMsg):
+            if msg.epoch == self.epoch + 1:
+                self._start_sync(msg.epoch)
+            return
+        if msg.epoch != self.epoch:
+            self._count("stale_sync_messages")
+            return
+        if isinstance(msg, VerifyMsg):
+            self._on_verify(sender, msg)
+        elif self.mode is not Mode.SYNCING:
+            self._count("stale_sync_messages")
+        elif isinstance(msg, StateMsg):
+            self.states[sender] = msg
+            if len(self.states) == len(self.members):
+                self._states_complete()
+        elif sender != self.leader:
+            self._count("stale_sync_messages")
+        elif isinstance(msg, EntriesMsg):
+            if self.need_update:
+                self.incoming.update((e.inode, e) for e in msg.entries)
+        else:
+            self._on_done(msg)
+
+    def _states_complete(self) -> None:
+        before = self.quorum.status()
+        status = self.quorum.on_membership(
+            self._now, self.members, {m: s.announcement for m, s in self.states.items()})
+        if status != before:
+            self.outputs.append(QuorumChanged(status))
+        for state in self.states.values():
+            self.log_buffer.merge(state.log, state.log_cutoff)
+        leader = max(self.members, key=lambda m: (self.states[m].last_ring_seq,
+                                                  self.states[m].version, -m))
+        self.leader = leader
+        target = self.states[leader].checksum
+        if all(s.checksum == target for s in self.states.values()):
+            self._finish_sync(adopted=False)
+            return
+        self.need_update = self.states[self.node_id].checksum != target
+        if leader == self.node_id:
+            self._send_update()
+
+    def _send_update(self) -> None:
+        mine = self.memdb.digests()
+        wanted = sorted(inode for inode, digest in mine.items()
+                        if any(dict(s.digests).get(inode) != digest
+                               for s in self.states.values()))
+        chunk: list[Entry] = []
+        size = 0
+        for inode in wanted:
+            entry = self.memdb.get(inode)
+            assert entry is not None
+            chunk.append(entry)
+            size += len(entry.data) + len(entry.name) + 64
+            if size >= SYNC_CHUNK_BYTES:
+                self._send(EntriesMsg(self.ring, self.epoch, tuple(chunk)))
+                chunk, size = [], 0
+        if chunk:
+            self._send(EntriesMsg(self.ring, self.epoch, tuple(chunk)))
+        self._send(DoneMsg(self.ring, self.epoch, self.memdb.version, tuple(self.history),
+                           self._applied_items()))
+
+    def _on_done(self, msg: DoneMsg) -> None:
+        if not self.need_update:
+            self._finish_sync(adopted=False)
+            return
+        assert self.leader is not None
+        leader_state = self.states[self.leader]
+        rows: list[Entry] = []
+        for inode, digest in leader_state.digests:
+            own = self.memdb.get(inode)
+            row = own if own is not None and own.digest() == digest else self.incoming.get(
+                inode)
+            if row is None or row.digest() != digest:
+                self._sync_failed("the leader's rows did not all arrive")
+                return
+            rows.append(row)
+        try:
+            tree = MemDB(rows, msg.version)
+        except CorruptTree as exc:
+            self._sync_failed(f"the leader's tree is damaged: {exc}")
+            return
+        old_memdb, old_history, old_applied = self.memdb, self.history, self.applied
+        self.memdb, self.history = tree, list(msg.history)
+        self._replace_applied(msg.applied)
+        if self.state_checksum() != leader_state.checksum:
+            self.memdb, self.history, self.applied = old_memdb, old_history, old_applied
+            self._meta = {}
+            self._sync_failed("the rebuilt tree does not match the leader's checksum")
+            return
+        self._save_lost(old_memdb, old_history)
+        self.quorate_ring_seq = max(self.quorate_ring_seq, leader_state.last_ring_seq)
+        self._meta[META_HISTORY] = msgpack.packb(encode_history(msg.history))
+        self._upserts = {e.inode: e for e in self.memdb.entries()}
+        self._removed = set()
+        self._replace_all = True
+        self._invalid_all = True
+        self._count("syncs_adopted")
+        self._finish_sync(adopted=True)
+
+    def _sync_failed(self, reason: str) -> None:
+        self._count("sync_failures")
+        self._local_log(3, f"sync of ring {self.ring} epoch {self.epoch} failed: {reason}; "
+                           "starting again")
+        self._send(ResyncMsg(self.ring, self.epoch + 1))
+
+    def _save_lost(self, old: MemDB, old_history: Sequence[HistorySpan]) -> None:
+        lost: list[tuple[str, bytes]] = []
+        for entry in old.entries():
+            if entry.type is not EntryType.FILE:
+                continue
+            span = next((h for h in old_history if h.first <= entry.version <= h.last), None)
+            if span is None or any(h.ring == span.ring and h.first <= entry.version <= h.last
+                                   for h in self.history):
+                continue  # made by an operation the leader applied too: superseded, not lost
+            now_there = self.memdb.lookup(old.path_of(entry.inode))
+            if now_there is not None and now_there.data == entry.data:
+                continue
+            lost.append((old.path_of(entry.inode), entry.data))
+        if lost:
+            self._count("lost_files_saved", len(lost))
+            self.outputs.append(SaveLost(self.ring, tuple(sorted(lost))))
+            self._local_log(4, f"sync with node {self.leader}: {len(lost)} file(s) changed here "
+                               f"while apart were replaced; saved under lost+found/"
+                               f"{self.ring.seq}.{self.ring.rep}/: "
+                               + ", ".join(p for p, _ in sorted(lost)[:10]))
+
+    def _finish_sync(self, *, adopted: bool) -> None:
+        assert self.leader is not None
+        self.mode = Mode.SYNCED
+        self._count("syncs")
+        if self.quorum.status().quorate and self.quorate_ring_seq != self.ring.seq:
+            self.quorate_ring_seq = self.ring.seq
+            self._meta[META_QUORATE_RING] = b"%d" % self.ring.seq
+        self._emit_event(SyncCompleted(self.ring, self.epoch, self.leader, adopted,
+                                       self.state_checksum()))
+        queue, self.queue = self.queue, []
+        for sender, msg in queue:
+            self._on_ordered(sender, msg)
+        self._settle_doubtful()
+        self.verify_at = self._now + self.verify_interval
+
+    def _on_verify(self, sender: int, msg: VerifyMsg) -> None:
+        if self.mode is not Mode.SYNCED:
+            return
+        if msg.request:
+            # Every member reports its checksum at this very point of the order.
+            self.verify_round = msg.round
+            self.verify_sums = {}
+            self._send(VerifyMsg(self.ring, self.epoch, msg.round, False, self.state_checksum()))
+            return
+        if msg.round != self.verify_round:
+            return
+        self.verify_sums[sender] = msg.checksum
+        if len(self.verify_sums) == len(self.members):
+            if len(set(self.verify_sums.values())) > 1:
+                self._count("verify_mismatches")
+                if self._is_lowest():
+                    self._local_log(3, "tree checksums differ between members; resyncing")
+                    self._send(ResyncMsg(self.ring, self.epoch + 1))
+            self.verify_sums = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _is_lowest(self) -> bool:
+        return bool(self.members) and self.node_id == min(self.members)
+
+    def _wall_seconds(self) -> int:
+        return max(0, (self._now + self.wall_offset) // 1000)
+
+    def _local_log(self, pri: int, msg: str) -> None:
+        self._send(LogMsg(self.log_writer.entry(time=self._wall_seconds(), pri=pri,
+                                                tag="pmxfs", pid=0, user="root", msg=msg)))
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _emit_event(self, event: ReplicaEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)

@@ -1,0 +1,529 @@
+"""Replicas under the simulator: real `Replica` objects (totem + quorum + memdb) on the simulated
+network, a random file-system workload, a simulated disk, and checkers on every output.
+
+The disk of a node is what its `Persist` outputs committed, in order; a crash can strike in the
+middle of a batch of outputs (after the deliveries were applied in memory, before their Persist
+is carried out), and a restart builds the replica from the disk alone.
+
+Checkers (`ReplicaChecker`):
+* lineage: every node's tree is the result of a sequence of applied operations (its *lineage*);
+  a sync that adopts the leader's tree adopts the leader's lineage as it was when the leader sent
+  its state; a restart goes back to the lineage of the last Persist. At the end, replaying the
+  final lineage on an empty tree must give exactly the final tree (sync transfer is exact);
+* an operation is acknowledged (Reply 0) only after the Persist that holds it, and every
+  acknowledged operation is in the final lineage; an operation answered with an error is never
+  in the final lineage as a success;
+* a mutation is applied only in a ring whose members hold a majority of the votes;
+* members that complete the same sync hold identical state checksums;
+* after healing, every node is synced in one ring with one checksum, and every proposal of a
+  node that stayed up was answered.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import hashlib
+import random
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pmxfs.core.conf import ClusterConfig, parse
+from pmxfs.core.entry import Entry, guest_config
+from pmxfs.core.fsop import (
+    CreateFile,
+    FsOp,
+    Mkdir,
+    Rename,
+    Rmdir,
+    SetMtime,
+    Truncate,
+    Unlink,
+    UnlockRequest,
+    WriteFile,
+    WriteRange,
+)
+from pmxfs.core.memdb import MemDB
+from pmxfs.core.persist import Persist
+from pmxfs.core.replica import (
+    DEFAULT_VERIFY_INTERVAL_MS,
+    OpDecided,
+    Replica,
+    ReplicaEvent,
+    Reply,
+    SaveLost,
+    StateTaken,
+    StoredState,
+    SyncCompleted,
+)
+from pmxfs.core.replica_msgs import OpId
+from pmxfs.core.totem import ConfChange, ConfChangeKind, PersistRingSeq, State
+from pmxfs.core.totem_params import TotemParams
+from pmxfs.core.wire import RingId
+
+from .network import Network, SimNode, SimulationStuck
+from .totem_checker import Violation
+from .totem_sim import RunResult, sim_params
+
+NodeKey = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    op_id: OpId
+    op: FsOp
+    writer: int
+    errno: int
+    applied: bool
+
+
+@dataclass
+class _Lineage:
+    """An append-only list of steps shared by snapshots: a snapshot is (list, length)."""
+
+    steps: list[_Step] = field(default_factory=list)
+
+    def snapshot(self) -> tuple[list[_Step], int]:
+        return self.steps, len(self.steps)
+
+
+@dataclass
+class _Disk:
+    rows: dict[int, Entry] = field(default_factory=dict)
+    version: int = 0
+    meta: dict[str, bytes] = field(default_factory=dict)
+    ring_seq: int = 0
+    lineage: tuple[list[_Step], int] = field(default_factory=lambda: ([], 0))
+
+
+def cluster_config(node_ids: list[int]) -> ClusterConfig:
+    nodes = "".join(f"  node {{\n    name: node{n}\n    nodeid: {n}\n    quorum_votes: 1\n"
+                    f"    ring0_addr: 127.0.1.{n}\n  }}\n" for n in node_ids)
+    text = (f"totem {{\n  version: 2\n  cluster_name: sim\n  config_version: 1\n"
+            f"  transport: udpu\n}}\nnodelist {{\n{nodes}}}\n"
+            f"quorum {{\n  provider: corosync_votequorum\n}}\n")
+    return parse(text)
+
+
+class ReplicaChecker:
+    def __init__(self, node_count: int) -> None:
+        self.node_count = node_count
+        self.majority_required = True  # off in tests that lower the expected votes on purpose
+        self.lineages: dict[NodeKey, _Lineage] = {}
+        self.snapshots: dict[tuple[int, RingId, int], tuple[list[_Step], int]] = {}
+        self.sync_sums: dict[tuple[RingId, int], bytes] = {}
+        self.ring_members: dict[NodeKey, tuple[int, ...]] = {}
+        self.acked: dict[OpId, int] = {}
+        self.applied_ops = 0
+        self.syncs = 0
+
+    def started(self, key: NodeKey, lineage: tuple[list[_Step], int]) -> None:
+        steps, length = lineage
+        self.lineages[key] = _Lineage(steps[:length])
+        self.ring_members[key] = ()
+
+    def on_event(self, key: NodeKey, ev: ReplicaEvent) -> None:
+        lineage = self.lineages[key]
+        if isinstance(ev, OpDecided):
+            if ev.applied and ev.errno == 0:
+                members = self.ring_members[key]
+                if self.majority_required and len(members) * 2 <= self.node_count:
+                    raise Violation(f"n{key[0]} applied {ev.op_id} in ring {members}, which "
+                                    f"holds no majority of {self.node_count}")
+                self.applied_ops += 1
+            lineage.steps.append(_Step(ev.op_id, ev.op, ev.writer, ev.errno, ev.applied))
+        elif isinstance(ev, StateTaken):
+            self.snapshots[(key[0], ev.ring, ev.epoch)] = lineage.snapshot()
+        elif isinstance(ev, SyncCompleted):
+            self.syncs += 1
+            first = self.sync_sums.setdefault((ev.ring, ev.epoch), ev.checksum)
+            if first != ev.checksum:
+                raise Violation(f"n{key[0]} completed sync {ev.ring}/{ev.epoch} with another "
+                                f"state than its peers")
+            if ev.adopted:
+                steps, length = self.snapshots[(ev.leader, ev.ring, ev.epoch)]
+                self.lineages[key] = _Lineage(steps[:length])
+
+    def on_confchg(self, key: NodeKey, c: ConfChange) -> None:
+        if c.kind is ConfChangeKind.REGULAR:
+            self.ring_members[key] = c.members
+
+    def on_reply(self, key: NodeKey, op_id: OpId, reply: Reply,
+                 disk: tuple[list[_Step], int]) -> None:
+        if reply.errno == 0:
+            steps, length = disk
+            if not any(s.op_id == op_id and s.errno == 0 for s in steps[:length]):
+                raise Violation(f"n{key[0]} acknowledged {op_id} before it was persisted")
+        if reply.errno not in (E.ETIMEDOUT, E.EIO):
+            self.acked[op_id] = reply.errno
+
+    def check_final(self, key: NodeKey, memdb: MemDB) -> None:
+        steps = self.lineages[key].steps
+        replay = MemDB()
+        for step in steps:
+            if step.applied:
+                got = replay.apply(step.op, step.writer).errno
+                if got != step.errno:
+                    raise Violation(f"replaying {step.op_id} {step.op} gave errno {got}, the "
+                                    f"cluster decided {step.errno}")
+        if replay.checksum() != memdb.checksum():
+            raise Violation(f"n{key[0]}'s tree is not the result of its lineage of "
+                            f"{len(steps)} operations")
+        decided = {s.op_id: s.errno for s in steps}
+        for op_id, errno in self.acked.items():
+            if errno == 0 and decided.get(op_id) != 0:
+                raise Violation(f"acknowledged {op_id} is not in the final tree's lineage")
+            if errno != 0 and decided.get(op_id) == 0:
+                raise Violation(f"{op_id} was answered {E.errorcode.get(errno)} yet applied")
+
+
+class ReplicaCluster:
+    """N replicas on a simulated network with disks and the checker wired in."""
+
+    def __init__(self, node_ids: list[int], params: TotemParams, rng: random.Random, *,
+                 keep_trace: bool = False,
+                 verify_interval: int = DEFAULT_VERIFY_INTERVAL_MS) -> None:
+        self.node_ids = node_ids
+        self.params = params
+        self.rng = rng
+        self.config = cluster_config(node_ids)
+        self.checker = ReplicaChecker(len(node_ids))
+        self.keep_trace = keep_trace
+        self.trace_lines: list[str] = []
+        self._hash = hashlib.sha256()
+        self.net = Network(rng, self._on_output, self._trace)
+        self.disks: dict[int, _Disk] = {n: _Disk() for n in node_ids}
+        self.requests: dict[NodeKey, dict[int, OpId | None]] = {}
+        self.next_request = 0
+        self.crash_in_batch = 0.0
+        self.crash_at_next_persist: set[int] = set()
+        self.verify_interval = verify_interval
+        self.replies: dict[int, Reply] = {}
+        self.lost: list[tuple[int, SaveLost]] = []
+        self.started: set[int] = set()
+        for n in node_ids:
+            self.net.add(n, None)
+            self._start(n)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _trace(self, line: str) -> None:
+        self._hash.update(line.encode())
+        self._hash.update(b"\n")
+        if self.keep_trace:
+            self.trace_lines.append(line)
+
+    @property
+    def trace_hash(self) -> str:
+        return self._hash.hexdigest()
+
+    def key(self, node_id: int) -> NodeKey:
+        return node_id, self.net.nodes[node_id].incarnation
+
+    def _start(self, node_id: int) -> None:
+        node = self.net.nodes[node_id]
+        if node_id in self.started:
+            node.incarnation += 1
+        self.started.add(node_id)
+        key = (node_id, node.incarnation)
+        disk = self.disks[node_id]
+        self.checker.started(key, disk.lineage)
+        self.requests[key] = {}
+        stored = StoredState(entries=tuple(disk.rows[i] for i in sorted(disk.rows)),
+                             version=disk.version, meta=dict(disk.meta))
+        core = Replica(node_id, self.config, self.params, self.net.now,
+                       incarnation=node.incarnation, stored=stored, ring_seq=disk.ring_seq,
+                       first_log_uid=node.incarnation * 1_000_000 + 1,
+                       verify_interval=self.verify_interval,
+                       on_event=lambda ev: self._on_event(key, ev),
+                       on_totem_event=lambda text: self._trace(
+                           f"{self.net.now} n{node_id} {text}"))
+        self.net.start(node_id, core)
+
+    def _on_event(self, key: NodeKey, ev: ReplicaEvent) -> None:
+        self._trace(f"{self.net.now} n{key[0]} {type(ev).__name__} "
+                    f"{getattr(ev, 'op_id', '')} {getattr(ev, 'errno', '')}")
+        self.checker.on_event(key, ev)
+
+    def _on_output(self, node: SimNode, out: object) -> None:
+        key = (node.node_id, node.incarnation)
+        disk = self.disks[node.node_id]
+        if isinstance(out, Persist):
+            if node.node_id in self.crash_at_next_persist or (
+                    self.crash_in_batch and self.rng.random() < self.crash_in_batch):
+                self.crash_at_next_persist.discard(node.node_id)
+                self._trace(f"{self.net.now} n{node.node_id} crashes before a Persist")
+                self.net.crash(node.node_id)
+                return
+            if out.replace_all:
+                disk.rows = {}
+            for inode in out.removed:
+                disk.rows.pop(inode, None)
+            for entry in out.upserts:
+                disk.rows[entry.inode] = entry
+            disk.version = out.version
+            disk.meta.update(out.meta)
+            disk.lineage = self.checker.lineages[key].snapshot()
+        elif isinstance(out, SaveLost):
+            self.lost.append((node.node_id, out))
+        elif isinstance(out, PersistRingSeq):
+            disk.ring_seq = max(disk.ring_seq, out.ring_seq)
+        elif isinstance(out, ConfChange):
+            self.checker.on_confchg(key, out)
+            self._trace(f"{self.net.now} n{node.node_id} {out.kind.value} {out.ring_id} "
+                        f"{list(out.members)}")
+        elif isinstance(out, Reply):
+            op_id = self.requests[key].pop(out.request_id)
+            self.replies[out.request_id] = out
+            self._trace(f"{self.net.now} n{node.node_id} reply {out.request_id} {out.errno}")
+            if op_id is not None:
+                self.checker.on_reply(key, op_id, out, disk.lineage)
+
+    def replica(self, node_id: int) -> Replica:
+        core = self.net.nodes[node_id].core
+        assert isinstance(core, Replica)
+        return core
+
+    # ------------------------------------------------------------------ actions
+
+    def propose(self, node_id: int, op: FsOp) -> int | None:
+        """Propose `op` on a node; returns the request id (None if the node is down)."""
+        node = self.net.nodes[node_id]
+        if not node.up or node.paused_until is not None:
+            return None
+        key = self.key(node_id)
+        self.next_request += 1
+        request = self.next_request
+        self.requests[key][request] = None
+        op_id = self.replica(node_id).propose(self.net.now, request, op)
+        if request in self.requests[key]:
+            self.requests[key][request] = op_id
+        self._trace(f"{self.net.now} n{node_id} propose {request} {op_id} {op}"[:200])
+        self.net.flush(node)
+        return request
+
+    def wait(self, condition: Callable[[], bool], timeout: int, what: str) -> None:
+        """Run until `condition()` holds; Violation naming `what` after `timeout` ms."""
+        if not self.net.run_while(lambda: not condition(), self.net.now + timeout):
+            raise Violation(f"timed out after {timeout} ms waiting for {what}")
+
+    def write(self, node_id: int, op: FsOp, timeout: int = 20_000) -> Reply:
+        """Propose and wait for the answer."""
+        request = self.propose(node_id, op)
+        assert request is not None, f"n{node_id} is down"
+        self.wait(lambda: request in self.replies, timeout, f"the reply to {op}")
+        return self.replies[request]
+
+    def crash(self, node_id: int) -> None:
+        self.net.crash(node_id)
+
+    def restart(self, node_id: int) -> None:
+        self._start(node_id)
+
+    def run_for(self, ms: int) -> None:
+        self.net.run_until(self.net.now + ms)
+
+    # ------------------------------------------------------------------ questions
+
+    def live(self) -> list[int]:
+        return [n for n, node in self.net.nodes.items() if node.up]
+
+    def settled(self) -> bool:
+        """All nodes up, in one ring, synced, with one state and nothing outstanding."""
+        live = self.live()
+        if len(live) != len(self.node_ids):
+            return False
+        reps = [self.replica(n) for n in live]
+        if any(r.totem.state is not State.OPERATIONAL or not r.synced() or r.pending
+               or r.outbox or r.totem.pending for r in reps):
+            return False
+        return (len({r.ring for r in reps}) == 1 and len(reps[0].members) == len(live)
+                and len({r.state_checksum() for r in reps}) == 1)
+
+    def unanswered(self) -> list[tuple[NodeKey, int]]:
+        return [(key, req) for key, reqs in self.requests.items() for req in reqs
+                if self.net.nodes[key[0]].up and self.key(key[0]) == key]
+
+
+# ------------------------------------------------------------------------------ the workload
+
+
+class Workload:
+    """Random operations over a small name space, so that they collide often."""
+
+    def __init__(self, rng: random.Random, node_ids: list[int]) -> None:
+        self.rng = rng
+        self.node_names = [f"node{n}" for n in node_ids]
+        self.dirs = ["a", "b", "a/c", "priv", "priv/lock"]
+        self.files = ["f1", "f2", "a/f3", "a/c/f4", "b/f5", "priv/secret", "corosync.conf.new"]
+        self.locks = ["priv/lock/l1", "priv/lock/l2"]
+
+    def setup(self) -> list[FsOp]:
+        ops: list[FsOp] = [Mkdir("nodes", 1), Mkdir("a", 1), Mkdir("b", 1), Mkdir("priv", 1),
+                           Mkdir("priv/lock", 1)]
+        for name in self.node_names:
+            ops += [Mkdir(f"nodes/{name}", 1), Mkdir(f"nodes/{name}/qemu-server", 1),
+                    Mkdir(f"nodes/{name}/lxc", 1)]
+        return ops
+
+    def _guest_path(self) -> str:
+        kind = self.rng.choice(["qemu-server", "lxc"])
+        return f"nodes/{self.rng.choice(self.node_names)}/{kind}/{self.rng.randint(100, 104)}.conf"
+
+    def _data(self) -> bytes:
+        size = self.rng.choice([0, 10, 100, 1024, 5000])
+        return self.rng.randbytes(size)
+
+    def op(self, mtime: int) -> FsOp:
+        r = self.rng.random()
+        rng = self.rng
+        if r < 0.30:
+            return WriteFile(rng.choice(self.files), self._data(), mtime, rng.random() < 0.8)
+        if r < 0.40:
+            return WriteFile(self._guest_path(), b"memory: 512\n", mtime, True)
+        if r < 0.47:
+            src = self._guest_path()
+            info = guest_config(src)
+            assert info is not None
+            dst = f"nodes/{rng.choice(self.node_names)}/qemu-server/{info.vmid}.conf"
+            return Rename(src, dst, mtime)
+        if r < 0.55:
+            return Rename(rng.choice(self.files + self.dirs), rng.choice(self.files + self.dirs),
+                          mtime)
+        if r < 0.60:
+            return CreateFile(rng.choice(self.files), mtime, rng.random() < 0.5)
+        if r < 0.65:
+            return Unlink(rng.choice(self.files))
+        if r < 0.70:
+            return Mkdir(rng.choice(self.dirs), mtime)
+        if r < 0.73:
+            return Rmdir(rng.choice(self.dirs))
+        if r < 0.78:
+            return WriteRange(rng.choice(self.files), rng.randint(0, 3000), self._data()[:500],
+                              mtime)
+        if r < 0.81:
+            return Truncate(rng.choice(self.files), rng.randint(0, 2000), mtime)
+        if r < 0.88:
+            return Mkdir(rng.choice(self.locks), mtime)
+        if r < 0.93:
+            return Rmdir(rng.choice(self.locks))
+        if r < 0.97:
+            return SetMtime(rng.choice(self.locks), mtime)
+        return UnlockRequest(rng.choice(self.locks))
+
+
+# ------------------------------------------------------------------------------ chaos
+
+
+def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
+                 keep_trace: bool = False) -> RunResult:
+    rng = random.Random(seed)
+    n_nodes = rng.randint(*node_range)
+    node_ids = sorted(rng.sample(range(1, 3 * n_nodes + 1), n_nodes))
+    params = sim_params(n_nodes)
+    cluster = ReplicaCluster(node_ids, params, rng, keep_trace=keep_trace)
+    net = cluster.net
+    faults = net.faults
+    workload = Workload(rng, node_ids)
+    violation: str | None = None
+    try:
+        if not net.run_while(lambda: not cluster.settled(), net.now + 30_000):
+            raise Violation("the cluster did not form and sync at start")
+        for op in workload.setup():
+            cluster.propose(node_ids[0], op)
+        faults.loss = rng.choice([0.0, 0.01, 0.05, 0.1, 0.2])
+        faults.duplicate = rng.choice([0.0, 0.0, 0.02])
+        faults.min_delay = rng.randint(0, 2)
+        faults.max_jitter = rng.choice([0, 1, 3, 10])
+        cluster.crash_in_batch = rng.choice([0.0, 0.0, 0.002, 0.01])
+        cluster._trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate}")
+        chaos_until = net.now + rng.randint(8_000, 20_000)
+        while net.now < chaos_until:
+            net.run_until(net.now + rng.randint(1, 300))
+            _random_action(cluster, workload, rng, params)
+        _heal(cluster)
+        if not net.run_while(lambda: not cluster.settled(), net.now + 120_000):
+            raise Violation(f"no single synced ring 120 s after healing: {_states(cluster)}")
+        probes = [(n, Mkdir(f"probe{n}", net.now // 1000)) for n in node_ids]
+        for n, op in probes:
+            if cluster.propose(n, op) is None:
+                raise Violation(f"n{n} could not take a probe write after healing")
+        if not net.run_while(lambda: not cluster.settled() or bool(cluster.unanswered()),
+                             net.now + 60_000):
+            raise Violation(f"proposals unanswered after healing: {cluster.unanswered()[:5]}")
+        for n in node_ids:
+            if cluster.replica(n).memdb.lookup(f"probe{n}") is None:
+                raise Violation(f"n{n}'s probe write is missing after healing")
+            cluster.checker.check_final(cluster.key(n), cluster.replica(n).memdb)
+    except (Violation, SimulationStuck) as exc:
+        violation = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # a crash of the code under test is a finding
+        violation = f"exception {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    return RunResult(
+        seed=seed, nodes=n_nodes, violation=violation, delivered=cluster.checker.applied_ops,
+        confchgs=cluster.checker.syncs,
+        accepted=sum(1 for errno in cluster.checker.acked.values() if errno == 0),
+        events=net.events,
+        trace_hash=cluster.trace_hash, trace=cluster.trace_lines,
+    )
+
+
+def _states(cluster: ReplicaCluster) -> dict[int, object]:
+    out: dict[int, object] = {}
+    for n in cluster.node_ids:
+        if not cluster.net.nodes[n].up:
+            out[n] = "down"
+            continue
+        r = cluster.replica(n)
+        out[n] = (r.totem.state.value, r.mode.value, list(r.members), len(r.pending),
+                  r.state_checksum().hex()[:8])
+    return out
+
+
+def _heal(cluster: ReplicaCluster) -> None:
+    net = cluster.net
+    net.heal()
+    net.faults.loss = 0.0
+    net.faults.duplicate = 0.0
+    cluster.crash_in_batch = 0.0
+    for n in cluster.node_ids:
+        node = net.nodes[n]
+        if not node.up:
+            cluster.restart(n)
+        elif node.paused_until is not None:
+            node.paused_until = net.now
+    net.run_until(net.now)  # resume the paused nodes now
+
+
+def _random_action(cluster: ReplicaCluster, workload: Workload, rng: random.Random,
+                   params: TotemParams) -> None:
+    net = cluster.net
+    ids = cluster.node_ids
+    roll = rng.random()
+    if roll < 0.75:
+        live = cluster.live()
+        for _ in range(rng.randint(1, 5) if live else 0):
+            cluster.propose(rng.choice(live), workload.op(net.now // 1000))
+    elif roll < 0.80:
+        shuffled = ids[:]
+        rng.shuffle(shuffled)
+        cut = rng.randint(1, len(ids) - 1)
+        net.partition([shuffled[:cut], shuffled[cut:]])
+    elif roll < 0.83:
+        victim = rng.choice(ids)
+        net.partition([[victim], [n for n in ids if n != victim]])
+    elif roll < 0.90:
+        net.heal()
+    elif roll < 0.93:
+        live = cluster.live()
+        if len(live) > 1:
+            cluster.crash(rng.choice(live))
+    elif roll < 0.97:
+        dead = [n for n in ids if not net.nodes[n].up]
+        if dead:
+            cluster.restart(rng.choice(dead))
+    else:
+        live = cluster.live()
+        if live:
+            net.pause(rng.choice(live), rng.randint(params.token, 3 * params.token))
+
