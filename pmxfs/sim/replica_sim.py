@@ -61,11 +61,13 @@ from pmxfs.core.totem import ConfChange, ConfChangeKind, PersistRingSeq, State
 from pmxfs.core.totem_params import TotemParams
 from pmxfs.core.wire import RingId
 
+from .faults import FaultOdds, random_fault
 from .network import Network, SimNode, SimulationStuck
 from .totem_checker import Violation
 from .totem_sim import RunResult, sim_params
 
 NodeKey = tuple[int, int]
+REPLICA_FAULTS = FaultOdds(partition=0.80, isolate=0.83, heal=0.90, crash=0.93, restart=0.97)
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,26 +506,7 @@ def _random_action(cluster: ReplicaCluster, workload: Workload, rng: random.Rand
         live = cluster.live()
         for _ in range(rng.randint(1, 5) if live else 0):
             cluster.propose(rng.choice(live), workload.op(net.now // 1000))
-    elif roll < 0.80:
-        shuffled = ids[:]
-        rng.shuffle(shuffled)
-        cut = rng.randint(1, len(ids) - 1)
-        net.partition([shuffled[:cut], shuffled[cut:]])
-    elif roll < 0.83:
-        victim = rng.choice(ids)
-        net.partition([[victim], [n for n in ids if n != victim]])
-    elif roll < 0.90:
-        net.heal()
-    elif roll < 0.93:
-        live = cluster.live()
-        if len(live) > 1:
-            cluster.crash(rng.choice(live))
-    elif roll < 0.97:
-        dead = [n for n in ids if not net.nodes[n].up]
-        if dead:
-            cluster.restart(rng.choice(dead))
     else:
-        live = cluster.live()
-        if live:
-            net.pause(rng.choice(live), rng.randint(params.token, 3 * params.token))
+        random_fault(roll, REPLICA_FAULTS, rng, net, ids, params.token, cluster.crash,
+                     cluster.restart)
 

@@ -28,6 +28,7 @@ from pmxfs.core.totem import (
 )
 from pmxfs.core.totem_params import TotemParams, derive_params
 
+from .faults import FaultOdds, random_fault
 from .network import Network, SimNode, SimulationStuck
 from .totem_checker import TotemChecker, Violation
 
@@ -194,6 +195,9 @@ class TotemCluster:
                 self.checker.check_self_delivery((node_id, incarnation), payloads)
 
 
+TOTEM_FAULTS = FaultOdds(partition=0.76, isolate=0.80, heal=0.88, crash=0.92, restart=0.96)
+
+
 def sim_params(node_count: int) -> TotemParams:
     """Short timers so a simulated second sees plenty of membership activity."""
     return derive_params(node_count, token=400, token_coefficient=50, join=30, merge=100)
@@ -269,24 +273,6 @@ def _random_action(cluster: TotemCluster, rng: random.Random, params: TotemParam
             size = rng.choice([8, 32, 100, 500, 1400, 3000]) if rng.random() < 0.97 else rng.choice(
                 [20_000, 100_000, 300_000])
             cluster.mcast(rng.choice(ids), size)
-    elif roll < 0.76:
-        shuffled = ids[:]
-        rng.shuffle(shuffled)
-        cut = rng.randint(1, len(ids) - 1)
-        net.partition([shuffled[:cut], shuffled[cut:]])
-    elif roll < 0.80:
-        victim = rng.choice(ids)
-        net.partition([[victim], [n for n in ids if n != victim]])
-    elif roll < 0.88:
-        net.heal()
-    elif roll < 0.92:
-        live = cluster.live()
-        if len(live) > 1:
-            cluster.crash(rng.choice(live))
-    elif roll < 0.96:
-        dead = [n for n in ids if not net.nodes[n].up]
-        if dead:
-            cluster.restart(rng.choice(dead))
     else:
-        live = cluster.live()
-        net.pause(rng.choice(live), rng.randint(params.token, 3 * params.token))
+        random_fault(roll, TOTEM_FAULTS, rng, net, ids, params.token, cluster.crash,
+                     cluster.restart)
