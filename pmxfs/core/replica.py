@@ -7,12 +7,15 @@ How it works
   quorum (not quorate: EACCES everywhere). Each decision is recorded in the *applied table*
   (operation id -> errno), which travels with the tree, so a re-sent operation is never applied
   twice.
-* Acknowledgement waits for durability: a proposer replies only when its operation's position is
-  *stable* (totem's safe point: every member of the ring holds it, so every member that moves on
-  delivers it too). Delivery order alone is not enough: a message delivered here may never reach
-  the partition that continues, and a reply on it could promise a write the cluster loses. An
-  operation decided here but not yet stable when the ring ends becomes *doubtful*. The `Persist`
-  of a batch is emitted before any reply, so an acknowledged write is on disk.
+* Acknowledgement waits for durability on every member: after each batch whose `Persist` holds
+  decisions, a member multicasts `PersistedMsg(ring, seq)` (its frames leave only after the
+  Persist is carried out). A proposer replies when every member of the ring has announced a seq
+  at or beyond its operation's position. Delivery alone is not enough: a message delivered here
+  may never reach the partition that goes on, or a member may crash before writing it, and a
+  reply would promise a write the cluster can lose. Since the ring was quorate, every later
+  quorate ring shares a member that holds the write on disk (majorities intersect), and the
+  leader rule below makes that write win. An operation decided here but not durable when the
+  ring ends becomes *doubtful*.
 * Sync, after every REGULAR configuration change (SYNCING): every member multicasts a `StateMsg`
   (quorum announcement, version, state checksum, per-entry digests, history, cluster log). With
   all of them delivered, every member computes the same quorum and the same leader: the member
@@ -27,10 +30,10 @@ How it works
 * Nothing is dropped silently: rows written here that the leader never saw (the history tells:
   their version lies in a ring span the leader's history does not have) are handed out as
   `SaveLost` (the runtime writes them under lost+found) and announced in the cluster log.
-* Doubtful operations are settled after the next quorate sync (its stamp is persisted before the
-  answers): the applied table says whether and how they were decided; if not at all they are
-  sent again. After `unresolved_timeout` they are answered ETIMEDOUT (the outcome is unknown to
-  this node), so no write hangs for ever.
+* Doubtful operations are settled after the next quorate sync: the applied table says whether
+  and how they were decided (the answer waits until the sync's completion, with its stamp, is
+  durable on every member); if not at all they are sent again. After `unresolved_timeout` they
+  are answered ETIMEDOUT (the outcome is unknown to this node), so no write hangs for ever.
 * Verification: every `verify_interval` the lowest member opens a round; every member reports
   its checksum at that point of the order; any difference starts a new sync epoch.
 """
@@ -63,6 +66,7 @@ from pmxfs.core.replica_msgs import (
     LogMsg,
     OpId,
     OpMsg,
+    PersistedMsg,
     ReplicaMsg,
     ResyncMsg,
     StateMsg,
@@ -81,7 +85,6 @@ from pmxfs.core.totem import (
     McastResult,
     PersistRingSeq,
     Send,
-    Stable,
     Totem,
 )
 from pmxfs.core.totem_params import TotemParams
@@ -292,7 +295,8 @@ class Replica:
         self._invalid: set[str] = set()
         self._invalid_all = False
         self._deliver_at: tuple[RingId, int] = (self.ring, 0)
-        self._stable_at: tuple[RingId, int] = (self.ring, 0)
+        self._decided_in_batch = False
+        self.persisted_by: dict[int, int] = {}
         self._now = now
 
         self.totem = Totem(node_id, self.names, params, now, ring_seq=ring_seq,
@@ -313,8 +317,8 @@ class Replica:
             self._send(LmsMsg(step.members, step.expected_votes))
         if self.verify_at is not None and now >= self.verify_at:
             self.verify_at = now + self.verify_interval
-            if self.mode is Mode.SYNCED and self._is_lowest():
-                self._send(VerifyMsg(self.ring, self.epoch, self.verify_round + 1, True, b""))
+            if self._is_lowest():
+                self._open_verify_round()
         for op_id, p in list(self.pending.items()):
             if (p.state is PendingState.DOUBTFUL
                     and now - p.since >= self.unresolved_timeout):
@@ -344,6 +348,16 @@ class Replica:
         self.expected_requests[op_id] = request_id
         self._send(ExpectedMsg(op_id, expected))
         self._process(now)
+
+    def verify_now(self, now: int) -> None:
+        """Start a verification round now (`pmxfs debug verify`)."""
+        self._now = now
+        self._open_verify_round()
+        self._process(now)
+
+    def _open_verify_round(self) -> None:
+        if self.mode is Mode.SYNCED:
+            self._send(VerifyMsg(self.ring, self.epoch, self.verify_round + 1, True, b""))
 
     def log(self, now: int, *, pri: int, tag: str, pid: int, user: str, msg: str) -> None:
         """Add an entry to the cluster log of every member."""
@@ -399,9 +413,9 @@ class Replica:
                 elif isinstance(out, ConfChange):
                     self.outputs.append(out)
                     self._on_confchg(out)
-                elif isinstance(out, Stable):
-                    self._on_stable(out)
-            if not self._pump() and not outs:
+            if self._pump() or outs:
+                continue
+            if not self._emit_persist():
                 break
         self._flush_batch()
 
@@ -420,17 +434,27 @@ class Replica:
                                                   | VerifyMsg | ResyncMsg) else None
         self.outbox.append((encode_msg(msg), tag))
 
+    def _emit_persist(self) -> bool:
+        """Emit the batch's Persist (and announce it when it holds decisions of this ring);
+        False when there was nothing to persist."""
+        if not (self._upserts or self._removed or self._meta or self._replace_all):
+            return False
+        self.outputs.append(Persist(
+            version=self.memdb.version,
+            upserts=tuple(self._upserts[i] for i in sorted(self._upserts)),
+            removed=tuple(sorted(self._removed)),
+            replace_all=self._replace_all,
+            meta=tuple(sorted(self._meta.items())),
+        ))
+        self._upserts, self._removed, self._meta = {}, set(), {}
+        self._replace_all = False
+        ring, seq = self._deliver_at
+        if self._decided_in_batch and ring == self.ring:
+            self._send(PersistedMsg(ring, seq))
+        self._decided_in_batch = False
+        return True
+
     def _flush_batch(self) -> None:
-        if self._upserts or self._removed or self._meta or self._replace_all:
-            self.outputs.append(Persist(
-                version=self.memdb.version,
-                upserts=tuple(self._upserts[i] for i in sorted(self._upserts)),
-                removed=tuple(sorted(self._removed)),
-                replace_all=self._replace_all,
-                meta=tuple(sorted(self._meta.items())),
-            ))
-            self._upserts, self._removed, self._meta = {}, set(), {}
-            self._replace_all = False
         if self._invalid or self._invalid_all:
             self.outputs.append(Invalidate(tuple(sorted(self._invalid)), self._invalid_all))
             self._invalid, self._invalid_all = set(), False
@@ -451,6 +475,7 @@ class Replica:
             self._abandon_queue()
         self.ring = c.ring_id
         self.members = c.members
+        self.persisted_by = {}
         self.verify_at = None
         self._start_sync(0)
 
@@ -495,6 +520,8 @@ class Replica:
             return
         if isinstance(msg, LogMsg):
             self.log_buffer.add(msg.entry)
+        elif isinstance(msg, PersistedMsg):
+            self._on_persisted(d.sender, msg)
         elif isinstance(msg, StateMsg | EntriesMsg | DoneMsg | ResyncMsg | VerifyMsg):
             self._on_sync_msg(d.sender, msg)
         elif self.mode is Mode.SYNCING:
@@ -599,17 +626,18 @@ class Replica:
         if p is not None:
             p.state, p.errno = PendingState.DECIDED, errno
             p.ring, p.seq = self._deliver_at
-            if p.ring == self._stable_at[0] and p.seq <= self._stable_at[1]:
-                self._answer(op_id, errno)  # totem may report stability before delivery
 
     def _answer(self, op_id: OpId, errno: int, message: str = "") -> None:
         p = self.pending.pop(op_id)
         self._replies.append(Reply(p.request_id, errno, message))
 
-    def _on_stable(self, st: Stable) -> None:
-        self._stable_at = (st.ring_id, st.seq)
+    def _on_persisted(self, sender: int, msg: PersistedMsg) -> None:
+        if msg.ring != self.ring or sender not in self.members:
+            return
+        self.persisted_by[sender] = max(self.persisted_by.get(sender, 0), msg.seq)
+        durable = min(self.persisted_by.get(m, 0) for m in self.members)
         for op_id, p in list(self.pending.items()):
-            if p.state is PendingState.DECIDED and p.ring == st.ring_id and p.seq <= st.seq:
+            if p.state is PendingState.DECIDED and p.ring == self.ring and p.seq <= durable:
                 self._answer(op_id, p.errno)
 
     def _mark_doubtful(self, op_id: OpId) -> None:
@@ -627,7 +655,7 @@ class Replica:
                 continue
             recorded = self._recorded(op_id)
             if recorded is not None:
-                self._answer(op_id, recorded)
+                self._decided_here(op_id, recorded)  # answered once this point is durable
             elif self._forgotten(op_id):
                 self._answer(op_id, E.EIO, "the outcome of this write is no longer known")
             else:
@@ -644,6 +672,7 @@ class Replica:
             table.popitem(last=False)
 
     def _record_decision(self, op_id: OpId, errno: int) -> None:
+        self._decided_in_batch = True
         self._record(op_id, errno)
         table = self.applied[op_id.node]
         self._meta[f"{META_APPLIED}{op_id.node}"] = msgpack.packb(
@@ -813,6 +842,7 @@ class Replica:
         if self.quorum.status().quorate and self.quorate_ring_seq != self.ring.seq:
             self.quorate_ring_seq = self.ring.seq
             self._meta[META_QUORATE_RING] = b"%d" % self.ring.seq
+            self._decided_in_batch = True  # the stamp must be durable before answers rely on it
         self._emit_event(SyncCompleted(self.ring, self.epoch, self.leader, adopted,
                                        self.state_checksum()))
         queue, self.queue = self.queue, []

@@ -151,11 +151,14 @@ class ReplicaChecker:
             self.ring_members[key] = c.members
 
     def on_reply(self, key: NodeKey, op_id: OpId, reply: Reply,
-                 disk: tuple[list[_Step], int]) -> None:
+                 disks: dict[int, tuple[list[_Step], int]]) -> None:
+        """`disks`: the persisted lineage of every member of the proposer's ring."""
         if reply.errno == 0:
-            steps, length = disk
-            if not any(s.op_id == op_id and s.errno == 0 for s in steps[:length]):
-                raise Violation(f"n{key[0]} acknowledged {op_id} before it was persisted")
+            for member, (steps, length) in disks.items():
+                if not any(s.op_id == op_id and s.errno == 0
+                           for s in reversed(steps[:length])):
+                    raise Violation(f"n{key[0]} acknowledged {op_id} before it was on the "
+                                    f"disk of ring member n{member}")
         if reply.errno not in (E.ETIMEDOUT, E.EIO):
             self.acked[op_id] = reply.errno
 
@@ -279,7 +282,9 @@ class ReplicaCluster:
             self.replies[out.request_id] = out
             self._trace(f"{self.net.now} n{node.node_id} reply {out.request_id} {out.errno}")
             if op_id is not None:
-                self.checker.on_reply(key, op_id, out, disk.lineage)
+                members = self.checker.ring_members[key]
+                self.checker.on_reply(key, op_id, out,
+                                      {m: self.disks[m].lineage for m in members})
 
     def replica(self, node_id: int) -> Replica:
         core = self.net.nodes[node_id].core
