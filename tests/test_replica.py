@@ -18,7 +18,10 @@ from pmxfs.sim.replica_sim import ReplicaCluster, run_fs_chaos
 from pmxfs.sim.totem_sim import sim_params
 
 CI_SEEDS = int(os.environ.get("PMXFS_FS_SIM_SEEDS", "200"))
-REGRESSION_SEEDS = [327, 504, 607, 1135]  # a node paused at healing time could not take the probe
+# 327, 504, 607, 1135: a node paused at healing time could not take the probe (simulator);
+# 968: a doubtful write answered before its settling sync was durable everywhere;
+# 65: answers of the old ring came out after the new ring's configuration change.
+REGRESSION_SEEDS = [65, 327, 504, 607, 968, 1135]
 
 
 def make(nodes: int = 3, seed: int = 1, **kwargs: int) -> ReplicaCluster:

@@ -411,6 +411,10 @@ class Replica:
                 elif isinstance(out, Deliver):
                     self._on_deliver(out)
                 elif isinstance(out, ConfChange):
+                    # What the old ring decided and answered comes out before the change.
+                    self._emit_persist()
+                    self.outputs.extend(self._replies)
+                    self._replies = []
                     self.outputs.append(out)
                     self._on_confchg(out)
             if self._pump() or outs:
