@@ -1,0 +1,851 @@
+"""The FUSE edge: `PmxfsOperations` serves the replicated tree (memdb) as a file system.
+
+How it works
+------------
+Inodes. A tree entry's FUSE inode is its memdb inode + 1, so the memdb root (0) is
+`pyfuse3.ROOT_INODE` (1) and nothing needs a table. The fixed root entries -- the symlinks
+`local`, `qemu-server`, `lxc`, `openvz` and the virtual files `.members .vmlist .version
+.clusterlog .debug` -- have fixed inodes from 2**62 up. Every request resolves its inode through
+the node's current memdb (`get(inode - 1)`, `path_of`), so nothing here can disagree with the
+tree. Within one tree object memdb never reuses an inode number, so an inode the kernel still holds
+either names its row (perhaps renamed) or nothing: ENOENT. A sync replaces the tree object, and the
+new one may give a number to another row (after diverged histories). When the FUSE layer first sees
+the new object it compares every inode the kernel holds: one whose row now has another parent, name
+or type is stale -- ESTALE for every request on it -- until a lookup hands it out again with a new
+generation, which makes the kernel retire the old inode (its open files then fail with EIO).
+
+Attributes (DESIGN.md §4). Owner root, group `gid`; permission bits from `memdb.mode_of` (write
+bits dropped without quorum); directories have nlink 2 and size 0, files nlink 1 and their real
+size; st_blocks counts 512-byte blocks; every time is the entry's mtime. The symlinks are
+lrwxr-xr-x (lr-xr-xr-x without quorum) with relative targets as pmxcfs (`local` ->
+`nodes/<node>`, `qemu-server` -> `nodes/<node>/qemu-server`, ...) and carry the root's mtime. The
+virtual files are r--r----- (0440) and `.debug` rw-r----- (0640) whatever the quorum, because a
+write to `.debug` is this node's own setting and never replicated; their size is that of their
+current content and their time is now. `statfs` reports the real limits: 4096-byte blocks,
+MAX_TOTAL_BYTES of space, MAX_ENTRIES inodes, names of 255 bytes.
+
+Mutations. Each one is a single `FsOp` sent with `await node.write(op)`; a non-zero errno in the
+reply is raised as `FUSEError`, so the syscall returns it (not quorate: EACCES from the node).
+memdb checks everything else (names, parents, VMIDs, corosync.conf, limits). Here are only the
+checks that need the kernel's view: the fixed root names cannot be removed or renamed (EACCES;
+memdb already refuses to create them), RENAME_EXCHANGE is EINVAL, RENAME_NOREPLACE is EEXIST when
+the target exists in this node's tree (a remote create racing with it is replaced, as memdb's
+rename replaces), symlink/link/mknod are EACCES. The xattr handlers, `access` (the mount needs
+`default_permissions`, see MOUNT_OPTIONS) and `fsyncdir` are left to the base class: ENOSYS, which
+the kernel remembers and turns into EOPNOTSUPP for xattrs, as with pmxcfs.
+
+setattr. chmod succeeds, changing nothing, when the permission bits asked for are those the entry
+shows while quorate (files 0600 private / 0640 other, directories 0700 / 0755), so tools that
+give a new file the mode of the one it replaces (`sed -i`, `cp -p` within the tree) work; anything
+else is EPERM (as pmxcfs, which also uses 0600/0640 for directories). The fixed
+entries accept their own mode the same way. chown succeeds only to uid 0 and group `gid`. A size
+with a write handle resizes that handle's buffer (EFBIG beyond 1 MiB); without one it is a
+`Truncate`. An mtime is a `SetMtime`, except mtime 0 on a directory directly inside priv/lock,
+which is an `UnlockRequest` (a contender asking whether the lock expired). Atime and ctime are not
+stored. The reply carries the committed attributes.
+
+Open files: close-to-open atomicity. A read handle of a tree file reads the current content of its
+inode at every `read`; once the inode is gone (unlinked, or replaced by a rename) it keeps serving
+the content it saw last, as an unlinked file stays readable on Linux; after a sync replaced the
+tree it goes on only if its inode still names a file at the same place, else EIO (the number may
+now belong to another file -- even a private one). A write handle (O_WRONLY, O_RDWR or O_TRUNC)
+holds a private buffer: the content at open, or nothing with O_TRUNC. Writes change only the
+buffer (O_APPEND appends at its end whatever the offset, a write past the end fills the gap with
+zeros) and reads on that handle see it. The write that would make the buffer exceed 1 MiB fails
+with EFBIG and poisons the handle: later writes and the flush fail with EFBIG and nothing is
+committed, so `cat big > file` cannot leave a truncated file behind. `flush` (every close) and
+`fsync` send a dirty buffer as one `WriteFile(path, data, create=False)` to the path the inode has
+now (it follows renames; after a sync, the path it had at open); a close whose flush fails returns
+that errno and the buffer counts as clean afterwards -- the caller saw the error, and `release`
+does not send the same data again. The kernel flushes at the close of every descriptor of the
+handle, also of a copy that a forked child closes, and each flush commits the buffer as it is then
+(whole, never a part of it). An O_TRUNC open that is never written still replaces the content
+with nothing at close (an O_TRUNC open of a file that `create` has just made does not). `release`
+commits what is still dirty (errors there have nobody to go to: logged) and drops the handle.
+Write handles are opened with direct_io: their uncommitted bytes never enter the page cache that
+the readers of the same inode on this node share, so those readers see the old content until the
+close. (The price: a write handle cannot be mmap'ed shared, which editors and shell tools do not
+do.)
+
+corosync.conf is validated by memdb on every change. `cp new.conf /etc/pve/corosync.conf` onto an
+existing file works (O_TRUNC, writes, close are one validated WriteFile; a refused text fails the
+close with EINVAL and the old one stays). A missing corosync.conf cannot be created by `create`,
+which makes an empty -- invalid -- file (EINVAL): write `corosync.conf.new` and rename it, which
+memdb validates as one step, as Proxmox's tools do.
+
+Virtual files. A read handle holds the content rendered at open (`node.virtual_file`), so a
+reader that reads in pieces gets one consistent document; they are opened with direct_io, because
+their content changes without any change to the tree. Opening one for writing is EACCES, except
+`.debug`: its handle starts empty (O_TRUNC or not) and at the flush its buffer must be "0" or "1"
+(`status.parse_debug_write`) and goes to `node.set_debug`; anything else fails the close with
+EINVAL. A truncate of `.debug` without a handle is accepted and does nothing, so shells that
+truncate before writing work.
+
+Kernel caching. Tree entries are answered with entry and attribute timeouts of CACHE_SECONDS and
+their read handles with keep_cache, so repeated reads come from the page cache; the fixed entries
+have attribute timeout 0 (their attributes follow the quorum or their changing content) and a long
+entry timeout (their name -> inode mapping never changes). Three things keep the cache right:
+
+* Invalidation. `__init__` installs `_invalidate` as the node's invalidator. For each path it
+  turns the change into kernel notices against the current tree: the inode the path names now (its
+  attributes and pages) if the kernel knows it, and the directory entry (parent, name) if the
+  kernel holds it for an inode that is no longer there. Entries still pointing at the right inode
+  are left alone: dropping a directory's dentry makes getcwd() fail for every process inside it.
+  `everything=True` (sync, quorum change) does that for every inode and every dentry the kernel
+  knows -- they are tracked from lookup, readdir (readdirplus), create and mkdir until `forget` --
+  and a dentry whose inode now has another parent, name or type is dropped.
+* Notices are never sent from a request handler. The kernel can make `notify_inval_entry` wait
+  for a request that is in flight for the same directory, and `notify_inval_inode` for pages a
+  pending read holds locked; a handler that sent one inline could wait for itself. `_invalidate`
+  only adds them to a pending set (each notice once, so it stays as small as what the kernel
+  holds even while nothing sends); `run_invalidations` (a task next to `pyfuse3.main`) sends what
+  piled up from a worker thread, while the trio loop keeps answering the requests that the kernel
+  may be waiting for. `invalidations_settled` waits until everything queued so far was sent.
+* Open-time check. The queue runs behind the tree, so `open` does not trust it: each tree inode
+  remembers the row it last handed out attributes for and the row of its last open. When the row
+  is no longer the same object (memdb makes a new row for every change), the open first drops the
+  kernel's attributes (from a worker thread, awaited) and then opens without keep_cache, so the
+  kernel drops the pages too. `echo new > f; cat f` therefore prints the new content on this node
+  even before the queued notice went out.
+
+What the node must do: call the invalidator after every applied change with memdb's paths, with
+`everything=True` after a sync (a new memdb) and after a quorum change; run `run_invalidations` in
+the same trio run as `pyfuse3.main()` (it must end before `pyfuse3.close()`; cancelling it waits
+for a notice in progress, which can only be waiting for a request that `pyfuse3.main` is
+serving), and mount with `default_permissions` (MOUNT_OPTIONS has the full set).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from pmxfs.core.entry import Entry
+from pmxfs.core.fsop import (
+    CreateFile,
+    FsOp,
+    Mkdir,
+    Rename,
+    Rmdir,
+    SetMtime,
+    Truncate,
+    Unlink,
+    UnlockRequest,
+    WriteFile,
+)
+from pmxfs.core.memdb import (
+    LOCK_DIR,
+    MAX_ENTRIES,
+    MAX_FILE_BYTES,
+    MAX_NAME_BYTES,
+    MAX_TOTAL_BYTES,
+    VIRTUAL_ROOT_NAMES,
+    MemDB,
+    mode_of,
+)
+from pmxfs.core.status import VIRTUAL_FILES, parse_debug_write
+from pmxfs.runtime.node_api import FsNode
+
+log = logging.getLogger(__name__)
+
+# default_permissions: the kernel checks the modes above (there is no `access` handler);
+# allow_other: www-data reads the tree, as with pmxcfs.
+MOUNT_OPTIONS = frozenset({"default_permissions", "allow_other", "fsname=pmxfs", "nosuid",
+                           "nodev"})
+
+CACHE_SECONDS = 60.0
+BLOCK_BYTES = 4096
+
+SYMLINKS = ("local", "qemu-server", "lxc", "openvz")
+DEBUG_FILE = ".debug"
+FIXED_INODE_BASE = 2**62
+FIXED_INODES = {name: FIXED_INODE_BASE + i for i, name in enumerate((*SYMLINKS, *VIRTUAL_FILES))}
+_FIXED_NAMES = {inode: name for name, inode in FIXED_INODES.items()}
+assert set(FIXED_INODES) == VIRTUAL_ROOT_NAMES
+
+_NS = 10**9
+
+# A notice for the kernel: (inode, None) drops the inode's attributes and pages,
+# (directory inode, name) drops that directory entry.
+_Notice = tuple[int, bytes | None]
+
+
+def _encode(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _decode(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _fail(code: int) -> None:
+    if code:
+        raise pyfuse3.FUSEError(code)
+
+
+# ---------------------------------------------------------------------------------- handles
+
+
+@dataclass
+class _Reader:
+    """A tree file opened read-only: the row it served last and the tree it came from."""
+
+    inode: int
+    epoch: int
+    entry: Entry
+
+
+@dataclass
+class _Snapshot:
+    """A virtual file opened read-only: its content at open."""
+
+    data: bytes
+
+
+@dataclass
+class _Writer:
+    """A file opened for writing: the buffer that the flush commits."""
+
+    inode: int
+    path: str  # at open, refreshed at each flush; used when the inode is no longer valid
+    epoch: int
+    data: bytearray
+    dirty: bool
+    append: bool
+    error: int = 0  # the errno of a failed write: the handle is poisoned
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+_Handle = _Reader | _Snapshot | _Writer
+
+
+@dataclass
+class _Dir:
+    """An open directory: its names, fixed at the first readdir so offsets stay valid."""
+
+    inode: int
+    names: list[bytes] | None = None
+
+
+@dataclass
+class _Known:
+    """What the kernel holds for one inode: its lookup count, the dentries it was handed out
+    under, whether it was a directory, and the rows of its cached attributes and pages."""
+
+    count: int = 0
+    links: set[tuple[int, bytes]] = field(default_factory=set)
+    is_dir: bool = False
+    attr_row: Entry | None = None
+    page_row: Entry | None = None
+
+
+class PmxfsOperations(pyfuse3.Operations):
+    """`pyfuse3.Operations` over an `FsNode`; see the module header."""
+
+    def __init__(self, node: FsNode, *, gid: int) -> None:
+        super().__init__()
+        self._node = node
+        self._gid = gid
+        self._db = node.memdb
+        self._epoch = 0  # counts replacements of the tree object (syncs)
+        self._handles: dict[int, _Handle] = {}
+        self._dirs: dict[int, _Dir] = {}
+        self._next_fh = 1
+        self._known: dict[int, _Known] = {}
+        self._stale: set[int] = set()
+        self._generations: dict[int, int] = {}  # inodes reused by a sync; absent: 0
+        self._dentries: dict[tuple[int, bytes], int] = {}
+        self._pending: dict[_Notice, None] = {}  # notices not sent yet, in order, once each
+        self._wake = trio.Event()
+        self._queued = 0  # invalidator calls that queued notices
+        self._sent = 0  # of those, how many have been sent
+        self._progress = trio.Event()
+        node.set_invalidator(self._invalidate)
+
+    # -- the tree -----------------------------------------------------------------------------
+
+    def _tree(self) -> MemDB:
+        db = self._node.memdb
+        if db is not self._db:
+            self._mark_reused(self._db, db)
+            self._db = db
+            self._epoch += 1
+        return db
+
+    def _mark_reused(self, old: MemDB, new: MemDB) -> None:
+        """A sync replaced the tree: an inode the kernel holds whose number now names a row
+        with another parent, name or type is stale (ESTALE) until a lookup hands the number out
+        again with a new generation, which makes the kernel retire its old inode."""
+        for inode in self._known:
+            before = old.get(inode - 1) if inode < FIXED_INODE_BASE else None
+            after = new.get(inode - 1) if before is not None else None
+            if after is not None and before is not None and (
+                    (before.parent, before.name, before.is_dir)
+                    != (after.parent, after.name, after.is_dir)):
+                self._stale.add(inode)
+                self._generations[inode] = self._generations.get(inode, 0) + 1
+
+    def _row(self, inode: int) -> Entry:
+        """The tree row of a FUSE inode (not a fixed one); ENOENT when there is none."""
+        entry = self._tree().get(inode - 1) if inode < FIXED_INODE_BASE else None
+        if inode in self._stale:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry
+
+    def _dir_path(self, inode: int) -> str:
+        """The path of a directory inode (a fixed entry is ENOTDIR)."""
+        if inode in _FIXED_NAMES:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        entry = self._row(inode)
+        if not entry.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self._tree().path_of(entry.inode)
+
+    def _child_path(self, parent: int, name: bytes) -> str:
+        return _join(self._dir_path(parent), _decode(name))
+
+    def _changeable(self, parent: int, name: bytes) -> str:
+        """The path of an entry to remove or rename: never one of the fixed root entries."""
+        path = self._child_path(parent, name)
+        if path in VIRTUAL_ROOT_NAMES:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return path
+
+    async def _send(self, op: FsOp) -> None:
+        _fail((await self._node.write(op)).errno)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    # -- attributes ---------------------------------------------------------------------------
+
+    def _attrs(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        path = self._tree().path_of(entry.inode)
+        size = 0 if entry.is_dir else len(entry.data)
+        kind = stat.S_IFDIR if entry.is_dir else stat.S_IFREG
+        attrs = self._base_attrs(entry.inode + 1, size, entry.mtime)
+        attrs.st_mode = kind | mode_of(path, entry.is_dir, self._node.quorate())
+        attrs.st_nlink = 2 if entry.is_dir else 1
+        attrs.entry_timeout = attrs.attr_timeout = CACHE_SECONDS
+        known = self._known.get(entry.inode + 1)
+        if known is not None:
+            known.attr_row = entry
+        return attrs
+
+    def _fixed_attrs(self, name: str) -> pyfuse3.EntryAttributes:
+        if name in SYMLINKS:
+            target = self._link_target(name)
+            root = self._row(pyfuse3.ROOT_INODE)
+            attrs = self._base_attrs(FIXED_INODES[name], len(target), root.mtime)
+            attrs.st_mode = stat.S_IFLNK | (0o755 if self._node.quorate() else 0o555)
+        else:
+            size = len(self._node.virtual_file(name))
+            attrs = self._base_attrs(FIXED_INODES[name], size, self._node.wall_seconds())
+            attrs.st_mode = stat.S_IFREG | (0o640 if name == DEBUG_FILE else 0o440)
+        attrs.st_nlink = 1
+        attrs.entry_timeout = CACHE_SECONDS
+        attrs.attr_timeout = 0
+        return attrs
+
+    def _base_attrs(self, inode: int, size: int, mtime: int) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode
+        attrs.generation = self._generations.get(inode, 0)
+        attrs.st_uid = 0
+        attrs.st_gid = self._gid
+        attrs.st_size = size
+        attrs.st_blksize = BLOCK_BYTES
+        attrs.st_blocks = (size + 511) // 512
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime * _NS
+        return attrs
+
+    def _inode_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        name = _FIXED_NAMES.get(inode)
+        return self._fixed_attrs(name) if name is not None else self._attrs(self._row(inode))
+
+    def _link_target(self, name: str) -> bytes:
+        node = _encode(self._node.node_name)
+        return b"nodes/" + node if name == "local" else b"nodes/" + node + b"/" + _encode(name)
+
+    # -- what the kernel knows ----------------------------------------------------------------
+
+    def _remember(self, parent: int, name: bytes | None, attrs: pyfuse3.EntryAttributes) -> None:
+        """The kernel took one more reference to attrs.st_ino, under (parent, name) if given."""
+        inode = attrs.st_ino
+        self._stale.discard(inode)
+        known = self._known.setdefault(inode, _Known())
+        known.count += 1
+        known.is_dir = stat.S_ISDIR(attrs.st_mode)
+        if inode < FIXED_INODE_BASE:
+            known.attr_row = self._tree().get(inode - 1)
+        if name is not None:
+            self._link(parent, name, inode)
+
+    def _link(self, parent: int, name: bytes, inode: int) -> None:
+        key = (parent, name)
+        old = self._dentries.get(key)
+        if old is not None and old != inode and old in self._known:
+            self._known[old].links.discard(key)
+        self._dentries[key] = inode
+        known = self._known.get(inode)
+        if known is not None:
+            known.links.add(key)
+
+    def _unlink(self, parent: int, name: bytes) -> None:
+        inode = self._dentries.pop((parent, name), None)
+        if inode is not None and inode in self._known:
+            self._known[inode].links.discard((parent, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            known = self._known.get(inode)
+            if known is None:
+                continue
+            known.count -= count
+            if known.count <= 0:
+                del self._known[inode]
+                self._stale.discard(inode)
+                for key in known.links:
+                    if self._dentries.get(key) == inode:
+                        del self._dentries[key]
+
+    # -- invalidation -------------------------------------------------------------------------
+
+    def _invalidate(self, paths: tuple[str, ...], everything: bool) -> None:
+        """The node's invalidator: queue the kernel notices for a change (module header)."""
+        tree = self._tree()
+        notices: list[_Notice] = []
+        if everything:
+            stale = [key for key, inode in self._dentries.items()
+                     if not self._link_holds(tree, key, inode)]
+            for key in stale:
+                self._unlink(*key)
+            notices += stale
+            notices += [(inode, None) for inode in self._known if inode < FIXED_INODE_BASE]
+            notices.append((pyfuse3.ROOT_INODE, None))
+        for path in paths:
+            notices += self._path_notices(tree, path)
+        if notices:
+            self._pending.update(dict.fromkeys(notices))
+            self._queued += 1
+            self._wake.set()
+
+    def _link_holds(self, tree: MemDB, key: tuple[int, bytes], inode: int) -> bool:
+        """Whether the kernel's dentry (parent, name) -> inode is still right in `tree`."""
+        if inode >= FIXED_INODE_BASE:
+            return True
+        entry = tree.get(inode - 1)
+        known = self._known.get(inode)
+        return (entry is not None and known is not None and entry.parent + 1 == key[0]
+                and _encode(entry.name) == key[1] and entry.is_dir == known.is_dir)
+
+    def _path_notices(self, tree: MemDB, path: str) -> list[_Notice]:
+        entry = tree.lookup(path)
+        inode = None if entry is None else entry.inode + 1
+        notices: list[_Notice] = []
+        if inode is not None and (inode in self._known or inode == pyfuse3.ROOT_INODE):
+            notices.append((inode, None))
+        if path:
+            parent_path, _, name = path.rpartition("/")
+            parent = tree.lookup(parent_path)
+            if parent is not None and parent.is_dir:
+                key = (parent.inode + 1, _encode(name))
+                held = self._dentries.get(key)
+                if held is not None and held != inode:
+                    notices.append(key)
+                    self._unlink(*key)
+        return notices
+
+    async def run_invalidations(self) -> None:
+        """Send the queued notices to the kernel, all that piled up at once, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            notices, self._pending = list(self._pending), {}
+            queued = self._queued
+            await trio.to_thread.run_sync(_notify_kernel, notices)
+            self._sent = queued
+            self._progress.set()
+            self._progress = trio.Event()
+
+    async def invalidations_settled(self) -> None:
+        """Return once every notice queued before this call has been sent to the kernel."""
+        target = self._queued
+        while self._sent < target:
+            await self._progress.wait()
+
+    async def _refresh_attrs(self, inode: int) -> None:
+        """Make the kernel ask for the inode's attributes again (from a worker thread: the
+        request being served may hold what an inline notice would wait for)."""
+        await trio.to_thread.run_sync(_notify_kernel, [(inode, None)], True)
+
+    # -- lookup, attributes, directories ------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            attrs = self._inode_attrs(parent_inode)
+            self._remember(parent_inode, None, attrs)
+            return attrs
+        if name == b"..":
+            self._dir_path(parent_inode)
+            attrs = self._inode_attrs(self._row(parent_inode).parent + 1)
+            self._remember(parent_inode, None, attrs)
+            return attrs
+        attrs = self._child_attrs(parent_inode, name)
+        self._remember(parent_inode, name, attrs)
+        return attrs
+
+    def _child_attrs(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        fixed = _decode(name) if parent == pyfuse3.ROOT_INODE else None
+        if fixed in FIXED_INODES:
+            return self._fixed_attrs(fixed)
+        entry = self._tree().lookup(self._child_path(parent, name))
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(entry)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._inode_attrs(inode)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        name = _FIXED_NAMES.get(inode)
+        if name not in SYMLINKS:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return self._link_target(name)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._dir_path(inode)
+        fh = self._new_fh()
+        self._dirs[fh] = _Dir(inode)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if start_id == 0 or handle.names is None:
+            handle.names = self._names(handle.inode)
+        for index in range(start_id, len(handle.names)):
+            name = handle.names[index]
+            try:
+                attrs = self._child_attrs(handle.inode, name)
+            except pyfuse3.FUSEError:
+                continue  # gone since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                return
+            self._remember(handle.inode, name, attrs)
+
+    def _names(self, inode: int) -> list[bytes]:
+        self._dir_path(inode)
+        names = [_encode(child.name) for child in self._tree().children(inode - 1)]
+        if inode == pyfuse3.ROOT_INODE:
+            names += [_encode(name) for name in FIXED_INODES]
+        return sorted(names)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        tree = self._tree()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = BLOCK_BYTES
+        data.f_blocks = MAX_TOTAL_BYTES // BLOCK_BYTES
+        data.f_bfree = data.f_bavail = max(0, MAX_TOTAL_BYTES - tree.total_bytes) // BLOCK_BYTES
+        data.f_files = MAX_ENTRIES
+        data.f_ffree = data.f_favail = max(0, MAX_ENTRIES - tree.entry_count)
+        data.f_namemax = MAX_NAME_BYTES
+        return data
+
+    # -- changes to the tree ------------------------------------------------------------------
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        path = self._child_path(parent_inode, name)
+        await self._send(Mkdir(path, self._node.wall_seconds()))
+        attrs = self._child_attrs(parent_inode, name)
+        self._remember(parent_inode, name, attrs)
+        return attrs
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._send(Rmdir(self._changeable(parent_inode, name)))
+        self._unlink(parent_inode, name)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._send(Unlink(self._changeable(parent_inode, name)))
+        self._unlink(parent_inode, name)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        src = self._changeable(parent_inode_old, name_old)
+        dst = self._changeable(parent_inode_new, name_new)
+        if flags & pyfuse3.RENAME_NOREPLACE and self._tree().lookup(dst) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        moved = self._dentries.get((parent_inode_old, name_old))  # the invalidator may drop it
+        await self._send(Rename(src, dst, self._node.wall_seconds()))
+        self._unlink(parent_inode_old, name_old)
+        self._unlink(parent_inode_new, name_new)
+        if moved is not None:
+            self._link(parent_inode_new, name_new, moved)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        name = _FIXED_NAMES.get(inode)
+        if name is not None:
+            return self._setattr_fixed(name, attr, fields, fh)
+        entry = self._row(inode)
+        path = self._tree().path_of(entry.inode)
+        mode = mode_of(path, entry.is_dir, True)
+        self._check_owner_and_mode(mode, attr, fields)
+        if fields.update_size:
+            if entry.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            handle = None if fh is None else self._handles.get(fh)
+            if isinstance(handle, _Writer):
+                self._resize(handle, attr.st_size)
+            else:
+                await self._send(Truncate(path, attr.st_size, self._node.wall_seconds()))
+        if fields.update_mtime and not fields.update_size:  # a size change sets its own mtime
+            mtime = attr.st_mtime_ns // _NS
+            parent = path.rpartition("/")[0]
+            if mtime == 0 and entry.is_dir and parent == LOCK_DIR:
+                await self._send(UnlockRequest(path))
+            else:
+                await self._send(SetMtime(path, mtime))
+        return self._attrs(self._row(inode))
+
+    def _setattr_fixed(self, name: str, attr: pyfuse3.EntryAttributes,
+                       fields: pyfuse3.SetattrFields, fh: int | None) -> pyfuse3.EntryAttributes:
+        current = self._fixed_attrs(name)
+        mode = 0o755 if name in SYMLINKS else stat.S_IMODE(current.st_mode)
+        self._check_owner_and_mode(mode, attr, fields)
+        # Only .debug can be truncated (ftruncate also asks for an mtime: the size carries it).
+        if ((fields.update_size and name != DEBUG_FILE)
+                or (fields.update_mtime and not fields.update_size)):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        handle = None if fh is None else self._handles.get(fh)
+        if fields.update_size and isinstance(handle, _Writer):
+            self._resize(handle, attr.st_size)
+        return current
+
+    def _check_owner_and_mode(self, mode: int, attr: pyfuse3.EntryAttributes,
+                              fields: pyfuse3.SetattrFields) -> None:
+        if fields.update_mode and stat.S_IMODE(attr.st_mode) != mode:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_uid and attr.st_uid != 0:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_gid and attr.st_gid != self._gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+    @staticmethod
+    def _resize(handle: _Writer, size: int) -> None:
+        if size > MAX_FILE_BYTES:
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        if size < len(handle.data):
+            del handle.data[size:]
+        else:
+            handle.data.extend(bytes(size - len(handle.data)))
+        handle.dirty = True
+
+    # -- open files ---------------------------------------------------------------------------
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        path = self._child_path(parent_inode, name)
+        existed = self._tree().lookup(path) is not None
+        await self._send(CreateFile(path, self._node.wall_seconds(),
+                                    exclusive=bool(flags & os.O_EXCL)))
+        attrs = self._child_attrs(parent_inode, name)
+        self._remember(parent_inode, name, attrs)
+        entry = self._row(attrs.st_ino)
+        if not _writes(flags):
+            return self._open_reader(entry, keep_cache=False), attrs
+        return self._open_writer(entry, flags, truncates=existed), attrs
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        name = _FIXED_NAMES.get(inode)
+        if name is not None:
+            return self._open_fixed(name, flags)
+        entry = self._row(inode)
+        if entry.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if _writes(flags):
+            return self._open_writer(entry, flags, truncates=True)
+        known = self._known.get(inode)
+        fresh = known is not None and known.attr_row is entry and known.page_row is entry
+        if not fresh:
+            await self._refresh_attrs(inode)
+            entry = self._row(inode)
+            if entry.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+        return self._open_reader(entry, keep_cache=fresh)
+
+    def _open_fixed(self, name: str, flags: int) -> pyfuse3.FileInfo:
+        if name in SYMLINKS:
+            raise pyfuse3.FUSEError(errno.ELOOP)
+        fh = self._new_fh()
+        if not _writes(flags):
+            self._handles[fh] = _Snapshot(self._node.virtual_file(name))
+        elif name == DEBUG_FILE:
+            self._handles[fh] = _Writer(FIXED_INODES[name], name, self._epoch, bytearray(),
+                                        dirty=False, append=False)
+        else:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    def _open_reader(self, entry: Entry, *, keep_cache: bool) -> pyfuse3.FileInfo:
+        inode = entry.inode + 1
+        known = self._known.get(inode)
+        if known is not None:
+            known.attr_row = known.page_row = entry
+        fh = self._new_fh()
+        self._handles[fh] = _Reader(inode, self._epoch, entry)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    def _open_writer(self, entry: Entry, flags: int, *, truncates: bool) -> pyfuse3.FileInfo:
+        truncate = bool(flags & os.O_TRUNC)
+        fh = self._new_fh()
+        self._handles[fh] = _Writer(
+            entry.inode + 1, self._tree().path_of(entry.inode), self._epoch,
+            bytearray() if truncate else bytearray(entry.data),
+            dirty=truncate and truncates, append=bool(flags & os.O_APPEND))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if isinstance(handle, _Reader):
+            return self._reader_data(handle)[off:off + size]
+        if isinstance(handle, _Snapshot):
+            return handle.data[off:off + size]
+        if isinstance(handle, _Writer):
+            return bytes(handle.data[off:off + size])
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    def _reader_data(self, handle: _Reader) -> bytes:
+        tree = self._tree()
+        entry = tree.get(handle.inode - 1)
+        if handle.epoch == self._epoch:
+            if entry is not None and not entry.is_dir:
+                handle.entry = entry
+            return handle.entry.data
+        if (entry is None or entry.is_dir or entry.parent != handle.entry.parent
+                or entry.name != handle.entry.name):
+            raise pyfuse3.FUSEError(errno.EIO)
+        handle.entry, handle.epoch = entry, self._epoch
+        return entry.data
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, _Writer):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        _fail(handle.error)
+        start = len(handle.data) if handle.append else off
+        end = start + len(buf)
+        if end > MAX_FILE_BYTES:
+            handle.error = errno.EFBIG
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        if start > len(handle.data):
+            handle.data.extend(bytes(start - len(handle.data)))
+        handle.data[start:end] = buf
+        handle.dirty = True
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, _Writer):
+            await self._commit(handle)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        try:
+            if isinstance(handle, _Writer) and handle.dirty:
+                try:
+                    await self._commit(handle)
+                except pyfuse3.FUSEError as exc:
+                    log.warning("the content written to %s at its last close is lost: %s",
+                                handle.path, os.strerror(exc.errno))
+        finally:
+            self._handles.pop(fh, None)
+
+    async def _commit(self, handle: _Writer) -> None:
+        async with handle.lock:
+            if handle.error:
+                handle.dirty = False
+                raise pyfuse3.FUSEError(handle.error)
+            if not handle.dirty:
+                return
+            handle.dirty = False
+            data = bytes(handle.data)
+            if handle.inode == FIXED_INODES[DEBUG_FILE]:
+                enabled = parse_debug_write(data)
+                if enabled is None:
+                    raise pyfuse3.FUSEError(errno.EINVAL)
+                self._node.set_debug(enabled)
+                return
+            path = self._writer_path(handle)
+            await self._send(WriteFile(path, data, self._node.wall_seconds(), create=False))
+
+    def _writer_path(self, handle: _Writer) -> str:
+        """Where a write handle's buffer goes: the inode's path now (it follows a rename); after
+        a sync, the path it had (the inode number may name another file now)."""
+        tree = self._tree()
+        if handle.epoch == self._epoch:
+            entry = tree.get(handle.inode - 1)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            handle.path = tree.path_of(entry.inode)
+        return handle.path
+
+
+def _writes(flags: int) -> bool:
+    """Whether an open with `flags` gets a write handle (O_TRUNC truncates even read-only)."""
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+def _notify_kernel(notices: Sequence[_Notice], attr_only: bool = False) -> None:
+    """Send notices to the kernel (in a worker thread: the calls may block, module header).
+    ENOENT means the kernel did not hold the inode or entry: nothing to drop."""
+    for target, name in notices:
+        try:
+            if name is None:
+                pyfuse3.invalidate_inode(target, attr_only)
+            else:
+                pyfuse3.invalidate_entry(target, name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot invalidate the kernel's cache of inode %d%s: %s", target,
+                            "" if name is None else f" entry {name!r}", exc)
