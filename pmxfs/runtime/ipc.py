@@ -1,0 +1,436 @@
+"""The local control socket: `serve_control` in the daemon, `request` in the `pmxfs` CLI.
+
+Where and who
+-------------
+The daemon listens on an AF_UNIX stream socket, `<run-dir>/pmxfs.sock`, mode 0660 and group
+www-data when that group exists. A socket file left by a daemon that died is removed at start; a
+socket that still answers belongs to a live daemon and is left alone (`ControlError`). Each
+connection's peer is identified with SO_PEERCRED (pid, uid, gid):
+
+* uid 0 (or the daemon's own uid) may do everything;
+* a peer whose gid, or one of whose supplementary groups (the `Groups:` line of
+  /proc/<pid>/status), is www-data may only read: `status`, `nodes` and the `debug` topics
+  other than `verify`;
+* anyone else is refused: every request gets a "permission denied" answer.
+
+Framing
+-------
+Each request and each answer is one frame: a 4-byte big-endian length, then a msgpack map.
+Requests are {"cmd": name, ...arguments} and at most `MAX_REQUEST_BYTES`; answers are
+{"ok": true, "result": ...} or {"ok": false, "error": "one line"}. A connection may carry several
+requests, one after the other. A frame that is too large, is not msgpack, or is not a map with a
+string "cmd" is answered with an error when possible, counted (`ControlCounters`), and the
+connection is closed; nothing a client sends stops the server. A request with a known frame but
+an unknown command or bad arguments gets an error answer and the connection stays usable.
+
+Commands: "status" -> `node.status()`; "nodes" -> `node.nodes()`; "expected" {"votes": N} ->
+{"expected_votes": N} or the refusal's reason as error; "log" {"priority", "tag", "user", "pid",
+"msg"} -> None; "debug" {"topic"} -> `node.debug(topic)`.
+
+The client, `request(path, cmd, **args)`, is blocking (the CLI has no event loop): one connection
+per request, `TIMEOUT_S` for an answer (`EXPECTED_TIMEOUT_S` for "expected", which waits for the
+ring to agree). Every failure is a `ControlError` with a one-line message; no daemon listening
+is `NoDaemonError`, "no daemon at <path> (is pmxfs running?)".
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgpack
+import trio
+
+from pmxfs.runtime.node_api import ControlNode
+
+log = logging.getLogger("pmxfs.ipc")
+_T = TypeVar("_T")
+
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+TIMEOUT_S = 10.0
+EXPECTED_TIMEOUT_S = 60.0
+IDLE_TIMEOUT_S = 30.0  # server side: a connection that sends nothing for this long is closed
+SEND_TIMEOUT_S = 10.0  # server side: a client that does not read its answer is dropped
+SOCKET_MODE = 0o660
+
+_HEADER = struct.Struct(">I")
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+READ_TOPICS = frozenset({"ring", "transport", "quorum", "tree", "checksum"})
+DEBUG_TOPICS = READ_TOPICS | {"verify"}
+
+
+class ControlError(Exception):
+    """A control request failed; the message is one line for the user."""
+
+
+class NoDaemonError(ControlError):
+    """Nothing listens on the control socket."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"no daemon at {path} (is pmxfs running?)")
+
+
+@dataclass
+class ControlCounters:
+    """What the server saw, for `pmxfs debug` and tests."""
+
+    connections: int = 0
+    requests: int = 0
+    refused: int = 0  # requests refused for lack of permission
+    garbage: int = 0  # truncated or undecodable frames, frames without a "cmd"
+    oversize: int = 0  # frames announcing more than MAX_REQUEST_BYTES
+    errors: int = 0  # unexpected exceptions (logged): a node call, an unencodable answer
+
+
+# --------------------------------------------------------------------------------------------
+# Server
+
+
+async def serve_control(path: Path, node: ControlNode, *, www_data_gid: int | None,
+                        counters: ControlCounters | None = None,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on `path` and answer requests for `node` until cancelled; removes the socket then.
+
+    Signals `task_status.started()` once clients can connect. Raises `ControlError` when the
+    socket cannot be created or another daemon listens on it.
+    """
+    sock, inode = await _bind(path, www_data_gid)
+    server = _Server(node, www_data_gid, counters if counters is not None else ControlCounters())
+    try:
+        async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, server.handle, [listener])
+            task_status.started()
+    finally:
+        try:
+            if os.stat(path).st_ino == inode:  # not replaced by someone else meanwhile
+                path.unlink()
+        except OSError:
+            pass  # already gone, or not ours to remove
+
+
+async def _bind(path: Path, www_data_gid: int | None) -> tuple[trio.socket.SocketType, int]:
+    """The listening socket at `path` and the socket file's inode."""
+    await _remove_stale(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        # access is decided per peer (SO_PEERCRED); the mode only keeps others from connecting
+        os.chmod(path, SOCKET_MODE)
+        if www_data_gid is not None:
+            os.chown(path, -1, www_data_gid)
+        sock.listen(socket.SOMAXCONN)
+        inode = os.stat(path).st_ino
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"cannot create the control socket {path}: "
+                           f"{exc.strerror or exc}") from None
+    return sock, inode
+
+
+async def _remove_stale(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ControlError(f"cannot use {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} exists and is not a socket")
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            await probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise ControlError(f"cannot remove the stale socket {path}: "
+                                   f"{exc.strerror or exc}") from None
+            return
+        except OSError:
+            pass  # e.g. EAGAIN: a full backlog, so someone listens
+    raise ControlError(f"another pmxfs daemon is listening on {path}")
+
+
+@dataclass(frozen=True)
+class _Peer:
+    uid: int
+    may_read: bool
+    may_write: bool
+
+
+class _BadFrame(Exception):
+    """The connection carries something that is not a request: answer (maybe) and close."""
+
+
+class _Server:
+    def __init__(self, node: ControlNode, www_data_gid: int | None,
+                 counters: ControlCounters) -> None:
+        self.node = node
+        self.www_data_gid = www_data_gid
+        self.counters = counters
+        self.own_uid = os.geteuid()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """One connection (run by `trio.serve_listeners`, which closes the stream after)."""
+        self.counters.connections += 1
+        try:
+            peer = self._peer(stream.socket)
+            while True:
+                request = None
+                with trio.move_on_after(IDLE_TIMEOUT_S):
+                    request = await self._receive(stream)
+                if request is None:  # closed, or idle for too long
+                    return
+                if not await _send(stream, await self._answer(peer, request)):
+                    return
+        except _BadFrame as exc:
+            await _send(stream, _frame(_error(str(exc))))
+        except trio.BrokenResourceError:  # the client went away
+            pass
+        except Exception:  # never let one connection stop the server
+            self.counters.errors += 1
+            log.exception("control connection failed")
+
+    def _peer(self, sock: trio.socket.SocketType) -> _Peer:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        pid, uid, gid = _UCRED.unpack(raw)
+        if uid in (0, self.own_uid):
+            return _Peer(uid, may_read=True, may_write=True)
+        www = self.www_data_gid
+        reader = www is not None and (gid == www or www in _supplementary_groups(pid))
+        return _Peer(uid, may_read=reader, may_write=False)
+
+    async def _receive(self, stream: trio.SocketStream) -> dict[str, Any] | None:
+        """The next request; None at a clean end of the connection."""
+        header = await _receive_exactly(stream, _HEADER.size)
+        if not header:
+            return None
+        if len(header) < _HEADER.size:
+            self.counters.garbage += 1
+            raise _BadFrame("truncated request")
+        (length,) = _HEADER.unpack(header)
+        if length > MAX_REQUEST_BYTES:
+            self.counters.oversize += 1
+            raise _BadFrame(f"request too large: {length} bytes (at most {MAX_REQUEST_BYTES})")
+        body = await _receive_exactly(stream, length)
+        if len(body) < length:
+            self.counters.garbage += 1
+            raise _BadFrame("truncated request")
+        try:
+            request = msgpack.unpackb(body, raw=False)
+        except (ValueError, msgpack.UnpackException):
+            request = None
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            self.counters.garbage += 1
+            raise _BadFrame("malformed request: expected a msgpack map with a string \"cmd\"")
+        return request
+
+    async def _answer(self, peer: _Peer, request: dict[str, Any]) -> bytes:
+        """The answer frame to `request`."""
+        self.counters.requests += 1
+        cmd: str = request.pop("cmd")
+        try:
+            answer = {"ok": True, "result": await self._dispatch(peer, cmd, request)}
+        except ControlError as exc:
+            answer = _error(str(exc))
+        except Exception as exc:
+            self.counters.errors += 1
+            log.exception("control request %r failed", cmd)
+            answer = _error(f"internal error in the daemon: {type(exc).__name__}: {exc}")
+        try:
+            return _frame(answer)
+        except (TypeError, ValueError, OverflowError) as exc:
+            self.counters.errors += 1
+            log.error("control request %r: answer not encodable: %s", cmd, exc)
+            return _frame(_error(f"internal error in the daemon: answer not encodable: {exc}"))
+
+    async def _dispatch(self, peer: _Peer, cmd: str, args: dict[str, Any]) -> Any:
+        self._allow(peer, cmd, write=False)
+        if cmd == "status":
+            _expect_args(cmd, args)
+            return self.node.status()
+        if cmd == "nodes":
+            _expect_args(cmd, args)
+            return self.node.nodes()
+        if cmd == "debug":
+            _expect_args(cmd, args, "topic")
+            topic = _arg(args, "topic", str)
+            if topic not in DEBUG_TOPICS:
+                raise ControlError(f"unknown debug topic {topic!r} "
+                                   f"(one of {', '.join(sorted(DEBUG_TOPICS))})")
+            if topic not in READ_TOPICS:
+                self._allow(peer, f"debug {topic}", write=True)
+            try:
+                return self.node.debug(topic)
+            except KeyError:
+                raise ControlError(f"unknown debug topic {topic!r}") from None
+        if cmd == "expected":
+            self._allow(peer, cmd, write=True)
+            _expect_args(cmd, args, "votes")
+            votes = _arg(args, "votes", int)
+            reply = await self.node.set_expected(votes)
+            if reply.errno:
+                raise ControlError(reply.message or os.strerror(reply.errno))
+            return {"expected_votes": votes}
+        if cmd == "log":
+            self._allow(peer, cmd, write=True)
+            _expect_args(cmd, args, "priority", "tag", "user", "pid", "msg")
+            priority = _arg(args, "priority", int)
+            if not 0 <= priority <= 7:
+                raise ControlError(f"priority must be 0 to 7, not {priority}")
+            pid = _arg(args, "pid", int)
+            if not 0 <= pid < 2**32:
+                raise ControlError(f"bad pid {pid}")
+            await self.node.log(priority=priority, tag=_arg(args, "tag", str),
+                                user=_arg(args, "user", str), pid=pid, msg=_arg(args, "msg", str))
+            return None
+        raise ControlError(f"unknown command {cmd!r}")
+
+    def _allow(self, peer: _Peer, what: str, *, write: bool) -> None:
+        if peer.may_write or (peer.may_read and not write):
+            return
+        self.counters.refused += 1
+        if peer.may_read:
+            raise ControlError(f"permission denied: {what} needs root "
+                               "(group www-data may only read)")
+        raise ControlError(f"permission denied: uid {peer.uid} may not use the control socket "
+                           "(only root and group www-data)")
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    """The groups of process `pid` from /proc (empty when it is gone or not visible here)."""
+    if pid <= 0:
+        return set()
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:] if g.isdigit()}
+    except OSError:
+        pass
+    return set()
+
+
+def _expect_args(cmd: str, args: dict[str, Any], *names: str) -> None:
+    unknown = sorted(set(args) - set(names))
+    if unknown:
+        raise ControlError(f"unknown argument(s) for {cmd}: {', '.join(map(str, unknown))}")
+
+
+def _arg(args: dict[str, Any], name: str, kind: type[_T]) -> _T:
+    value = args.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ControlError(f"argument {name!r} must be of type {kind.__name__}")
+    return value
+
+
+async def _send(stream: trio.SocketStream, frame: bytes) -> bool:
+    """Send `frame`; False when the client is gone or did not take it within SEND_TIMEOUT_S."""
+    with trio.move_on_after(SEND_TIMEOUT_S):
+        try:
+            await stream.send_all(frame)
+        except trio.BrokenResourceError:
+            return False
+        return True
+    return False
+
+
+async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    """`size` bytes, or fewer when the peer closed the connection first."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _frame(message: dict[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(message, use_bin_type=True)
+    return _HEADER.pack(len(body)) + body
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": " ".join(message.split())}
+
+
+# --------------------------------------------------------------------------------------------
+# Client
+
+
+def request(path: Path, cmd: str, **args: Any) -> Any:
+    """Send one request to the daemon at `path` and return its result; `ControlError` if not."""
+    try:
+        frame = _frame({"cmd": cmd, **args})
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ControlError(f"cannot encode the {cmd} request: {exc}") from None
+    if len(frame) - _HEADER.size > MAX_REQUEST_BYTES:
+        raise ControlError(f"request too large: {len(frame) - _HEADER.size} bytes "
+                           f"(at most {MAX_REQUEST_BYTES})")
+    timeout = EXPECTED_TIMEOUT_S if cmd == "expected" else TIMEOUT_S
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        _connect(sock, path)
+        try:
+            sock.sendall(frame)
+            header = _recv_exactly(sock, _HEADER.size)
+            if len(header) < _HEADER.size:
+                raise ControlError(f"the daemon at {path} closed the connection without an "
+                                   "answer")
+            (length,) = _HEADER.unpack(header)
+            if length > MAX_ANSWER_BYTES:
+                raise ControlError(f"answer from the daemon too large: {length} bytes")
+            body = _recv_exactly(sock, length)
+        except TimeoutError:
+            raise ControlError(f"no answer from the daemon at {path} within {timeout:g} s") \
+                from None
+        except OSError as exc:
+            raise ControlError(f"lost the connection to the daemon at {path}: "
+                               f"{exc.strerror or exc}") from None
+    if len(body) < length:
+        raise ControlError(f"the daemon at {path} closed the connection in the middle of an "
+                           "answer")
+    try:
+        answer = msgpack.unpackb(body, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        answer = None
+    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+        raise ControlError(f"malformed answer from the daemon at {path}")
+    if not answer["ok"]:
+        raise ControlError(str(answer.get("error") or "the daemon refused the request"))
+    return answer.get("result")
+
+
+def _connect(sock: socket.socket, path: Path) -> None:
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        raise NoDaemonError(path) from None
+    except PermissionError:
+        raise ControlError(f"permission denied: cannot connect to {path} "
+                           "(only root and group www-data may)") from None
+    except TimeoutError:
+        raise ControlError(f"the daemon at {path} does not accept connections") from None
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            raise ControlError(f"the daemon at {path} does not accept connections") from None
+        raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), 1 << 20))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
