@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pmxfs import config_check, db_tools, debug_cpg, keygen
+from pmxfs import config_check, control_cli, daemon, db_tools, debug_cpg, demo, keygen
 
 
 class UsageError(Exception):
@@ -18,15 +18,23 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmxfs", description=__doc__)
+    parser.add_argument("--run-dir", dest="global_run_dir", metavar="DIR",
+                        default=control_cli.default_run_dir(),
+                        help="where the daemon's control socket pmxfs.sock is "
+                             f"(default: $PMXFS_RUN_DIR or {control_cli.DEFAULT_RUN_DIR})")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     config_check.register(subparsers)
     keygen.register(subparsers)
     db_tools.register(subparsers)
+    daemon.register(subparsers)
+    demo.register(subparsers)
+    control_cli.register(subparsers)
     debug = subparsers.add_parser("debug", help="inspect a ring or a running node",
                                   description="Inspect a ring or a running node.")
     debug_commands = debug.add_subparsers(dest="debug_command", metavar="SUBCOMMAND",
                                           required=True)
     debug_cpg.register(debug_commands)
+    control_cli.register_debug(debug_commands)
     return parser
 
 

@@ -1,0 +1,388 @@
+"""The running node: a `Replica` driven with real time, frames, a database and local files.
+
+`ReplicaNode.run()` is two tasks in the daemon's one trio thread (so the pure core is only ever
+called from one place at a time), exactly as `TotemNode` does for totem alone: a receive task
+feeds authenticated frames in batches, a timer task sleeps until the core's next deadline. After
+every core call the outputs are carried out in their order:
+* `Send` → transport; `PersistRingSeq` → the ring seq file (fsynced before later frames leave);
+* `Persist` → one SQLite transaction, committed before anything after it happens — in
+  particular before the `Reply` that acknowledges the write and before the frames announcing
+  that this node holds it;
+* `Reply` → wakes the FUSE or control call waiting for it;
+* `SaveLost` → files under `<data-dir>/lost+found/<ring>/`;
+* `Invalidate`/`QuorumChanged` → the FUSE layer drops stale kernel caches;
+* `ConfigChanged` → the local corosync.conf is rewritten atomically.
+A database that cannot commit stops the node (`DatabaseError` propagates): acknowledging writes
+that are not on disk would break the one promise the node makes.
+
+The node also answers the FUSE layer (`FsNode`) and the control socket (`ControlNode`).
+"""
+
+from __future__ import annotations
+
+import errno as E
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pmxfs.core.conf import ClusterConfig
+from pmxfs.core.entry import guest_config
+from pmxfs.core.fsop import FsOp, Mkdir, WriteFile
+from pmxfs.core.memdb import COROSYNC_CONF, MemDB
+from pmxfs.core.persist import Persist
+from pmxfs.core.replica import (
+    DEFAULT_VERIFY_INTERVAL_MS,
+    ConfigChanged,
+    Invalidate,
+    QuorumChanged,
+    Replica,
+    Reply,
+    SaveLost,
+    StoredState,
+)
+from pmxfs.core.status import (
+    ChangeCounters,
+    ClusterInfo,
+    MemberNode,
+    render_clusterlog,
+    render_debug,
+    render_members,
+    render_version,
+    render_vmlist,
+)
+from pmxfs.core.totem import ConfChange, ConfChangeKind, PersistRingSeq, Send
+from pmxfs.core.totem_params import TotemParams
+from pmxfs.runtime.database import Database
+from pmxfs.runtime.node_api import Invalidator
+from pmxfs.runtime.totem_node import FrameTransport, RingSeqStore
+
+log = logging.getLogger("pmxfs")
+
+NODE_DIRS = ("qemu-server", "lxc", "priv")
+
+
+@dataclass
+class _Waiter:
+    done: trio.Event
+    reply: Reply | None = None
+
+
+class ReplicaNode:
+    def __init__(
+        self,
+        *,
+        node_id: int,
+        config: ClusterConfig,
+        config_path: Path | None,
+        params: TotemParams,
+        transport: FrameTransport,
+        database: Database,
+        ring_seq_store: RingSeqStore,
+        incarnation: int,
+        data_dir: Path,
+        verify_interval: int = DEFAULT_VERIFY_INTERVAL_MS,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.config_path = config_path
+        self.transport = transport
+        self.database = database
+        self.ring_seq_store = ring_seq_store
+        self.data_dir = data_dir
+        self.infos = config.node_infos()
+        self._name = next(i.name for i in self.infos if i.nodeid == node_id)
+        self.debug_enabled = False
+        self.started_at = int(time.time())
+        self._epoch = trio.current_time()
+        self._wall_offset = int(time.time() * 1000)
+        self._invalidator: Invalidator = lambda paths, everything: None
+        self._waiters: dict[int, _Waiter] = {}
+        self._next_request = 0
+        self._members_version = 0
+        self._vmlist_version = 0
+        self._counters = ChangeCounters()
+        self._sleeping_until: int | None = None
+        self._wakeup = trio.Event()
+        self.synced_once = trio.Event()
+        loaded = database.load()
+        self.replica = Replica(
+            node_id, config, params, 0, incarnation=incarnation,
+            stored=StoredState(tuple(loaded.entries), loaded.version, loaded.meta),
+            ring_seq=ring_seq_store.load(), wall_offset=self._wall_offset,
+            first_log_uid=incarnation, verify_interval=verify_interval)
+        self._flush()
+
+    # ------------------------------------------------------------------ time
+
+    def now(self) -> int:
+        return int((trio.current_time() - self._epoch) * 1000)
+
+    def wall_seconds(self) -> int:
+        return int(time.time())
+
+    # ------------------------------------------------------------------ FsNode
+
+    @property
+    def node_name(self) -> str:
+        return self._name
+
+    @property
+    def memdb(self) -> MemDB:
+        return self.replica.memdb
+
+    def quorate(self) -> bool:
+        return self.replica.writable()
+
+    def set_invalidator(self, invalidator: Invalidator) -> None:
+        self._invalidator = invalidator
+
+    async def write(self, op: FsOp) -> Reply:
+        request = self._new_request()
+        self.replica.propose(self.now(), request, op)
+        return await self._wait(request)
+
+    def virtual_file(self, name: str) -> bytes:
+        if name == ".members":
+            return render_members(self._name, self._members_version, self._cluster_info())
+        if name == ".vmlist":
+            return render_vmlist(self._vmlist_version, self.memdb.vmlist())
+        if name == ".version":
+            return render_version(self.started_at, self._members_version,
+                                  self._vmlist_version, self._counters)
+        if name == ".clusterlog":
+            return render_clusterlog(self.replica.log_buffer)
+        if name == ".debug":
+            return render_debug(self.debug_enabled)
+        raise KeyError(name)
+
+    def set_debug(self, enabled: bool) -> None:
+        self.debug_enabled = enabled
+        log.setLevel(logging.DEBUG if enabled else logging.INFO)
+
+    # ------------------------------------------------------------------ ControlNode
+
+    def status(self) -> dict[str, Any]:
+        q = self.replica.quorum.status()
+        votes = dict(q.member_votes)
+        ring = self.replica.ring
+        return {
+            "cluster": {"name": self.config.cluster_name,
+                        "config_version": self.config.config_version,
+                        "transport": self.config.transport},
+            "node": {"name": self._name, "nodeid": self.node_id},
+            "quorum": {"quorate": q.quorate, "expected_votes": q.expected_votes,
+                       "highest_expected": q.highest_expected, "total_votes": q.total_votes,
+                       "quorum": q.quorum, "flags": list(q.flags)},
+            "membership": {
+                "ring_id": f"{ring.rep}.{ring.seq}",
+                "members": [{"nodeid": m, "name": self._names().get(m, str(m)),
+                             "votes": votes.get(m, 0), "local": m == self.node_id}
+                            for m in self.replica.members],
+            },
+            "fs": {"synced": self.replica.synced(), "version": self.memdb.version},
+        }
+
+    def nodes(self) -> list[dict[str, Any]]:
+        online = set(self.replica.members)
+        return [{"nodeid": i.nodeid, "votes": i.votes, "name": i.name,
+                 "local": i.nodeid == self.node_id, "online": i.nodeid in online}
+                for i in self.infos]
+
+    async def set_expected(self, expected: int) -> Reply:
+        request = self._new_request()
+        self.replica.propose_expected(self.now(), request, expected)
+        self._flush()
+        return await self._wait(request)
+
+    async def log(self, *, priority: int, tag: str, user: str, pid: int, msg: str) -> None:
+        self.replica.log(self.now(), pri=priority, tag=tag, pid=pid, user=user, msg=msg)
+        self._flush()
+
+    def debug(self, topic: str) -> dict[str, Any]:
+        if topic == "ring":
+            st = self.replica.totem.status()
+            return {"node_id": st.node_id, "state": st.state.value,
+                    "ring_id": f"{st.ring_id.rep}.{st.ring_id.seq}", "members": list(st.members),
+                    "seq": st.seq, "aru": st.aru, "pending_messages": st.pending_messages,
+                    "counters": st.counters}
+        if topic == "transport":
+            return dict(self.transport.counters)
+        if topic == "quorum":
+            return self.replica.quorum.status().to_json()
+        if topic == "tree":
+            return {"entries": [
+                {"path": self.memdb.path_of(e.inode), "type": "dir" if e.is_dir else "file",
+                 "size": len(e.data), "version": e.version, "writer": e.writer,
+                 "mtime": e.mtime} for e in self.memdb.entries()]}
+        if topic == "checksum":
+            return {"tree": self.memdb.checksum().hex(),
+                    "state": self.replica.state_checksum().hex(),
+                    "version": self.memdb.version, "synced": self.replica.synced(),
+                    "replica": {"mode": self.replica.mode.value,
+                                "counters": dict(self.replica.counters)}}
+        if topic == "verify":
+            self.replica.verify_now(self.now())
+            self._flush()
+            return {"started": True}
+        raise KeyError(topic)
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_loop)
+            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self._first_start_setup)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            batch = await self.transport.recv_batch()
+            now = self.now()
+            for src, data in batch:
+                self.replica.receive(now, src, data)
+            self._flush()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.replica.next_deadline()
+            self._sleeping_until = deadline
+            self._wakeup = trio.Event()
+            if deadline is None:
+                await self._wakeup.wait()
+                continue
+            with trio.move_on_at(self._epoch + deadline / 1000) as sleep:
+                await self._wakeup.wait()
+            if sleep.cancelled_caught:
+                self.replica.on_timer(max(self.now(), deadline))
+                self._flush()
+
+    async def _first_start_setup(self) -> None:
+        """Once this node can write: nodes/<me>/{qemu-server,lxc,priv}, and the cluster's
+        corosync.conf in the tree when it is not there yet (taken from the local copy)."""
+        await self.synced_once.wait()
+        wanted = ["nodes", f"nodes/{self._name}",
+                  *(f"nodes/{self._name}/{d}" for d in NODE_DIRS)]
+        while not (self.quorate() and self.replica.synced()):
+            await trio.sleep(1)  # a poll of the quorum, not a synchronisation
+        for path in wanted:
+            if self.memdb.lookup(path) is None:
+                reply = await self.write(Mkdir(path, self.wall_seconds()))
+                if reply.errno not in (0, E.EEXIST):
+                    log.warning("cannot create %s: %s", path, os.strerror(reply.errno))
+                    return
+        if self.config_path is not None and self.memdb.lookup(COROSYNC_CONF) is None:
+            text = self.config_path.read_bytes()
+            reply = await self.write(WriteFile(COROSYNC_CONF, text, self.wall_seconds(),
+                                               create=True))
+            if reply.errno not in (0, E.EEXIST):
+                log.warning("cannot put %s into the tree: %s", self.config_path,
+                            reply.message or os.strerror(reply.errno))
+
+    # ------------------------------------------------------------------ outputs
+
+    def _flush(self) -> None:
+        for out in self.replica.drain():
+            if isinstance(out, Send):
+                self.transport.send(out.to, out.data)
+            elif isinstance(out, PersistRingSeq):
+                self.ring_seq_store.store(out.ring_seq)
+            elif isinstance(out, Persist):
+                self.database.commit(out)
+            elif isinstance(out, Reply):
+                waiter = self._waiters.get(out.request_id)
+                if waiter is not None:
+                    waiter.reply = out
+                    waiter.done.set()
+            elif isinstance(out, Invalidate):
+                self._on_invalidate(out)
+            elif isinstance(out, QuorumChanged):
+                log.info("quorum: %s", "quorate" if out.status.quorate else "not quorate")
+                self._members_version += 1
+                self._invalidator((), True)
+            elif isinstance(out, ConfChange):
+                self._on_confchg(out)
+            elif isinstance(out, SaveLost):
+                self._save_lost(out)
+            elif isinstance(out, ConfigChanged):
+                self._write_local_config(out.text)
+        if self.replica.synced():
+            self.synced_once.set()
+        if self.replica.next_deadline() != self._sleeping_until:
+            self._wakeup.set()
+
+    def _on_invalidate(self, inv: Invalidate) -> None:
+        if inv.everything:
+            self._counters.note_reload()
+            self._vmlist_version += 1
+        else:
+            self._counters.note_changed(inv.paths)
+            if any(guest_config(p) is not None for p in inv.paths):
+                self._vmlist_version += 1
+        self._invalidator(inv.paths, inv.everything)
+
+    def _on_confchg(self, c: ConfChange) -> None:
+        if c.kind is ConfChangeKind.REGULAR:
+            self._members_version += 1
+            log.info("membership %s.%d: %s", c.ring_id.rep, c.ring_id.seq,
+                     ", ".join(self._names().get(m, str(m)) for m in c.members))
+            self._invalidator((), False)
+
+    def _save_lost(self, lost: SaveLost) -> None:
+        base = self.data_dir / "lost+found" / f"{lost.ring_id.rep}.{lost.ring_id.seq}"
+        for path, data in lost.files:
+            target = base / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(target, data)
+        log.warning("saved %d file(s) replaced by a sync under %s", len(lost.files), base)
+
+    def _write_local_config(self, text: str) -> None:
+        if self.config_path is None:
+            return
+        try:
+            current = self.config_path.read_text(encoding="utf-8")
+        except OSError:
+            current = None
+        if current != text:
+            _write_atomically(self.config_path, text.encode("utf-8"))
+            log.info("took a new corosync.conf from the cluster into %s", self.config_path)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _names(self) -> dict[int, str]:
+        return {i.nodeid: i.name for i in self.infos}
+
+    def _cluster_info(self) -> ClusterInfo:
+        return ClusterInfo(
+            name=self.config.cluster_name, config_version=self.config.config_version,
+            nodes=[MemberNode(i.name, i.nodeid, i.addr) for i in self.infos],
+            online=set(self.replica.members), quorate=self.replica.writable())
+
+    def _new_request(self) -> int:
+        self._next_request += 1
+        self._waiters[self._next_request] = _Waiter(trio.Event())
+        return self._next_request
+
+    async def _wait(self, request: int) -> Reply:
+        self._flush()
+        waiter = self._waiters[request]
+        try:
+            await waiter.done.wait()
+        finally:
+            del self._waiters[request]
+        assert waiter.reply is not None
+        return waiter.reply
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
