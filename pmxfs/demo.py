@@ -1,0 +1,624 @@
+"""`pmxfs demo [--nodes N] [--dir DIR]`: a whole cluster of N daemons on this machine, to try pmxfs.
+
+Node i (1..N) is `node<i>`, node id i, on 127.0.0.(10+i); transport udpu, cluster name "demo", one
+authkey for all. Each node has `DIR/node<i>/` with `corosync.conf`, `authkey`, `data/`, `run/`,
+the mount `mnt/` and the daemon's output `daemon.log`.
+
+How it works:
+1. Plan (`plan_demo`, no I/O): names, ids, addresses, paths, each daemon's argv and the
+   corosync.conf text, which must pass `conf.check`.
+2. Prepare (`prepare`): DIR is locked against a second demo (`DIR/demo.lock`); a mount left dead
+   by a crashed run is unmounted (one that still answers is refused: a daemon this demo did not
+   start serves it); each node's config and authkey are written only when missing, so a later
+   run reuses config, key and data, and a DIR holding a cluster of another size is refused.
+3. Run: every daemon is started in its own session (a Ctrl-C reaches only the demo, which stops
+   them in order) with its output appended to its log. Once every mount answers and its
+   `.members` shows all nodes online and quorate -- so the tree takes writes -- `DIR/demo.json`
+   is written and a guide printed; a daemon that exits first or the deadline START_TIMEOUT_S
+   stops everything, with the failed node and the tail of its log printed. A daemon that dies
+   later is reported in one line; the demo keeps running.
+4. Stop, on SIGINT, SIGTERM or SIGHUP: SIGTERM to every daemon the demo started (by PID; a node
+   restarted by hand is not the demo's), a wait with a deadline (SIGKILL after it), then every
+   dead mount is unmounted and demo.json, whose PIDs are now stale, removed. Exit 0 when
+   everything stopped cleanly.
+
+Signals and daemon exits are waited for with `poll` on a signal wake-up pipe and the daemons'
+pidfds; the only periodic check is whether the nodes are ready yet, until the start deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence, Set
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pmxfs import keygen
+from pmxfs.core import conf
+
+DEFAULT_NODES = 3
+MAX_NODES = 16
+DEFAULT_DIR = "./pmxfs-demo"
+CLUSTER_NAME = "demo"
+ADDRESS_BASE = 10  # node i listens on 127.0.0.(ADDRESS_BASE + i)
+# token_coefficient 0 keeps the token at TOKEN_MS whatever the node count (corosync would add
+# 650 ms per node beyond two). `totem_params` derives from it: token_retransmit 238 ms, hold
+# 180 ms, consensus 1200 ms -- a killed node is missed after 1 s, the new ring forms about 1.2 s
+# later.
+TOKEN_MS = 1000
+TOKEN_COEFFICIENT_MS = 0
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+READY_POLL_S = 0.05
+LOG_TAIL_LINES = 20
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class DemoError(Exception):
+    """Why the demo cannot run: one line."""
+
+
+@dataclass(frozen=True)
+class DemoNode:
+    """One node of the demo: identity and where everything of it lives (absolute paths)."""
+
+    name: str
+    nodeid: int
+    addr: str
+    home: Path
+
+    @property
+    def config(self) -> Path:
+        return self.home / "corosync.conf"
+
+    @property
+    def authkey(self) -> Path:
+        return self.home / "authkey"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def mount(self) -> Path:
+        return self.home / "mnt"
+
+    @property
+    def log(self) -> Path:
+        return self.home / "daemon.log"
+
+    def argv(self) -> list[str]:
+        """The full command line of this node's daemon; it restarts the node on its own."""
+        return [sys.executable, "-m", "pmxfs", "daemon", "--config", str(self.config),
+                "--authkey", str(self.authkey), "--node", self.name, "--mount", str(self.mount),
+                "--data-dir", str(self.data_dir), "--run-dir", str(self.run_dir)]
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Everything the demo will create and start, decided before anything is touched."""
+
+    root: Path
+    nodes: tuple[DemoNode, ...]
+    config_text: str
+
+    @property
+    def demo_json(self) -> Path:
+        return self.root / "demo.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "demo.lock"
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `demo` to the `pmxfs` parser."""
+    parser = subparsers.add_parser(
+        "demo", help="run a cluster of N daemons on this machine, each with its own mount",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", default=str(DEFAULT_NODES), metavar="N",
+                        help=f"how many nodes, 1 to {MAX_NODES} (default {DEFAULT_NODES})")
+    parser.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",
+                        help=f"where configs, data and mounts live (default {DEFAULT_DIR}); "
+                             "a later run on the same DIR reuses them")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of `pmxfs demo`; returns the exit status (2: bad arguments, 1: cannot run)."""
+    try:
+        plan = plan_demo(node_count(args.nodes), args.dir)
+    except DemoError as exc:
+        print(f"pmxfs: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with _locked(plan):
+            prepare(plan)
+            return _run_cluster(plan)
+    except DemoError as exc:
+        print(f"pmxfs: {exc}", file=sys.stderr)
+        return 1
+
+
+def node_count(text: str) -> int:
+    """The value of --nodes, checked."""
+    if not re.fullmatch(r"[0-9]{1,6}", text) or not 1 <= int(text) <= MAX_NODES:
+        raise DemoError(f"--nodes must be a number from 1 to {MAX_NODES}, not {text!r}")
+    return int(text)
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def cluster_config(count: int) -> conf.ClusterConfig:
+    """The demo cluster's corosync.conf as a model."""
+    nodes = tuple(conf.NodeEntry(name=f"node{i}", nodeid=i,
+                                 ring0_addr=f"127.0.0.{ADDRESS_BASE + i}")
+                  for i in range(1, count + 1))
+    totem = conf.TotemSection(cluster_name=CLUSTER_NAME, config_version=1, transport="udpu",
+                              token=TOKEN_MS, token_coefficient=TOKEN_COEFFICIENT_MS)
+    return conf.ClusterConfig(totem=totem, nodes=nodes,
+                              quorum=conf.QuorumSection(provider=conf.QUORUM_PROVIDER))
+
+
+def plan_demo(count: int, directory: str | os.PathLike[str]) -> DemoPlan:
+    """The demo of `count` nodes in `directory`; touches nothing."""
+    root = Path(directory).resolve()  # as /proc/self/mountinfo names the mounts
+    text = conf.render(cluster_config(count))
+    result = conf.check(text, "generated corosync.conf")
+    if not result.ok or result.warnings:
+        problem = (result.errors or result.warnings)[0]
+        raise DemoError(f"the generated demo config does not pass the check: {problem}")
+    nodes = tuple(DemoNode(info.name, info.nodeid, info.addr, root / info.name)
+                  for info in conf.parse(text).node_infos())
+    return DemoPlan(root, nodes, text)
+
+
+def demo_record(plan: DemoPlan, pids: Mapping[str, int]) -> dict[str, Any]:
+    """The content of demo.json for daemons running with `pids` (by node name)."""
+    return {"nodes": [{"name": n.name, "nodeid": n.nodeid, "pid": pids[n.name], "argv": n.argv(),
+                       "config": str(n.config), "authkey": str(n.authkey),
+                       "data_dir": str(n.data_dir), "run_dir": str(n.run_dir),
+                       "mount": str(n.mount)}
+                      for n in plan.nodes]}
+
+
+# ---------------------------------------------------------------------------- preparing DIR
+
+
+@contextlib.contextmanager
+def _locked(plan: DemoPlan) -> Iterator[None]:
+    """Hold DIR/demo.lock, so two demos never share (and unmount) each other's nodes."""
+    if plan.root.exists() and not plan.root.is_dir():
+        raise DemoError(f"{plan.root} is not a directory")
+    try:
+        plan.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(plan.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise DemoError(f"cannot use {exc.filename or plan.root}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DemoError(f"another pmxfs demo is running in {plan.root}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def prepare(plan: DemoPlan) -> None:
+    """Make DIR ready to start the daemons: stale mounts gone, config, key and directories there;
+    what a previous run left is reused, never overwritten."""
+    plan.demo_json.unlink(missing_ok=True)  # present again only once this run's nodes answer
+    for node in plan.nodes:
+        _clear_stale_mount(node)
+    config_text = _cluster_config_text(plan)
+    try:
+        for node in plan.nodes:
+            node.home.mkdir(parents=True, exist_ok=True, mode=0o755)
+        key = _shared_authkey(plan)
+        for node in plan.nodes:
+            node.data_dir.mkdir(exist_ok=True, mode=0o700)
+            node.run_dir.mkdir(exist_ok=True, mode=0o755)
+            node.mount.mkdir(exist_ok=True, mode=0o755)
+            if not node.config.exists():
+                _create(node.config, config_text.encode(), 0o644)
+            if not node.authkey.exists():
+                _create(node.authkey, key, 0o400)
+    except OSError as exc:
+        raise DemoError(f"cannot prepare {exc.filename or plan.root}: "
+                        f"{exc.strerror or exc}") from None
+
+
+def _cluster_config_text(plan: DemoPlan) -> str:
+    """The config for nodes that have none yet: the newest one in DIR (the cluster may have
+    changed it through the tree), else the generated one. Every config in DIR must be valid and
+    describe exactly the planned nodes."""
+    newest: tuple[int, str] | None = None
+    want = {(n.name, n.nodeid, n.addr) for n in plan.nodes}
+    for path in sorted(plan.root.glob("node*/corosync.conf")):
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DemoError(f"cannot read {path}: {exc}") from None
+        result = conf.check(text, str(path))
+        if result.config is None:
+            raise DemoError(f"{result.errors[0]} (fix it or use another --dir)")
+        infos = result.config.node_infos()
+        if len(infos) != len(plan.nodes):
+            raise DemoError(f"{plan.root} holds a demo of {len(infos)} nodes ({path}); run with "
+                            f"--nodes {len(infos)} or use another --dir")
+        if {(i.name, i.nodeid, i.addr) for i in infos} != want:
+            raise DemoError(f"{path} does not describe the demo's nodes; use another --dir")
+        if newest is None or result.config.config_version > newest[0]:
+            newest = (result.config.config_version, text)
+    return plan.config_text if newest is None else newest[1]
+
+
+def _shared_authkey(plan: DemoPlan) -> bytes:
+    """The one authkey of the demo: the one its nodes have, else a new one for node1."""
+    keys: dict[bytes, Path] = {}
+    for node in plan.nodes:
+        try:
+            keys.setdefault(node.authkey.read_bytes(), node.authkey)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise DemoError(f"cannot read {node.authkey}: {exc.strerror or exc}") from None
+    if len(keys) > 1:
+        first, second = list(keys.values())[:2]
+        raise DemoError(f"{first} and {second} differ; every node needs the same authkey")
+    if keys:
+        return next(iter(keys))
+    first_key = plan.nodes[0].authkey
+    try:
+        keygen.write_authkey(first_key)
+        return first_key.read_bytes()
+    except (keygen.KeygenError, OSError) as exc:
+        raise DemoError(str(exc)) from None
+
+
+def _create(path: Path, data: bytes, mode: int) -> None:
+    """Write a new file with `mode`, never replacing one and never leaving a partial one: the
+    bytes go to a fsynced temporary file that is then hard-linked into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            view = memoryview(data)
+            while view:  # each write makes progress or raises
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- mounts
+
+
+def mount_points() -> set[str]:
+    """Every mount point of this mount namespace (from /proc/self/mountinfo, which never touches
+    the mounted file systems, so a dead or hung mount cannot block it)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+                for line in f}
+
+
+def _answers(mount: Path) -> bool:
+    """Whether a mount is served: a FUSE mount whose daemon died answers ENOTCONN. statfs always
+    goes to the daemon; a stat of the mount point may be answered from the kernel's cache."""
+    try:
+        os.statvfs(mount)
+    except OSError as exc:
+        return exc.errno != errno.ENOTCONN
+    return True
+
+
+def unmount(mount: Path) -> bool:
+    """Lazily unmount `mount` (fusermount3, else umount -l); whether it is gone."""
+    commands = [["fusermount3", "-u", "-z", str(mount)], ["umount", "-l", str(mount)]]
+    for command in commands:
+        if str(mount) not in mount_points():
+            return True
+        if shutil.which(command[0]) is not None:
+            subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                           check=False)
+    return str(mount) not in mount_points()
+
+
+def _clear_stale_mount(node: DemoNode) -> None:
+    if str(node.mount) not in mount_points():
+        return
+    if _answers(node.mount):
+        raise DemoError(f"{node.mount} is mounted and answers: a {node.name} daemon not started "
+                        "by this demo is running; stop it first")
+    print(f"pmxfs demo: unmounting {node.mount}, left by a crashed run", flush=True)
+    if not unmount(node.mount):
+        raise DemoError(f"cannot unmount {node.mount}")
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP while the demo runs: each is written to a pipe (Python's
+    signal wake-up fd) that the main loop polls together with the daemons' pidfds."""
+
+    def __enter__(self) -> _Signals:
+        self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old = {s: signal.signal(s, self._ignore) for s in STOP_SIGNALS}
+        self._old_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+        os.close(self.fd)
+        os.close(self._write_fd)
+
+    @staticmethod
+    def _ignore(_signum: int, _frame: FrameType | None) -> None:
+        """The pipe carries the signal; the Python-level handler has nothing left to do."""
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal arrived since the last call (drains the pipe)."""
+        got = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.fd, 64):
+                got += chunk
+        return any(signum in got for signum in STOP_SIGNALS)
+
+
+@dataclass
+class _Daemon:
+    node: DemoNode
+    proc: subprocess.Popen[bytes]
+    pidfd: int
+
+    def describe_exit(self) -> str:
+        rc = self.proc.returncode
+        if rc is not None and rc < 0:
+            return f"was killed by {signal.Signals(-rc).name}"
+        return f"exited with status {rc}"
+
+
+class _StartFailed(Exception):
+    """Nodes that did not come up; the message is the first line of the report."""
+
+    def __init__(self, message: str, nodes: Sequence[DemoNode]) -> None:
+        super().__init__(message)
+        self.nodes = nodes
+
+
+def _poll(fds: Sequence[int], timeout_s: float | None) -> set[int]:
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return {fd for fd, _ in poller.poll(None if timeout_s is None else int(timeout_s * 1000))}
+
+
+def _start(node: DemoNode) -> _Daemon:
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # READY=1 is not ours
+    try:
+        with open(node.log, "ab") as log:
+            log.write(f"--- pmxfs demo: starting {node.name} at {time.strftime('%F %T')}\n"
+                      .encode())
+            log.flush()
+            proc = subprocess.Popen(node.argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, env=env, start_new_session=True)
+    except OSError as exc:
+        raise DemoError(f"cannot start {node.name}: {exc.strerror or exc}") from None
+    return _Daemon(node, proc, os.pidfd_open(proc.pid))
+
+
+def _run_cluster(plan: DemoPlan) -> int:
+    daemons: list[_Daemon] = []
+    with _Signals() as signals:
+        try:
+            for node in plan.nodes:
+                daemons.append(_start(node))
+            if _wait_ready(daemons, signals):
+                _write_json(plan, {d.node.name: d.proc.pid for d in daemons})
+                _print_guide(plan, daemons)
+                _watch(daemons, signals)
+            print("pmxfs demo: stopping", flush=True)
+            ok = True
+        except _StartFailed as exc:
+            _report_start_failure(exc)
+            ok = False
+        finally:
+            problems = _stop(plan, daemons)
+            for problem in problems:
+                print(f"pmxfs: {problem}", file=sys.stderr)
+    return 0 if ok and not problems else 1
+
+
+def members_ready(members: bytes, names: Set[str]) -> bool:
+    """Whether a node's `.members` (pmxcfs's JSON) shows a quorate cluster with exactly the nodes
+    `names` online: the ring has formed and the tree takes writes."""
+    try:
+        doc = json.loads(members)
+        online = {name for name, info in doc["nodelist"].items() if info["online"] == 1}
+        return doc["cluster"]["quorate"] == 1 and online == names
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _ready(node: DemoNode, mounted: Set[str], names: Set[str]) -> bool:
+    if str(node.mount) not in mounted:
+        return False
+    try:
+        return members_ready((node.mount / ".members").read_bytes(), names)
+    except OSError:
+        return False
+
+
+def _wait_ready(daemons: Sequence[_Daemon], signals: _Signals) -> bool:
+    """Until every node's mount shows the whole cluster quorate (True) or a stop signal came
+    (False); raises _StartFailed when a daemon exits or the deadline passes first."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    names = {d.node.name for d in daemons}
+    while True:
+        for d in daemons:
+            if d.proc.poll() is not None:
+                raise _StartFailed(f"{d.node.name} (pid {d.proc.pid}) {d.describe_exit()} while "
+                                   "starting", [d.node])
+        mounted = mount_points()
+        waiting = [d.node for d in daemons if not _ready(d.node, mounted, names)]
+        if not waiting:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _StartFailed(f"{', '.join(n.name for n in waiting)}: no quorate cluster of all "
+                               f"{len(names)} nodes at the mount within {START_TIMEOUT_S:.0f} s",
+                               waiting)
+        ready = _poll([signals.fd, *(d.pidfd for d in daemons)], min(READY_POLL_S, left))
+        if signals.fd in ready and signals.stop_requested():
+            return False
+
+
+def _report_start_failure(exc: _StartFailed) -> None:
+    lines = [f"pmxfs: {exc}"]
+    for node in exc.nodes:
+        try:
+            tail = node.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError as err:
+            tail = [f"(cannot read it: {err.strerror})"]
+        lines += [f"--- last lines of {node.log}:", *(f"  {line}" for line in tail)]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _watch(daemons: Sequence[_Daemon], signals: _Signals) -> None:
+    """Until a stop signal; a daemon that dies meanwhile is reported, the rest keep running."""
+    alive = {d.pidfd: d for d in daemons}
+    while True:
+        ready = _poll([signals.fd, *alive], None)
+        for fd in sorted(ready & alive.keys()):
+            d = alive.pop(fd)
+            d.proc.wait()
+            print(f"pmxfs demo: {d.node.name} (pid {d.proc.pid}) {d.describe_exit()}; its argv "
+                  "in demo.json restarts it", flush=True)
+        if signals.fd in ready and signals.stop_requested():
+            return
+
+
+def _stop(plan: DemoPlan, daemons: Sequence[_Daemon]) -> list[str]:
+    """Stop every daemon the demo started and unmount what they left; the problems found."""
+    problems: list[str] = []
+    stopping = [d for d in daemons if d.proc.poll() is None]
+    for d in stopping:
+        d.proc.send_signal(signal.SIGTERM)  # Popen never signals a PID it has already reaped
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for d in stopping:
+        try:
+            rc = d.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            d.proc.kill()
+            problems.append(f"{d.node.name} (pid {d.proc.pid}) did not stop within "
+                            f"{STOP_TIMEOUT_S:.0f} s of SIGTERM; killed it")
+            try:
+                d.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                problems.append(f"{d.node.name} (pid {d.proc.pid}) survives SIGKILL")
+            continue
+        if rc not in (0, -signal.SIGTERM):  # killed by it: the daemon was still starting
+            problems.append(f"{d.node.name} (pid {d.proc.pid}) {d.describe_exit()} on SIGTERM; "
+                            f"see {d.node.log}")
+    for d in daemons:
+        os.close(d.pidfd)
+    mounted = mount_points()
+    for node in plan.nodes:
+        if str(node.mount) not in mounted:
+            continue
+        if _answers(node.mount):
+            print(f"pmxfs demo: {node.mount} stays mounted: a {node.name} daemon this demo did "
+                  "not start serves it", flush=True)
+        elif not unmount(node.mount):
+            problems.append(f"cannot unmount {node.mount}")
+    plan.demo_json.unlink(missing_ok=True)
+    return problems
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _write_json(plan: DemoPlan, pids: Mapping[str, int]) -> None:
+    tmp = plan.demo_json.with_name(f".demo.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(demo_record(plan, pids), indent=2) + "\n")
+    os.replace(tmp, plan.demo_json)
+
+
+def _pmxfs_command() -> str:
+    """How to call the `pmxfs` command installed next to this Python."""
+    script = Path(sys.executable).parent / "pmxfs"
+    if os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m pmxfs"
+
+
+def guide(plan: DemoPlan, pids: Mapping[str, int]) -> str:
+    """What the demo prints once every node answers."""
+    nodes = plan.nodes
+    first, other, victim = nodes[0], nodes[min(1, len(nodes) - 1)], nodes[-1]
+    cli = _pmxfs_command()
+    q = shlex.quote
+    width = max(len(n.name) for n in nodes)
+    rows = [f"  {n.name:<{width}}  {n.addr:<10}  pid {pids[n.name]:<7}  {n.mount}" for n in nodes]
+    members = q(str(first.mount / ".members"))
+    return "\n".join([
+        f"pmxfs demo: {len(nodes)} nodes of cluster {CLUSTER_NAME!r} are up (udpu, token "
+        f"{TOKEN_MS} ms)",
+        "",
+        *rows,
+        "",
+        f"Config, authkey, data and daemon.log of each node are in {plan.root}/node<i>/;",
+        f"{plan.demo_json} lists each node's pid and the argv that restarts it.",
+        "",
+        "Try, in another shell:",
+        f"  # write on {first.name}, read on {other.name}",
+        f"  echo hi > {q(str(first.mount / 'hello'))}",
+        f"  cat {q(str(other.mount / 'hello'))}",
+        f"  # who is in the ring; crash {victim.name} and watch it leave, then bring it back",
+        f"  cat {members}",
+        f"  kill -9 {pids[victim.name]}",
+        f"  cat {members}",
+        f"  {shlex.join(victim.argv())} 2>>{q(str(victim.log))} &",
+        "  # quorum and membership (as pvecm status); a node left alone writes again after",
+        "  # `expected 1`",
+        f"  {cli} --run-dir {q(str(first.run_dir))} status",
+        f"  {cli} --run-dir {q(str(first.run_dir))} expected 1",
+        "",
+        "Ctrl-C stops every node started here and unmounts; a later run on this --dir reuses "
+        "its data.",
+    ])
+
+
+def _print_guide(plan: DemoPlan, daemons: Sequence[_Daemon]) -> None:
+    print(guide(plan, {d.node.name: d.proc.pid for d in daemons}), flush=True)

@@ -1,0 +1,317 @@
+"""`pmxfs demo`: the generated cluster (config, addresses, timers, demo.json), the preparation of
+its directory (reuse, refusals) and argument errors, all without starting a daemon; then one
+end-to-end run with real daemons and FUSE mounts (root and /dev/fuse, skipped otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cpg_harness import wait_until
+
+from pmxfs import daemon, demo
+from pmxfs.cli import build_parser, main
+from pmxfs.core import conf
+
+NODE_KEYS = {"name", "nodeid", "pid", "argv", "config", "authkey", "data_dir", "run_dir", "mount"}
+END_TO_END_TIMEOUT_S = 60.0
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str], list[str]]:
+    code = main(["demo", *args])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+@pytest.mark.parametrize("count", [1, 3, 5, demo.MAX_NODES])
+def test_generated_config_passes_the_check(tmp_path: Path, count: int) -> None:
+    plan = demo.plan_demo(count, tmp_path / "d")
+    result = conf.check(plan.config_text)
+    assert result.ok and not result.warnings, [str(e) for e in result.errors + result.warnings]
+    config = result.config
+    assert config is not None
+    assert (config.cluster_name, config.transport, config.config_version) == ("demo", "udpu", 1)
+    assert [(i.name, i.nodeid, i.addr, i.votes) for i in config.node_infos()] == [
+        (f"node{i}", i, f"127.0.0.{10 + i}", 1) for i in range(1, count + 1)]
+    params = conf.totem_params(config)
+    assert params.token == 1000  # whatever the node count: a kill is noticed within a second
+    assert params.consensus == 1200
+    assert params.hold < params.token_retransmit < params.token
+    assert not (tmp_path / "d").exists()  # planning touches nothing
+
+
+def test_plan_paths_and_argv(tmp_path: Path) -> None:
+    plan = demo.plan_demo(3, tmp_path / "d")
+    root = (tmp_path / "d").resolve()
+    assert plan.root == root
+    for i, node in enumerate(plan.nodes, 1):
+        home = root / f"node{i}"
+        assert (node.config, node.authkey) == (home / "corosync.conf", home / "authkey")
+        assert (node.data_dir, node.run_dir, node.mount) == (home / "data", home / "run",
+                                                             home / "mnt")
+        assert node.argv() == [sys.executable, "-m", "pmxfs", "daemon",
+                               "--config", str(home / "corosync.conf"),
+                               "--authkey", str(home / "authkey"), "--node", f"node{i}",
+                               "--mount", str(home / "mnt"), "--data-dir", str(home / "data"),
+                               "--run-dir", str(home / "run")]
+
+
+def test_argv_is_a_daemon_command_line(tmp_path: Path) -> None:
+    node = demo.plan_demo(2, tmp_path).nodes[1]
+    args = build_parser().parse_args(node.argv()[3:])
+    assert args.handler is daemon.run
+    assert (args.config, args.authkey, args.node, args.mount, args.data_dir, args.run_dir) == (
+        str(node.config), str(node.authkey), "node2", str(node.mount), str(node.data_dir),
+        str(node.run_dir))
+    assert not args.local
+
+
+def test_demo_json_shape(tmp_path: Path) -> None:
+    plan = demo.plan_demo(3, tmp_path / "d")
+    record = json.loads(json.dumps(demo.demo_record(plan, {"node1": 11, "node2": 12,
+                                                           "node3": 13})))
+    assert list(record) == ["nodes"]
+    assert [n["name"] for n in record["nodes"]] == ["node1", "node2", "node3"]
+    for i, entry in enumerate(record["nodes"], 1):
+        node = plan.nodes[i - 1]
+        assert set(entry) == NODE_KEYS
+        assert (entry["nodeid"], entry["pid"], entry["argv"]) == (i, 10 + i, node.argv())
+        for key in ("config", "authkey", "data_dir", "run_dir", "mount"):
+            assert os.path.isabs(entry[key]) and entry[key].startswith(str(plan.root)), key
+        assert entry["mount"] == str(plan.root / f"node{i}" / "mnt")
+
+
+def test_guide_names_mounts_pids_and_commands(tmp_path: Path) -> None:
+    plan = demo.plan_demo(3, tmp_path)
+    text = demo.guide(plan, {"node1": 101, "node2": 102, "node3": 103})
+    for node in plan.nodes:
+        assert str(node.mount) in text
+    assert f"echo hi > {plan.nodes[0].mount / 'hello'}" in text
+    assert f"cat {plan.nodes[1].mount / 'hello'}" in text
+    assert f"cat {plan.nodes[0].mount / '.members'}" in text
+    assert "kill -9 103" in text
+    assert f"--run-dir {plan.nodes[0].run_dir} status" in text
+    assert f"--run-dir {plan.nodes[0].run_dir} expected 1" in text
+    assert "Ctrl-C" in text
+
+
+def members(quorate: int, online: dict[str, int]) -> bytes:
+    return json.dumps({"nodename": "node1", "version": 3,
+                       "cluster": {"name": "demo", "version": 1, "nodes": len(online),
+                                   "quorate": quorate},
+                       "nodelist": {name: {"id": i, "online": up, "ip": f"127.0.0.{10 + i}"}
+                                    for i, (name, up) in enumerate(online.items(), 1)}}).encode()
+
+
+def test_ready_means_every_node_online_and_quorate() -> None:
+    names = {"node1", "node2", "node3"}
+    assert demo.members_ready(members(1, {"node1": 1, "node2": 1, "node3": 1}), names)
+    assert not demo.members_ready(members(1, {"node1": 1, "node2": 1, "node3": 0}), names)
+    assert not demo.members_ready(members(0, {"node1": 1, "node2": 1, "node3": 1}), names)
+    assert not demo.members_ready(members(1, {"node1": 1, "node2": 1}), names)
+    for garbage in (b"", b"{", b"[]", b'{"cluster": 1}', b'{"cluster": {}, "nodelist": []}'):
+        assert not demo.members_ready(garbage, names)
+
+
+# ---------------------------------------------------------------------------- the directory
+
+
+def test_prepare_creates_the_layout(tmp_path: Path) -> None:
+    plan = demo.plan_demo(3, tmp_path / "d")
+    demo.prepare(plan)
+    keys = set()
+    for node in plan.nodes:
+        assert node.config.read_text() == plan.config_text
+        assert stat.S_IMODE(node.authkey.stat().st_mode) == 0o400
+        keys.add(node.authkey.read_bytes())
+        for sub in (node.data_dir, node.run_dir, node.mount):
+            assert sub.is_dir()
+        assert not any(p.name.endswith(".tmp") for p in node.home.iterdir())
+    assert len(keys) == 1 and len(next(iter(keys))) == 256
+
+
+def test_prepare_again_reuses_config_key_and_data(tmp_path: Path) -> None:
+    plan = demo.plan_demo(3, tmp_path / "d")
+    demo.prepare(plan)
+    n1, n2, n3 = plan.nodes
+    key = n1.authkey.read_bytes()
+    newer = plan.config_text.replace("config_version: 1", "config_version: 2")
+    n1.config.chmod(0o644)
+    n1.config.write_text(newer)  # as the cluster rewrites it after a change through the tree
+    (n2.data_dir / "config.db").write_bytes(b"kept")
+    n3.config.unlink()
+    n3.authkey.unlink()
+    demo.prepare(plan)
+    assert n1.config.read_text() == newer
+    assert n3.config.read_text() == newer  # the newest config of the cluster, not version 1
+    assert [n.authkey.read_bytes() for n in plan.nodes] == [key] * 3
+    assert (n2.data_dir / "config.db").read_bytes() == b"kept"
+
+
+def test_refuses_a_dir_of_another_node_count(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    demo.prepare(demo.plan_demo(3, tmp_path))
+    before = {p: p.read_bytes() for p in tmp_path.glob("node*/*") if p.is_file()}
+    code, out, err = run_cli(capsys, "--nodes", "2", "--dir", str(tmp_path))
+    assert (code, out) == (1, [])
+    assert err == [f"pmxfs: {tmp_path} holds a demo of 3 nodes ({tmp_path}/node1/corosync.conf); "
+                   "run with --nodes 3 or use another --dir"]
+    assert {p: p.read_bytes() for p in tmp_path.glob("node*/*") if p.is_file()} == before
+    assert not (tmp_path / "node4").exists()
+
+
+def test_refuses_differing_authkeys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = demo.plan_demo(2, tmp_path)
+    demo.prepare(plan)
+    plan.nodes[1].authkey.unlink()
+    plan.nodes[1].authkey.write_bytes(os.urandom(256))
+    code, _, err = run_cli(capsys, "--nodes", "2", "--dir", str(tmp_path))
+    assert code == 1
+    assert err == [f"pmxfs: {plan.nodes[0].authkey} and {plan.nodes[1].authkey} differ; every "
+                   "node needs the same authkey"]
+
+
+def test_refuses_a_dir_in_use_by_another_demo(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    fd = os.open(tmp_path / "demo.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        code, _, err = run_cli(capsys, "--dir", str(tmp_path))
+    finally:
+        os.close(fd)
+    assert code == 1
+    assert err == [f"pmxfs: another pmxfs demo is running in {tmp_path}"]
+    assert not (tmp_path / "node1").exists()
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("value", ["0", "17", "x", "-1", "2.5", ""])
+def test_bad_node_count_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    value: str) -> None:
+    code, out, err = run_cli(capsys, "--nodes", value, "--dir", str(tmp_path / "d"))
+    assert (code, out) == (2, [])
+    assert err == [f"pmxfs: --nodes must be a number from 1 to 16, not {value!r}"]
+    assert not (tmp_path / "d").exists()
+
+
+def test_dir_that_is_a_file_is_one_line(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "file"
+    path.write_text("x")
+    code, _, err = run_cli(capsys, "--dir", str(path))
+    assert code == 1
+    assert err == [f"pmxfs: {path} is not a directory"]
+
+
+def test_python_dash_m_pmxfs_runs_the_cli(tmp_path: Path) -> None:
+    """The daemons are started as `python -m pmxfs daemon ...`."""
+    proc = subprocess.run([sys.executable, "-m", "pmxfs", "demo", "--nodes", "0", "--dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == "pmxfs: --nodes must be a number from 1 to 16, not '0'\n"
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def fuse_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the demo's FUSE mounts need root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse on this machine"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 (package fuse3) is not installed"
+    return None
+
+
+def read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def load_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record
+
+
+def runs(pid: int, argv: list[str]) -> bool:
+    """Whether process `pid` still runs exactly `argv` (so a reused PID is never signalled)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return cmdline.split(b"\0")[:-1] == [a.encode() for a in argv]
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    reason = fuse_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    root = tmp_path.resolve() / "demo"  # as the demo and /proc/self/mountinfo name it
+    output = tmp_path / "demo.out"
+    with open(output, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pmxfs", "demo", "--nodes", "3", "--dir",
+                                 str(root)], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    nodes: list[dict[str, Any]] = []
+
+    def details() -> str:
+        logs = "\n".join(f"--- {p}:\n{read(p)}" for p in sorted(root.glob("node*/daemon.log")))
+        return f"--- demo output:\n{read(output)}\n{logs}"
+
+    try:
+        def started() -> dict[str, Any] | None:
+            assert proc.poll() is None, f"the demo exited with {proc.returncode}\n{details()}"
+            return load_record(root / "demo.json")
+
+        record = wait_until(started, END_TO_END_TIMEOUT_S, "demo.json", details)
+        nodes = record["nodes"]
+        assert [(n["name"], n["nodeid"]) for n in nodes] == [("node1", 1), ("node2", 2),
+                                                              ("node3", 3)]
+        assert all(set(n) == NODE_KEYS for n in nodes)
+        mounts = [Path(n["mount"]) for n in nodes]
+        wait_until(lambda: all(str(m) in demo.mount_points() and (m / ".members").exists()
+                               for m in mounts),
+                   END_TO_END_TIMEOUT_S, "the three mounts", details)
+        (mounts[0] / "hello").write_text("hi\n")
+        wait_until(lambda: read(mounts[1] / "hello") == "hi\n", END_TO_END_TIMEOUT_S,
+                   "node2 to read what node1 wrote", details)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(END_TO_END_TIMEOUT_S) == 0, details()
+        assert not [m for m in mounts if str(m) in demo.mount_points()]
+        assert not [n["name"] for n in nodes if runs(n["pid"], n["argv"])]
+        assert not (root / "demo.json").exists()  # its PIDs are stale now
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        for node in nodes:  # a killed demo leaves its daemons (own sessions) running
+            if runs(node["pid"], node["argv"]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node["pid"], signal.SIGKILL)
+        for mount in sorted(root.glob("node*/mnt")):
+            if str(mount) in demo.mount_points():
+                subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30,
+                               check=False)
