@@ -151,6 +151,10 @@ def test_corosync_conf_is_validated_and_distributed(cluster: DaemonCluster) -> N
     result = sh(f"cp {bad} corosync.conf", m1)
     assert result.returncode != 0 and "Invalid argument" in result.stderr
     assert read(tree_conf) == cluster.config_text
+    wait_until(lambda: "refused a new corosync.conf" in (read(cluster["node2"].mount
+                                                            / ".clusterlog") or ""),
+               REPLICATION_TIMEOUT_S, "the refusal's reason in the cluster log")
+    assert "token" in cluster["node1"].log.read_text()
     newer = cluster.config_text.replace("config_version: 1", "config_version: 2")
     good = cluster.root / "good.conf"
     good.write_text(newer)

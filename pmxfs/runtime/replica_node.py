@@ -31,8 +31,9 @@ from typing import Any
 import trio
 
 from pmxfs.core.conf import ClusterConfig
+from pmxfs.core.conf import check as check_config
 from pmxfs.core.entry import guest_config
-from pmxfs.core.fsop import FsOp, Mkdir, WriteFile
+from pmxfs.core.fsop import FsOp, Mkdir, Rename, WriteFile, op_paths
 from pmxfs.core.memdb import COROSYNC_CONF, MemDB
 from pmxfs.core.persist import Persist
 from pmxfs.core.replica import (
@@ -144,7 +145,26 @@ class ReplicaNode:
     async def write(self, op: FsOp) -> Reply:
         request = self._new_request()
         self.replica.propose(self.now(), request, op)
-        return await self._wait(request)
+        reply = await self._wait(request)
+        if reply.errno == E.EINVAL and COROSYNC_CONF in op_paths(op):
+            await self._explain_refused_config(op)
+        return reply
+
+    async def _explain_refused_config(self, op: FsOp) -> None:
+        """A refused corosync.conf: say why in the daemon log and the cluster log."""
+        if isinstance(op, WriteFile):
+            text = op.data.decode("utf-8", "replace")
+        elif isinstance(op, Rename) and (entry := self.memdb.lookup(op.src)) is not None:
+            text = entry.data.decode("utf-8", "replace")
+        else:
+            return
+        current = self.memdb.lookup(COROSYNC_CONF)
+        base = None if current is None else check_config(current.data.decode("utf-8", "replace"))
+        result = check_config(text, current=None if base is None else base.config)
+        reasons = "; ".join(str(e) for e in result.errors) or "the update is not allowed"
+        message = f"refused a new corosync.conf: {reasons}"
+        log.warning("%s", message)
+        await self.log(priority=3, tag="pmxfs", user="root", pid=os.getpid(), msg=message)
 
     def virtual_file(self, name: str) -> bytes:
         if name == ".members":
