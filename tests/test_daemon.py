@@ -4,6 +4,7 @@ tools and the `pmxfs` CLI (issue 6). They skip with a reason without root or /de
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 from cpg_harness import wait_until
 from daemon_harness import DaemonCluster, fuse_unavailable, is_mounted
+
+from pmxfs.control_cli import check_status_shape
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -179,6 +182,19 @@ def test_restart_keeps_data_and_a_stale_mount_is_recovered(cluster: DaemonCluste
     cluster.wait_mounted("node1")
     cluster.wait_synced(["node1", "node2", "node3"])
     assert read(m1 / "kept.txt") == "kept\n"
+
+
+def test_status_and_nodes_have_the_documented_shape(cluster: DaemonCluster) -> None:
+    status = cluster.status("node2")
+    assert check_status_shape(status) == []
+    assert status["node"] == {"name": "node2", "nodeid": 2}
+    assert status["quorum"]["quorate"] is True and status["fs"]["synced"] is True
+    assert [m["nodeid"] for m in status["membership"]["members"]] == [1, 2, 3]
+    nodes = json.loads(cluster.cli("node2", "nodes", "--json").stdout)
+    assert [(n["name"], n["local"]) for n in nodes] == [("node1", False), ("node2", True),
+                                                         ("node3", False)]
+    text = cluster.cli("node2", "status").stdout
+    assert "Quorate:          Yes" in text and "node2 (local)" in text
 
 
 def test_second_daemon_on_the_same_data_is_refused(cluster: DaemonCluster) -> None:
