@@ -85,9 +85,12 @@ def _deliver(sender: int, counter: int, ring: RingId, seq: int) -> Deliver:
 
 
 def _install(checker: TotemChecker, node: int, ring: RingId, members: tuple[int, ...],
-             trans: tuple[int, ...]) -> None:
-    checker.on_confchg((node, 0), ConfChange(ConfChangeKind.TRANSITIONAL, ring, trans, (), ()))
-    checker.on_confchg((node, 0), ConfChange(ConfChangeKind.REGULAR, ring, members, (), ()))
+             trans: tuple[int, ...], old: tuple[int, ...] | None = None) -> None:
+    """Node `node` moves from a ring of `old` members (default: itself) to `ring`."""
+    left = tuple(sorted(set(old or (node,)) - set(trans)))
+    joined = tuple(sorted(set(members) - set(trans)))
+    checker.on_confchg((node, 0), ConfChange(ConfChangeKind.TRANSITIONAL, ring, trans, left, ()))
+    checker.on_confchg((node, 0), ConfChange(ConfChangeKind.REGULAR, ring, members, (), joined))
 
 
 def _two_node_checker() -> tuple[TotemChecker, RingId]:
@@ -122,9 +125,21 @@ def test_checker_catches_virtual_synchrony_breach() -> None:
     checker, ring = _two_node_checker()
     checker.on_deliver((1, 0), _deliver(1, 1, ring, 1))
     new = RingId(seq=8, rep=1)
-    _install(checker, 1, new, (1, 2), (1, 2))
+    _install(checker, 1, new, (1, 2), (1, 2), old=(1, 2))
     with pytest.raises(Violation, match="different set"):
-        _install(checker, 2, new, (1, 2), (1, 2))
+        _install(checker, 2, new, (1, 2), (1, 2), old=(1, 2))
+
+
+def test_checker_catches_wrong_left_and_joined_lists() -> None:
+    checker, _ = _two_node_checker()
+    new = RingId(seq=8, rep=1)
+    checker.on_confchg((1, 0), ConfChange(ConfChangeKind.TRANSITIONAL, new, (1,), (), ()))
+    with pytest.raises(Violation, match="left="):
+        checker.on_confchg((1, 0), ConfChange(ConfChangeKind.REGULAR, new, (1,), (), ()))
+    checker, _ = _two_node_checker()
+    checker.on_confchg((1, 0), ConfChange(ConfChangeKind.TRANSITIONAL, new, (1,), (2,), ()))
+    with pytest.raises(Violation, match="joined="):
+        checker.on_confchg((1, 0), ConfChange(ConfChangeKind.REGULAR, new, (1, 3), (), ()))
 
 
 @pytest.mark.parametrize("stable_first", [True, False])
@@ -135,9 +150,9 @@ def test_checker_catches_a_false_stable_point(stable_first: bool) -> None:
     if stable_first:
         checker.on_stable((1, 0), Stable(ring, 1))
         with pytest.raises(Violation, match="stable point"):
-            _install(checker, 2, RingId(seq=8, rep=2), (2,), (2,))
+            _install(checker, 2, RingId(seq=8, rep=2), (2,), (2,), old=(1, 2))
     else:
-        _install(checker, 2, RingId(seq=8, rep=2), (2,), (2,))
+        _install(checker, 2, RingId(seq=8, rep=2), (2,), (2,), old=(1, 2))
         with pytest.raises(Violation, match="stable point"):
             checker.on_stable((1, 0), Stable(ring, 1))
 

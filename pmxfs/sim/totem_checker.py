@@ -11,7 +11,8 @@ counter order. The checks:
   a ring's messages in increasing (seq, counter) order — together, one total order per ring;
 * virtual synchrony: members that move together from ring A to ring B delivered exactly the same
   set of ring-A messages and report the same transitional membership; every member that installs
-  ring B reports the same regular membership;
+  ring B reports the same regular membership; the transitional set lies within ring A and names
+  the rest of A as left, and the regular configuration names B minus that set as joined;
 * stability: once any member reports `Stable(ring, s)`, every member that moves on from that ring
   (rather than crashing) has delivered every message of the ring at seq <= s;
 * self-delivery: (checked at the end) every message accepted by a node that never crashed was
@@ -110,6 +111,14 @@ class TotemChecker:
             raise Violation(f"n{key[0]} got a regular configuration without a transitional one")
         if not set(trans.members) <= set(c.members):
             raise Violation(f"n{key[0]}: transitional {trans.members} not within {c.members}")
+        old_members = self.regular.get(view.ring, (key[0],))
+        if set(trans.left) != set(old_members) - set(trans.members) or not set(
+                trans.members) <= set(old_members):
+            raise Violation(f"n{key[0]}: transitional {trans.members} left={trans.left} does "
+                            f"not match the old ring {old_members}")
+        if set(c.joined) != set(c.members) - set(trans.members) or c.left:
+            raise Violation(f"n{key[0]}: regular {c.members} joined={c.joined} left={c.left} "
+                            f"does not match the transitional {trans.members}")
         known = self.regular.setdefault(c.ring_id, c.members)
         if known != c.members:
             raise Violation(f"ring {c.ring_id}: members {c.members} on n{key[0]}, else {known}")
