@@ -208,19 +208,6 @@ class StoredState:
     meta: dict[str, bytes] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ReplicaStatus:
-    node_id: int
-    mode: Mode
-    ring_id: RingId
-    members: tuple[int, ...]
-    version: int
-    checksum: str
-    quorum: QuorumStatus
-    pending: int
-    counters: dict[str, int]
-
-
 class Replica:
     """One node's replica; see the module comment. Inputs: `receive`, `on_timer`, `propose`,
     `propose_expected`, `log`; outputs via `drain`; `next_deadline` for the timer."""
@@ -391,13 +378,6 @@ class Replica:
         h.update(msgpack.packb(encode_history(tuple(self.history))))
         h.update(msgpack.packb(encode_applied(self._applied_items())))
         return h.digest()
-
-    def status(self) -> ReplicaStatus:
-        return ReplicaStatus(node_id=self.node_id, mode=self.mode, ring_id=self.ring,
-                             members=self.members, version=self.memdb.version,
-                             checksum=self.memdb.checksum().hex(),
-                             quorum=self.quorum.status(), pending=len(self.pending),
-                             counters=dict(self.counters))
 
     # ------------------------------------------------------------------ the loop
 
