@@ -419,24 +419,26 @@ class Replica:
         self.outbox.append((encode_msg(msg), tag))
 
     def _emit_persist(self) -> bool:
-        """Emit the batch's Persist (and announce it when it holds decisions of this ring);
-        False when there was nothing to persist."""
-        if not (self._upserts or self._removed or self._meta or self._replace_all):
-            return False
-        self.outputs.append(Persist(
-            version=self.memdb.version,
-            upserts=tuple(self._upserts[i] for i in sorted(self._upserts)),
-            removed=tuple(sorted(self._removed)),
-            replace_all=self._replace_all,
-            meta=tuple(sorted(self._meta.items())),
-        ))
-        self._upserts, self._removed, self._meta = {}, set(), {}
-        self._replace_all = False
-        ring, seq = self._deliver_at
-        if self._decided_in_batch and ring == self.ring:
-            self._send(PersistedMsg(ring, seq))
+        """Emit the batch's Persist, and announce what is on disk when the batch decided
+        something in this ring (a completed sync counts, even with nothing new to write: its
+        settled answers wait for the announcement); False when there was nothing to do."""
+        wrote = bool(self._upserts or self._removed or self._meta or self._replace_all)
+        if wrote:
+            self.outputs.append(Persist(
+                version=self.memdb.version,
+                upserts=tuple(self._upserts[i] for i in sorted(self._upserts)),
+                removed=tuple(sorted(self._removed)),
+                replace_all=self._replace_all,
+                meta=tuple(sorted(self._meta.items())),
+            ))
+            self._upserts, self._removed, self._meta = {}, set(), {}
+            self._replace_all = False
+        announce = self._decided_in_batch
         self._decided_in_batch = False
-        return True
+        ring, seq = self._deliver_at
+        if announce and ring == self.ring:
+            self._send(PersistedMsg(ring, seq))
+        return wrote or announce
 
     def _flush_batch(self) -> None:
         if self._invalid or self._invalid_all:
@@ -826,7 +828,7 @@ class Replica:
         if self.quorum.status().quorate and self.quorate_ring_seq != self.ring.seq:
             self.quorate_ring_seq = self.ring.seq
             self._meta[META_QUORATE_RING] = b"%d" % self.ring.seq
-            self._decided_in_batch = True  # the stamp must be durable before answers rely on it
+        self._decided_in_batch = True  # answers settled here wait until this point is durable
         self._emit_event(SyncCompleted(self.ring, self.epoch, self.leader, adopted,
                                        self.state_checksum()))
         queue, self.queue = self.queue, []
