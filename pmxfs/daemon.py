@@ -31,13 +31,14 @@ from pmxfs import config_check
 from pmxfs.core import conf
 from pmxfs.core.replica import DEFAULT_VERIFY_INTERVAL_MS
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
+from pmxfs.runtime.core_loop import FrameTransport
 from pmxfs.runtime.database import Database, DatabaseError
 from pmxfs.runtime.frame_crypto import FrameCrypto
 from pmxfs.runtime.fuse_ops import MOUNT_OPTIONS, PmxfsOperations
 from pmxfs.runtime.ipc import serve_control
 from pmxfs.runtime.memory_transport import MemoryHub
 from pmxfs.runtime.replica_node import ReplicaNode
-from pmxfs.runtime.totem_node import FrameTransport, RingSeqFileError, RingSeqStore
+from pmxfs.runtime.totem_node import RingSeqFileError, RingSeqStore
 from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
 
 log = logging.getLogger("pmxfs")
@@ -197,16 +198,15 @@ async def _serve(args: argparse.Namespace, run_dir: Path) -> int:
         try:
             return await _mounted(node, mount, run_dir)
         finally:
-            close = getattr(transport, "close", None)
-            if close is not None:
-                close()
+            transport.close()
             database.close()
     finally:
         os.close(lock_fd)
 
 
 async def _mounted(node: ReplicaNode, mount: Path, run_dir: Path) -> int:
-    ops = PmxfsOperations(node, gid=_www_data_gid())
+    gid = _www_data_gid()
+    ops = PmxfsOperations(node, gid=gid)
     _unmount_stale(mount)
     options = set(pyfuse3.default_options) | set(MOUNT_OPTIONS)
     try:
@@ -222,7 +222,7 @@ async def _mounted(node: ReplicaNode, mount: Path, run_dir: Path) -> int:
                 nursery.start_soon(pyfuse3.main)
                 nursery.start_soon(ops.run_invalidations)
                 await nursery.start(functools.partial(
-                    serve_control, socket_path, node, www_data_gid=_www_data_gid() or None))
+                    serve_control, socket_path, node, www_data_gid=gid or None))
                 nursery.start_soon(_ready_when_mounted, mount, node)
                 async for signum in signals:
                     log.info("signal %d: unmounting %s and stopping", signum, mount)

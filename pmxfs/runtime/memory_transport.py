@@ -59,3 +59,9 @@ class MemoryTransport:
                 break
         self._counters["frames_received"] += len(batch)
         return batch
+
+    def close(self) -> None:
+        """Leave the hub (unless a newer transport of this node took the place): frames sent to
+        this node from now on are dropped."""
+        if self.hub.transports.get(self.node_id) is self:
+            del self.hub.transports[self.node_id]

@@ -1,9 +1,8 @@
 """The running node: a `Replica` driven with real time, frames, a database and local files.
 
-`ReplicaNode.run()` is two tasks in the daemon's one trio thread (so the pure core is only ever
-called from one place at a time), exactly as `TotemNode` does for totem alone: a receive task
-feeds authenticated frames in batches, a timer task sleeps until the core's next deadline. After
-every core call the outputs are carried out in their order:
+`ReplicaNode.run()` drives the replica with a `CoreLoop` (receive and timer tasks in the daemon's
+one trio thread, see runtime/core_loop.py). After every core call the outputs are carried out in
+their order:
 * `Send` → transport; `PersistRingSeq` → the ring seq file (fsynced before later frames leave);
 * `Persist` → one SQLite transaction, committed before anything after it happens — in
   particular before the `Reply` that acknowledges the write and before the frames announcing
@@ -58,9 +57,10 @@ from pmxfs.core.status import (
 )
 from pmxfs.core.totem import ConfChange, ConfChangeKind, PersistRingSeq, Send
 from pmxfs.core.totem_params import TotemParams
+from pmxfs.runtime.core_loop import CoreLoop, FrameTransport
 from pmxfs.runtime.database import Database
 from pmxfs.runtime.node_api import Invalidator
-from pmxfs.runtime.totem_node import FrameTransport, RingSeqStore
+from pmxfs.runtime.totem_node import RingSeqStore
 
 log = logging.getLogger("pmxfs")
 
@@ -99,7 +99,7 @@ class ReplicaNode:
         self._name = next(i.name for i in self.infos if i.nodeid == node_id)
         self.debug_enabled = False
         self.started_at = int(time.time())
-        self._epoch = trio.current_time()
+        self.loop = CoreLoop(transport, self._flush)
         self._wall_offset = int(time.time() * 1000)
         self._invalidator: Invalidator = lambda paths, everything: None
         self._waiters: dict[int, _Waiter] = {}
@@ -107,8 +107,6 @@ class ReplicaNode:
         self._members_version = 0
         self._vmlist_version = 0
         self._counters = ChangeCounters()
-        self._sleeping_until: int | None = None
-        self._wakeup = trio.Event()
         self.synced_once = trio.Event()
         loaded = database.load()
         self.replica = Replica(
@@ -121,7 +119,7 @@ class ReplicaNode:
     # ------------------------------------------------------------------ time
 
     def now(self) -> int:
-        return int((trio.current_time() - self._epoch) * 1000)
+        return self.loop.now()
 
     def wall_seconds(self) -> int:
         return int(time.time())
@@ -216,7 +214,6 @@ class ReplicaNode:
     async def set_expected(self, expected: int) -> Reply:
         request = self._new_request()
         self.replica.propose_expected(self.now(), request, expected)
-        self._flush()
         return await self._wait(request)
 
     async def log(self, *, priority: int, tag: str, user: str, pid: int, msg: str) -> None:
@@ -255,31 +252,8 @@ class ReplicaNode:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._receive_loop)
-            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self.loop.run, self.replica)
             nursery.start_soon(self._first_start_setup)
-
-    async def _receive_loop(self) -> None:
-        while True:
-            batch = await self.transport.recv_batch()
-            now = self.now()
-            for src, data in batch:
-                self.replica.receive(now, src, data)
-            self._flush()
-
-    async def _timer_loop(self) -> None:
-        while True:
-            deadline = self.replica.next_deadline()
-            self._sleeping_until = deadline
-            self._wakeup = trio.Event()
-            if deadline is None:
-                await self._wakeup.wait()
-                continue
-            with trio.move_on_at(self._epoch + deadline / 1000) as sleep:
-                await self._wakeup.wait()
-            if sleep.cancelled_caught:
-                self.replica.on_timer(max(self.now(), deadline))
-                self._flush()
 
     async def _first_start_setup(self) -> None:
         """Once this node can write: nodes/<me>/{qemu-server,lxc,priv}, and the cluster's
@@ -332,8 +306,7 @@ class ReplicaNode:
                 self._write_local_config(out.text)
         if self.replica.synced():
             self.synced_once.set()
-        if self.replica.next_deadline() != self._sleeping_until:
-            self._wakeup.set()
+        self.loop.deadline_changed(self.replica.next_deadline())
 
     def _on_invalidate(self, inv: Invalidate) -> None:
         if inv.everything:

@@ -1,16 +1,11 @@
 """The trio side of one totem instance: real time, real frames, the ring seq on disk.
 
-`TotemNode.run()` is two cooperating tasks in one trio thread, so the pure `Totem` core is only
-ever called from one place at a time:
-* the receive task awaits the next authenticated frames from the transport (all that are already
-  queued, so a busy node does its bookkeeping once per batch) and feeds them to the core;
-* the timer task sleeps exactly until the core's `next_deadline()` (or until an input moved that
-  deadline earlier) and then calls `on_timer`. An idle node sleeps; there is no polling.
-After every core call the outputs are carried out in order: a `PersistRingSeq` is written and
-fsynced before any later `Send` leaves, `Send`s go to the transport, and deliveries and
-configuration changes are queued, in order, for the layer above (`events()`), as one batch per
-core call: a busy ring delivers thousands of messages a second, and waking the consumer once per
-message would cost more than ordering them.
+`TotemNode.run()` drives the pure `Totem` core with a `CoreLoop` (receive and timer tasks, see
+runtime/core_loop.py). After every core call the outputs are carried out in order: a
+`PersistRingSeq` is written and fsynced before any later `Send` leaves, `Send`s go to the
+transport, and deliveries and configuration changes are queued, in order, for the layer above
+(`events()`), as one batch per core call: a busy ring delivers thousands of messages a second,
+and waking the consumer once per message would cost more than ordering them.
 
 `mcast()` applies back-pressure: while the core's bounded send queue is full it waits until the
 core has sent something, instead of growing a queue of its own.
@@ -23,7 +18,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import trio
 
@@ -38,19 +32,9 @@ from pmxfs.core.totem import (
     TotemStatus,
 )
 from pmxfs.core.totem_params import TotemParams
+from pmxfs.runtime.core_loop import CoreLoop, FrameTransport
 
 Event = Deliver | ConfChange | Stable
-
-
-class FrameTransport(Protocol):
-    """What a node needs from a transport: authenticated frames in, frames out."""
-
-    def send(self, to: int | None, payload: bytes) -> None: ...
-
-    async def recv_batch(self, limit: int = 64) -> list[tuple[int, bytes]]: ...
-
-    @property
-    def counters(self) -> dict[str, int]: ...
 
 
 class RingSeqFileError(Exception):
@@ -112,21 +96,14 @@ class TotemNode:
     ) -> None:
         self.transport = transport
         self.store = store
-        self._epoch = trio.current_time()
+        self.loop = CoreLoop(transport, self._flush)
         self.totem = Totem(node_id, nodes, params, 0, ring_seq=store.load())
-        self._sleeping_until: int | None = None
-        self._wakeup = trio.Event()
         self._space = trio.Event()
         self._events_send, self._events_recv = trio.open_memory_channel[list[Event]](math.inf)
         self._flush()
 
-    # ------------------------------------------------------------------ time
-
     def now(self) -> int:
-        return int((trio.current_time() - self._epoch) * 1000)
-
-    def _trio_time(self, ms: int) -> float:
-        return self._epoch + ms / 1000
+        return self.loop.now()
 
     # ------------------------------------------------------------------ interface
 
@@ -148,35 +125,7 @@ class TotemNode:
         return NodeStatus(self.totem.status(), dict(self.transport.counters))
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._receive_loop)
-            nursery.start_soon(self._timer_loop)
-
-    # ------------------------------------------------------------------ loops
-
-    async def _receive_loop(self) -> None:
-        while True:
-            batch = await self.transport.recv_batch()
-            now = self.now()
-            for src, data in batch:
-                self.totem.receive(now, src, data)
-            self._flush()
-
-    async def _timer_loop(self) -> None:
-        while True:
-            deadline = self.totem.next_deadline()
-            self._sleeping_until = deadline
-            self._wakeup = trio.Event()
-            if deadline is None:
-                await self._wakeup.wait()
-                continue
-            with trio.move_on_at(self._trio_time(deadline)) as sleep:
-                await self._wakeup.wait()
-            if sleep.cancelled_caught:
-                # trio woke us at or after the deadline; millisecond rounding must not make
-                # the core see an earlier time and leave us spinning until the clock moves.
-                self.totem.on_timer(max(self.now(), deadline))
-                self._flush()
+        await self.loop.run(self.totem)
 
     def _flush(self) -> None:
         events: list[Event] = []
@@ -189,8 +138,7 @@ class TotemNode:
                 events.append(out)
         if events:
             self._events_send.send_nowait(events)
-        if self.totem.next_deadline() != self._sleeping_until:
-            self._wakeup.set()
+        self.loop.deadline_changed(self.totem.next_deadline())
         if len(self.totem.pending) < self.totem.send_queue_messages:
             self._space.set()
 

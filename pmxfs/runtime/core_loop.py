@@ -1,0 +1,87 @@
+"""Drives a pure core (`Totem`, `Replica`) with real time and real frames.
+
+`CoreLoop.run(core)` is two cooperating tasks in one trio thread, so the core is only ever called
+from one place at a time:
+* the receive task awaits the next authenticated frames from the transport (all that are already
+  queued, so a busy node does its bookkeeping once per batch) and feeds them to the core;
+* the timer task sleeps exactly until the core's `next_deadline()` (or until an input moved that
+  deadline earlier) and then calls `on_timer`. An idle node sleeps; there is no polling.
+After every core call the owner's `flush` carries out the outputs and ends with
+`deadline_changed`, which wakes the timer task when the core wants to be called at another time.
+Time 0 of the core is when the loop was created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+
+class FrameTransport(Protocol):
+    """What a node needs from a transport: authenticated frames in, frames out."""
+
+    def send(self, to: int | None, payload: bytes) -> None: ...
+
+    async def recv_batch(self, limit: int = 64) -> list[tuple[int, bytes]]: ...
+
+    @property
+    def counters(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class Core(Protocol):
+    def receive(self, now: int, src: int, data: bytes) -> None: ...
+
+    def on_timer(self, now: int) -> None: ...
+
+    def next_deadline(self) -> int | None: ...
+
+
+class CoreLoop:
+    def __init__(self, transport: FrameTransport, flush: Callable[[], None]) -> None:
+        self._transport = transport
+        self._flush = flush
+        self._epoch = trio.current_time()
+        self._sleeping_until: int | None = None
+        self._wakeup = trio.Event()
+
+    def now(self) -> int:
+        """Milliseconds since the loop was created: the core's clock."""
+        return int((trio.current_time() - self._epoch) * 1000)
+
+    def deadline_changed(self, deadline: int | None) -> None:
+        """Called by `flush` with the core's next deadline after every core call."""
+        if deadline != self._sleeping_until:
+            self._wakeup.set()
+
+    async def run(self, core: Core) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_loop, core)
+            nursery.start_soon(self._timer_loop, core)
+
+    async def _receive_loop(self, core: Core) -> None:
+        while True:
+            batch = await self._transport.recv_batch()
+            now = self.now()
+            for src, data in batch:
+                core.receive(now, src, data)
+            self._flush()
+
+    async def _timer_loop(self, core: Core) -> None:
+        while True:
+            deadline = core.next_deadline()
+            self._sleeping_until = deadline
+            self._wakeup = trio.Event()
+            if deadline is None:
+                await self._wakeup.wait()
+                continue
+            with trio.move_on_at(self._epoch + deadline / 1000) as sleep:
+                await self._wakeup.wait()
+            if sleep.cancelled_caught:
+                # trio woke us at or after the deadline; millisecond rounding must not make
+                # the core see an earlier time and leave us spinning until the clock moves.
+                core.on_timer(max(self.now(), deadline))
+                self._flush()
