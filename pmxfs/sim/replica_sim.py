@@ -22,7 +22,6 @@ Checkers (`ReplicaChecker`):
 from __future__ import annotations
 
 import errno as E
-import hashlib
 import random
 import traceback
 from collections.abc import Callable
@@ -65,6 +64,7 @@ from .faults import FaultOdds, random_fault
 from .network import Network, SimNode, SimulationStuck
 from .totem_checker import Violation
 from .totem_sim import RunResult, sim_params
+from .trace import Trace
 
 NodeKey = tuple[int, int]
 REPLICA_FAULTS = FaultOdds(partition=0.80, isolate=0.83, heal=0.90, crash=0.93, restart=0.97)
@@ -193,10 +193,8 @@ class ReplicaCluster:
         self.rng = rng
         self.config = cluster_config(node_ids)
         self.checker = ReplicaChecker(len(node_ids))
-        self.keep_trace = keep_trace
-        self.trace_lines: list[str] = []
-        self._hash = hashlib.sha256()
-        self.net = Network(rng, self._on_output, self._trace)
+        self.trace = Trace(keep_trace)
+        self.net = Network(rng, self._on_output, self.trace)
         self.disks: dict[int, _Disk] = {n: _Disk() for n in node_ids}
         self.requests: dict[NodeKey, dict[int, OpId | None]] = {}
         self.next_request = 0
@@ -211,16 +209,6 @@ class ReplicaCluster:
             self._start(n)
 
     # ------------------------------------------------------------------ plumbing
-
-    def _trace(self, line: str) -> None:
-        self._hash.update(line.encode())
-        self._hash.update(b"\n")
-        if self.keep_trace:
-            self.trace_lines.append(line)
-
-    @property
-    def trace_hash(self) -> str:
-        return self._hash.hexdigest()
 
     def key(self, node_id: int) -> NodeKey:
         return node_id, self.net.nodes[node_id].incarnation
@@ -241,12 +229,12 @@ class ReplicaCluster:
                        first_log_uid=node.incarnation * 1_000_000 + 1,
                        verify_interval=self.verify_interval,
                        on_event=lambda ev: self._on_event(key, ev),
-                       on_totem_event=lambda text: self._trace(
+                       on_totem_event=lambda text: self.trace(
                            f"{self.net.now} n{node_id} {text}"))
         self.net.start(node_id, core)
 
     def _on_event(self, key: NodeKey, ev: ReplicaEvent) -> None:
-        self._trace(f"{self.net.now} n{key[0]} {type(ev).__name__} "
+        self.trace(f"{self.net.now} n{key[0]} {type(ev).__name__} "
                     f"{getattr(ev, 'op_id', '')} {getattr(ev, 'errno', '')}")
         self.checker.on_event(key, ev)
 
@@ -257,7 +245,7 @@ class ReplicaCluster:
             if node.node_id in self.crash_at_next_persist or (
                     self.crash_in_batch and self.rng.random() < self.crash_in_batch):
                 self.crash_at_next_persist.discard(node.node_id)
-                self._trace(f"{self.net.now} n{node.node_id} crashes before a Persist")
+                self.trace(f"{self.net.now} n{node.node_id} crashes before a Persist")
                 self.net.crash(node.node_id)
                 return
             if out.replace_all:
@@ -275,12 +263,12 @@ class ReplicaCluster:
             disk.ring_seq = max(disk.ring_seq, out.ring_seq)
         elif isinstance(out, ConfChange):
             self.checker.on_confchg(key, out)
-            self._trace(f"{self.net.now} n{node.node_id} {out.kind.value} {out.ring_id} "
+            self.trace(f"{self.net.now} n{node.node_id} {out.kind.value} {out.ring_id} "
                         f"{list(out.members)}")
         elif isinstance(out, Reply):
             op_id = self.requests[key].pop(out.request_id)
             self.replies[out.request_id] = out
-            self._trace(f"{self.net.now} n{node.node_id} reply {out.request_id} {out.errno}")
+            self.trace(f"{self.net.now} n{node.node_id} reply {out.request_id} {out.errno}")
             if op_id is not None:
                 members = self.checker.ring_members[key]
                 self.checker.on_reply(key, op_id, out,
@@ -305,7 +293,7 @@ class ReplicaCluster:
         op_id = self.replica(node_id).propose(self.net.now, request, op)
         if request in self.requests[key]:
             self.requests[key][request] = op_id
-        self._trace(f"{self.net.now} n{node_id} propose {request} {op_id} {op}"[:200])
+        self.trace(f"{self.net.now} n{node_id} propose {request} {op_id} {op}"[:200])
         self.net.flush(node)
         return request
 
@@ -443,7 +431,7 @@ def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
         faults.min_delay = rng.randint(0, 2)
         faults.max_jitter = rng.choice([0, 1, 3, 10])
         cluster.crash_in_batch = rng.choice([0.0, 0.0, 0.002, 0.01])
-        cluster._trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate}")
+        cluster.trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate}")
         chaos_until = net.now + rng.randint(8_000, 20_000)
         while net.now < chaos_until:
             net.run_until(net.now + rng.randint(1, 300))
@@ -471,7 +459,7 @@ def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
         confchgs=cluster.checker.syncs,
         accepted=sum(1 for errno in cluster.checker.acked.values() if errno == 0),
         events=net.events,
-        trace_hash=cluster.trace_hash, trace=cluster.trace_lines,
+        trace_hash=cluster.trace.digest, trace=cluster.trace.lines,
     )
 
 

@@ -11,7 +11,6 @@ delivered by it, and a probe from every node must reach every node.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import traceback
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from pmxfs.core.totem_params import TotemParams, derive_params
 from .faults import FaultOdds, random_fault
 from .network import Network, SimNode, SimulationStuck
 from .totem_checker import TotemChecker, Violation
+from .trace import Trace
 
 
 @dataclass
@@ -62,10 +62,8 @@ class TotemCluster:
         self.params = params
         self.rng = rng
         self.checker = TotemChecker()
-        self.keep_trace = keep_trace
-        self.trace_lines: list[str] = []
-        self._hash = hashlib.sha256()
-        self.net = Network(rng, self._on_output, self._trace)
+        self.trace = Trace(keep_trace)
+        self.net = Network(rng, self._on_output, self.trace)
         self.disk: dict[int, int] = {}
         self.counters: dict[int, int] = {}
         self.accepted: dict[tuple[int, int], list[bytes]] = {}
@@ -78,20 +76,10 @@ class TotemCluster:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _trace(self, line: str) -> None:
-        self._hash.update(line.encode())
-        self._hash.update(b"\n")
-        if self.keep_trace:
-            self.trace_lines.append(line)
-
-    @property
-    def trace_hash(self) -> str:
-        return self._hash.hexdigest()
-
     def _make_core(self, node_id: int) -> Totem:
         return Totem(node_id, self.node_ids, self.params, self.net.now,
                      ring_seq=self.disk.get(node_id, 0),
-                     on_event=lambda text: self._trace(f"{self.net.now} n{node_id} {text}"))
+                     on_event=lambda text: self.trace(f"{self.net.now} n{node_id} {text}"))
 
     def _start(self, node_id: int) -> None:
         node = self.net.nodes[node_id]
@@ -106,13 +94,13 @@ class TotemCluster:
         key = (node.node_id, node.incarnation)
         if isinstance(out, Deliver):
             self.checker.on_deliver(key, out)
-            self._trace(f"{self.net.now} n{node.node_id} deliver {out.ring_id}/{out.seq} "
+            self.trace(f"{self.net.now} n{node.node_id} deliver {out.ring_id}/{out.seq} "
                         f"{out.payload[:24]!r}")
             if self.on_deliver is not None:
                 self.on_deliver(node.node_id, out)
         elif isinstance(out, ConfChange):
             self.checker.on_confchg(key, out)
-            self._trace(f"{self.net.now} n{node.node_id} {out.kind.value} {out.ring_id} "
+            self.trace(f"{self.net.now} n{node.node_id} {out.kind.value} {out.ring_id} "
                         f"members={list(out.members)} left={list(out.left)} "
                         f"joined={list(out.joined)}")
         elif isinstance(out, Stable):
@@ -142,7 +130,7 @@ class TotemCluster:
         if result is McastResult.TRY_AGAIN:
             return None
         self.accepted[(node_id, node.incarnation)].append(payload)
-        self._trace(f"{self.net.now} n{node_id} mcast {head!r} {len(payload)}B")
+        self.trace(f"{self.net.now} n{node_id} mcast {head!r} {len(payload)}B")
         return payload
 
     def crash(self, node_id: int) -> None:
@@ -215,7 +203,7 @@ def run_chaos(seed: int, node_range: tuple[int, int], *, keep_trace: bool = Fals
     faults.duplicate = rng.choice([0.0, 0.0, 0.02, 0.05])
     faults.min_delay = rng.randint(0, 2)
     faults.max_jitter = rng.choice([0, 1, 3, 10])
-    cluster._trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate} "
+    cluster.trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate} "
                    f"delay {faults.min_delay}+{faults.max_jitter}")
     violation: str | None = None
     try:
@@ -260,7 +248,7 @@ def run_chaos(seed: int, node_range: tuple[int, int], *, keep_trace: bool = Fals
         seed=seed, nodes=n_nodes, violation=violation,
         delivered=cluster.checker.delivered_count, confchgs=cluster.checker.confchg_count,
         accepted=sum(len(v) for v in cluster.accepted.values()), events=net.events,
-        trace_hash=cluster.trace_hash, trace=cluster.trace_lines,
+        trace_hash=cluster.trace.digest, trace=cluster.trace.lines,
     )
 
 
