@@ -147,10 +147,14 @@ ROWS = [
     Row("expected that would lose quorum while quorate -> refused", qc(3),
         [ring(1, 2, 3), ring(1, 2), expected(5, 1, 2, accepted=False)], True, 3, 2, 2),
     Row("expected 0 -> refused", qc(3), [ring(1), expected(0, 1, accepted=False)], False, 3, 2),
-    Row("expected raised while quorate and still quorate -> accepted", qc(3),
-        [ring(1, 2, 3), expected(4, 1, 2, 3)], True, 4, 3, 3),
-    Row("expected raised while not quorate -> accepted, still not quorate", qc(3),
-        [ring(1), expected(5, 1)], False, 5, 3, 1),
+    Row("expected raised within the votes that exist while quorate -> accepted",
+        qc(4, expected_votes=3), [ring(1, 2, 3), expected(4, 1, 2, 3)], True, 4, 3, 3),
+    Row("expected raised while not quorate -> accepted, still not quorate",
+        qc(5, expected_votes=3), [ring(1), expected(5, 1)], False, 5, 3, 1),
+    Row("expected above the votes that exist -> refused", qc(3),
+        [ring(1, 2, 3), expected(4, 1, 2, 3, accepted=False)], True, 3, 2, 3),
+    Row("expected above the votes that exist while not quorate -> refused", qc(3),
+        [ring(1), expected(5, 1, accepted=False)], False, 3, 2, 1),
     Row("2 nodes without two_node lose one -> not quorate", qc(2),
         [ring(1, 2), ring(1)], False, 2, 2, 1),
     Row("two_node: both seen once, one lost -> survivor quorate", qc(2, two_node=True),
@@ -303,7 +307,7 @@ def test_quorum_table(row: Row) -> None:
 
 
 def test_expected_refusal_reasons() -> None:
-    sim = Sim(qc(3))
+    sim = Sim(qc(7, expected_votes=3))
     sim.ring([1, 2, 3])
     result = sim.nodes[1].set_expected(2)
     assert not result.accepted
@@ -312,6 +316,11 @@ def test_expected_refusal_reasons() -> None:
     result = sim.nodes[1].set_expected(7)
     assert not result.accepted
     assert result.reason is not None and "lose quorum" in result.reason
+    for outside in (-1, 0, 8, 1 << 40):
+        result = sim.nodes[1].set_expected(outside)
+        assert not result.accepted
+        assert result.reason == (f"expected votes must be between 1 and 7 (the votes that "
+                                 f"exist), not {outside}")
     assert sim.nodes[1].status().expected_votes == 3  # nothing changed
 
 

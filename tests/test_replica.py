@@ -142,6 +142,52 @@ def test_expected_below_the_votes_present_is_refused_with_a_reason() -> None:
     assert reply.errno == E.EINVAL and "lower than the 3 votes" in reply.message
 
 
+@pytest.mark.parametrize(("op", "code"), [
+    (Mkdir("bad\udcffname", 1), E.EINVAL),  # a name that is not UTF-8, as FUSE hands it over
+    (Mkdir("nul\0byte", 1), E.EINVAL),
+    (Mkdir("d/" * 2048 + "x", 1), E.ENAMETOOLONG),  # 4097 bytes
+    (WriteFile("big", bytes((1 << 20) + 1), 1, create=True), E.EFBIG),
+    (SetMtime("f", -1), E.EINVAL),
+])
+def test_an_operation_no_member_would_accept_is_answered_at_once_and_never_sent(
+        op: Mkdir | WriteFile | SetMtime, code: int) -> None:
+    c = make()
+    sent = [c.replica(n).totem.status().counters.get("delivered", 0) for n in (1, 2, 3)]
+    request = c.propose(1, op)
+    assert c.replies[request].errno == code  # before the network ran at all
+    c.run_for(1000)
+    assert [c.replica(n).totem.status().counters.get("delivered", 0)
+            for n in (1, 2, 3)] == sent
+    assert all(c.replica(n).counters.get("bad_messages", 0) == 0 for n in (1, 2, 3))
+
+
+@pytest.mark.parametrize("expected", [-1, 0, 4, 1 << 40])
+def test_expected_outside_the_votes_that_exist_is_refused_at_once(expected: int) -> None:
+    c = make()
+    request = 900_003
+    c.requests[c.key(1)][request] = None
+    c.replica(1).propose_expected(c.net.now, request, expected)
+    c.net.flush(c.net.nodes[1])
+    assert c.replies[request].errno == E.EINVAL
+    assert c.replies[request].message == (f"expected votes must be between 1 and 3 (the votes "
+                                          f"that exist), not {expected}")
+    c.run_for(1000)
+    assert all(c.replica(n).counters.get("bad_messages", 0) == 0 for n in (1, 2, 3))
+
+
+def test_a_proposal_nobody_decides_is_answered_etimedout_within_the_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last line of defence: whatever keeps an operation from being decided, its caller
+    gets ETIMEDOUT after `unresolved_timeout`, in every state (here: in flight for ever)."""
+    c = make()
+    monkeypatch.setattr(Replica, "_decide", lambda self, sender, msg: None)
+    start = c.net.now
+    reply = c.write(1, Mkdir("never", 1), timeout=c.replica(1).unresolved_timeout + 1_000)
+    assert reply.errno == E.ETIMEDOUT and "still in flight" in reply.message
+    assert c.net.now - start >= c.replica(1).unresolved_timeout
+    assert c.replica(1).pending == {}
+
+
 def test_lock_expires_only_after_the_timeout_and_refresh_keeps_it() -> None:
     c = make()
     assert c.write(1, Mkdir("priv", 1)).errno == 0

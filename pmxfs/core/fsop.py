@@ -7,17 +7,23 @@ the total order. Paths are relative to the mount's root, '/'-separated, without 
 the proposer, so every member stores the same value.
 
 `decode_op` checks every field's type and size and raises `ProtocolError` for anything else: a
-member that sends garbage cannot make the others raise.
+member that sends garbage cannot make the others raise. Those field rules are also the
+proposer's: `op_errno` runs the same decoder over the encoded operation, so nothing a receiver
+would drop is ever sent, and the local caller gets the errno a Linux file system gives instead
+(`InvalidField.errno`): a path that is not valid UTF-8 (FUSE hands undecodable bytes over as
+surrogate escapes) or holds a NUL -> EINVAL; a path over MAX_PATH_BYTES -> ENAMETOOLONG; data
+over MAX_DATA_BYTES -> EFBIG; a number out of range -> EINVAL.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from pmxfs.core.wire import ProtocolError
 
-MAX_PATH_BYTES = 4096
+MAX_PATH_BYTES = 4096  # PATH_MAX; a component's limit (255, NAME_MAX) is memdb's rule
 MAX_DATA_BYTES = 1 << 20  # a file's limit; memdb answers EFBIG beyond it
 MAX_OFFSET = 1 << 40
 MAX_MTIME = 2**63 - 1
@@ -128,28 +134,58 @@ def encode_op(op: FsOp) -> list[Any]:
     return [_TAGS[type(op)], *(getattr(op, name) for name in op.__slots__)]
 
 
+class InvalidField(ProtocolError):
+    """A field no member accepts, with the errno a local caller gets for it."""
+
+    def __init__(self, code: int, what: str) -> None:
+        super().__init__(f"bad {what}")
+        self.errno = code
+
+
 def _path(value: object) -> str:
-    if type(value) is not str or len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-        raise ProtocolError("bad path")
+    if type(value) is not str:
+        raise InvalidField(errno.EINVAL, "path")
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidField(errno.EINVAL, "path: not UTF-8") from None
+    if b"\0" in raw:
+        raise InvalidField(errno.EINVAL, "path: NUL byte")
+    if len(raw) > MAX_PATH_BYTES:
+        raise InvalidField(errno.ENAMETOOLONG, "path: too long")
     return value
 
 
 def _int(value: object, hi: int, what: str) -> int:
     if type(value) is not int or not 0 <= value <= hi:
-        raise ProtocolError(f"bad {what}")
+        raise InvalidField(errno.EINVAL, what)
     return value
 
 
 def _data(value: object, limit: int = MAX_DATA_BYTES) -> bytes:
-    if type(value) is not bytes or len(value) > limit:
-        raise ProtocolError("bad data")
+    if type(value) is not bytes:
+        raise InvalidField(errno.EINVAL, "data")
+    if len(value) > limit:
+        raise InvalidField(errno.EFBIG, "data: too large")
     return value
 
 
 def _bool(value: object) -> bool:
     if type(value) is not bool:
-        raise ProtocolError("bad flag")
+        raise InvalidField(errno.EINVAL, "flag")
     return value
+
+
+def op_errno(op: FsOp) -> int:
+    """0 when every member would accept `op` on the wire, else the errno for the local caller:
+    the receivers' own decoder, run by the proposer before anything is sent."""
+    try:
+        decode_op(encode_op(op))
+    except InvalidField as exc:
+        return exc.errno
+    except ProtocolError:
+        return errno.EINVAL
+    return 0
 
 
 def decode_op(value: object) -> FsOp:

@@ -29,8 +29,9 @@ Checks run in this order (the first failing one gives the errno):
 7. on the planned change: VMID EEXIST, then corosync.conf EINVAL, then ENOSPC.
 
 Decisions where the contract is silent:
-* `valid_path`: a path that cannot be bytes (a NUL, a lone surrogate other than the
-  surrogateescape range) -> EINVAL; a path over 4096 bytes -> ENAMETOOLONG (PATH_MAX).
+* `valid_path`: a path that is not valid UTF-8 or holds a NUL -> EINVAL; a path over 4096 bytes
+  -> ENAMETOOLONG (PATH_MAX), a name over 255 bytes -> ENAMETOOLONG (NAME_MAX). The proposer
+  applies the wire part of these rules before sending (`fsop.op_errno`).
 * Only regular files are guest configs: a directory named `100.conf` holds no VMID (as pmxcfs).
 * ENOSPC only when the op grows the total that is over the limit, so deleting and shrinking
   always work.
@@ -124,9 +125,10 @@ class VmInfo:
 
 
 def _utf8(text: str) -> bytes | None:
-    """The bytes a name stands for (FUSE hands undecodable bytes over as surrogate escapes)."""
+    """The UTF-8 bytes of a name; None when it is not valid UTF-8 (FUSE hands undecodable bytes
+    over as surrogate escapes, which no member could send on: fsop's wire rule)."""
     try:
-        return text.encode("utf-8", "surrogateescape")
+        return text.encode("utf-8")
     except UnicodeEncodeError:
         return None
 

@@ -359,12 +359,22 @@ class Quorum:
         self._qdevice_vote = has_vote
         return self.announcement()
 
+    def expected_range_refusal(self, expected: int) -> str | None:
+        """Why `expected N` is out of range whatever the membership: N must lie in
+        1..the votes that exist (every node's votes and the device's); None when it is in."""
+        existing = sum(self.config.node_votes.values()) + (self.config.device_votes or 0)
+        if not 1 <= expected <= existing:
+            return (f"expected votes must be between 1 and {existing} (the votes that exist), "
+                    f"not {expected}")
+        return None
+
     def set_expected(self, expected: int) -> ExpectedResult:
         """`expected N`, delivered in the ring: refused, or E := N on every member."""
         st = self._status
         votes = st.total_votes
-        if expected < 1:
-            return ExpectedResult(False, "expected votes must be at least 1", st)
+        refusal = self.expected_range_refusal(expected)
+        if refusal is not None:
+            return ExpectedResult(False, refusal, st)
         if expected < votes:
             return ExpectedResult(False, f"expected votes {expected} is lower than the {votes} "
                                          "votes present", st)

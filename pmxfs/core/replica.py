@@ -34,6 +34,11 @@ How it works
   and how they were decided (the answer waits until the sync's completion, with its stamp, is
   durable on every member); if not at all they are sent again. After `unresolved_timeout` they
   are answered ETIMEDOUT (the outcome is unknown to this node), so no write hangs for ever.
+* Every proposal is bounded, in every state: it is checked before it is sent with the
+  receivers' own decoding rules (`fsop.op_errno`; `expected` must lie in 1..the votes that
+  exist), so a member never drops what a caller waits for, and one that is still unanswered
+  `unresolved_timeout` after its last change of state (in flight, decided, doubtful) is answered
+  ETIMEDOUT: its outcome is unknown here, and a later decision finds no caller.
 * Verification: every `verify_interval` the lowest member opens a round; every member reports
   its checksum at that point of the order; any difference starts a new sync epoch.
 """
@@ -53,7 +58,7 @@ from pmxfs.core.clusterlog import ClusterLog, LogWriter
 from pmxfs.core.conf import ClusterConfig
 from pmxfs.core.conf import check as check_config
 from pmxfs.core.entry import Entry, EntryType
-from pmxfs.core.fsop import FsOp, Unlock, UnlockRequest
+from pmxfs.core.fsop import FsOp, Unlock, UnlockRequest, op_errno
 from pmxfs.core.memdb import COROSYNC_CONF, CorruptTree, MemDB
 from pmxfs.core.persist import Persist
 from pmxfs.core.quorum import LastManStanding, Quorum, QuorumConfig, QuorumStatus
@@ -117,7 +122,7 @@ class _Pending:
     request_id: int
     op: FsOp
     state: PendingState
-    since: int
+    since: int  # when it entered `state`: the bound on its wait counts from here
     ring: RingId | None = None
     seq: int = 0
     errno: int = 0
@@ -271,7 +276,7 @@ class Replica:
 
         self.next_counter = 0
         self.pending: dict[OpId, _Pending] = {}
-        self.expected_requests: dict[OpId, int] = {}
+        self.expected_requests: dict[OpId, tuple[int, int]] = {}  # -> (request, sent at)
         self.outbox: deque[tuple[bytes, tuple[RingId, int] | None]] = deque()
         self.outputs: list[Output] = []
         self._replies: list[Reply] = []
@@ -307,11 +312,16 @@ class Replica:
             if self._is_lowest():
                 self._open_verify_round()
         for op_id, p in list(self.pending.items()):
-            if (p.state is PendingState.DOUBTFUL
-                    and now - p.since >= self.unresolved_timeout):
+            if now - p.since >= self.unresolved_timeout:
                 self._count("unresolved_timeouts")
-                self._answer(op_id, E.ETIMEDOUT, "the outcome of this write is unknown here: "
-                                                 "the ring changed before it was confirmed")
+                self._answer(op_id, E.ETIMEDOUT, f"the outcome of this write is unknown here: "
+                                                 f"still {p.state.value} after "
+                                                 f"{self.unresolved_timeout // 1000} s")
+        for op_id, (request, sent_at) in list(self.expected_requests.items()):
+            if now - sent_at >= self.unresolved_timeout:
+                del self.expected_requests[op_id]
+                self._replies.append(Reply(request, E.ETIMEDOUT,
+                                           "no decision on the expected votes in time"))
         self._process(now)
 
     def propose(self, now: int, request_id: int, op: FsOp) -> OpId | None:
@@ -319,9 +329,13 @@ class Replica:
         then None is returned) when this node cannot take writes now."""
         self._now = now
         op_id: OpId | None = None
-        if not self.writable():
+        invalid = op_errno(op)
+        if invalid:
+            self._replies.append(Reply(request_id, invalid, "no member would accept this "
+                                                            "operation"))
+        elif not self.writable():
             self._replies.append(Reply(request_id, E.EACCES, "this partition is not quorate"))
-        elif len(self.pending) >= MAX_PENDING:
+        elif self.full():
             self._replies.append(Reply(request_id, E.EAGAIN, "too many writes in flight"))
         else:
             op_id = self._new_op_id()
@@ -331,9 +345,16 @@ class Replica:
         return op_id
 
     def propose_expected(self, now: int, request_id: int, expected: int) -> None:
-        op_id = self._new_op_id()
-        self.expected_requests[op_id] = request_id
-        self._send(ExpectedMsg(op_id, expected))
+        """`expected N`: refused at once outside 1..the votes that exist (the receivers would
+        refuse it too); otherwise decided in the ring, where votequorum's rules apply."""
+        self._now = now
+        refusal = self.quorum.expected_range_refusal(expected)
+        if refusal is not None:
+            self._replies.append(Reply(request_id, E.EINVAL, refusal))
+        else:
+            op_id = self._new_op_id()
+            self.expected_requests[op_id] = (request_id, now)
+            self._send(ExpectedMsg(op_id, expected))
         self._process(now)
 
     def verify_now(self, now: int) -> None:
@@ -362,12 +383,18 @@ class Replica:
     def next_deadline(self) -> int | None:
         times = [t for t in (self.totem.next_deadline(), self.quorum.next_deadline(),
                              self.verify_at) if t is not None]
-        doubtful = [p.since + self.unresolved_timeout for p in self.pending.values()
-                    if p.state is PendingState.DOUBTFUL]
-        return min(times + doubtful, default=None)
+        waits = [p.since for p in self.pending.values()]
+        waits += [sent_at for _, sent_at in self.expected_requests.values()]
+        if waits:
+            times.append(min(waits) + self.unresolved_timeout)
+        return min(times, default=None)
 
     def writable(self) -> bool:
         return self.quorum.status().quorate
+
+    def full(self) -> bool:
+        """Whether MAX_PENDING proposals wait for answers: `propose` would answer EAGAIN."""
+        return len(self.pending) >= MAX_PENDING
 
     def synced(self) -> bool:
         return self.mode is Mode.SYNCED
@@ -491,7 +518,7 @@ class Replica:
             if isinstance(msg, OpMsg):
                 self._mark_doubtful(msg.op_id)
             elif isinstance(msg, ExpectedMsg) and msg.op_id in self.expected_requests:
-                self._replies.append(Reply(self.expected_requests.pop(msg.op_id), E.EAGAIN,
+                self._replies.append(Reply(self.expected_requests.pop(msg.op_id)[0], E.EAGAIN,
                                            "the membership changed; try again"))
         self.queue = []
 
@@ -529,9 +556,9 @@ class Replica:
     def _on_expected(self, msg: ExpectedMsg) -> None:
         before = self.quorum.status()
         result = self.quorum.set_expected(msg.expected)
-        request = self.expected_requests.pop(msg.op_id, None)
-        if request is not None:
-            self._replies.append(Reply(request, 0 if result.accepted else E.EINVAL,
+        waiting = self.expected_requests.pop(msg.op_id, None)
+        if waiting is not None:
+            self._replies.append(Reply(waiting[0], 0 if result.accepted else E.EINVAL,
                                        result.reason or ""))
         if self.quorum.status() != before:
             self.outputs.append(QuorumChanged(self.quorum.status()))
@@ -610,7 +637,7 @@ class Replica:
     def _decided_here(self, op_id: OpId, errno: int) -> None:
         p = self.pending.get(op_id)
         if p is not None:
-            p.state, p.errno = PendingState.DECIDED, errno
+            p.state, p.errno, p.since = PendingState.DECIDED, errno, self._now
             p.ring, p.seq = self._deliver_at
 
     def _answer(self, op_id: OpId, errno: int, message: str = "") -> None:
@@ -646,7 +673,7 @@ class Replica:
                 self._answer(op_id, E.EIO, "the outcome of this write is no longer known")
             else:
                 self._count("ops_resent")
-                p.state = PendingState.IN_FLIGHT
+                p.state, p.since = PendingState.IN_FLIGHT, self._now
                 self._send(OpMsg(op_id, p.op))
 
     # ------------------------------------------------------------------ applied table
