@@ -146,6 +146,8 @@ def test_expected_below_the_votes_present_is_refused_with_a_reason() -> None:
     (Mkdir("bad\udcffname", 1), E.EINVAL),  # a name that is not UTF-8, as FUSE hands it over
     (Mkdir("nul\0byte", 1), E.EINVAL),
     (Mkdir("d/" * 2048 + "x", 1), E.ENAMETOOLONG),  # 4097 bytes
+    (Mkdir("n" * 256, 1), E.ENAMETOOLONG),  # memdb's rule, which needs no tree
+    (Mkdir("a/../b", 1), E.EACCES),
     (WriteFile("big", bytes((1 << 20) + 1), 1, create=True), E.EFBIG),
     (SetMtime("f", -1), E.EINVAL),
 ])

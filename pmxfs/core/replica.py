@@ -36,7 +36,8 @@ How it works
   are answered ETIMEDOUT (the outcome is unknown to this node), so no write hangs for ever.
 * Every proposal is bounded, in every state: it is checked before it is sent with the
   receivers' own decoding rules (`fsop.op_errno`; `expected` must lie in 1..the votes that
-  exist), so a member never drops what a caller waits for, and one that is still unanswered
+  exist) and memdb's path rules, which do not depend on the tree (`valid_path`), so a member
+  never drops what a caller waits for, and one that is still unanswered
   `unresolved_timeout` after its last change of state (in flight, decided, doubtful) is answered
   ETIMEDOUT: its outcome is unknown here, and a later decision finds no caller.
 * Verification: every `verify_interval` the lowest member opens a round; every member reports
@@ -58,8 +59,8 @@ from pmxfs.core.clusterlog import ClusterLog, LogWriter
 from pmxfs.core.conf import ClusterConfig
 from pmxfs.core.conf import check as check_config
 from pmxfs.core.entry import Entry, EntryType
-from pmxfs.core.fsop import FsOp, Unlock, UnlockRequest, op_errno
-from pmxfs.core.memdb import COROSYNC_CONF, CorruptTree, MemDB
+from pmxfs.core.fsop import FsOp, Unlock, UnlockRequest, op_errno, op_paths
+from pmxfs.core.memdb import COROSYNC_CONF, CorruptTree, MemDB, valid_path
 from pmxfs.core.persist import Persist
 from pmxfs.core.quorum import LastManStanding, Quorum, QuorumConfig, QuorumStatus
 from pmxfs.core.replica_msgs import (
@@ -329,7 +330,8 @@ class Replica:
         then None is returned) when this node cannot take writes now."""
         self._now = now
         op_id: OpId | None = None
-        invalid = op_errno(op)
+        invalid = op_errno(op) or next(
+            (code for path in op_paths(op) if (code := valid_path(path))), 0)
         if invalid:
             self._replies.append(Reply(request_id, invalid, "no member would accept this "
                                                             "operation"))
