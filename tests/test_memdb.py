@@ -208,6 +208,7 @@ VIRTUAL_ROWS = [
     *(row(f"virtual/mkdir-{name}", BASE, Mkdir(name, T), errno.EACCES)
       for name in sorted(memdb.VIRTUAL_ROOT_NAMES)),
     row("virtual/create", BASE, CreateFile("local", T), errno.EACCES),
+    row("virtual/create-rrd", BASE, CreateFile(".rrd", T), errno.EACCES),  # pmxcfs's .rrd
     row("virtual/write-create", BASE, WriteFile(".debug", b"1\n", T, create=True), errno.EACCES),
     row("virtual/write-no-create", BASE, WriteFile(".debug", b"1\n", T), errno.ENOENT),
     row("virtual/rename-onto", BASE, Rename("g", ".vmlist", T), errno.EACCES),
@@ -395,6 +396,12 @@ LOCK_ROWS = [
     row("lock/unlock-request", LOCKS, UnlockRequest("priv/lock/x"), 0, changes=False),
     row("lock/unlock-request-missing", LOCKS, UnlockRequest("priv/lock/y"), errno.ENOENT),
     row("lock/rmdir-held-with-content", LOCKS, Rmdir("priv/lock/x"), errno.ENOTEMPTY),
+    # pmxcfs's memdb_mtime: only the holder (the writer of the lock's row, 1 here; the op's is 2)
+    # may move a lock's mtime, and never backwards; utime(0, 0) is always refused.
+    row("lock/set-mtime-not-the-holder", LOCKS, SetMtime("priv/lock/x", T + 5), errno.EACCES),
+    row("lock/set-mtime-zero", LOCKS, SetMtime("priv/lock/x", 0), errno.EACCES),
+    row("lock/set-mtime-file-inside", LOCKS, SetMtime("priv/lock/x/owner", 0), 0),
+    row("lock/set-mtime-lock-parent", LOCKS, SetMtime("priv/lock", 0), 0),
 ]
 
 
@@ -536,6 +543,21 @@ def test_lock_checksum_changes_on_refresh_only() -> None:
     lock = must(db, "priv/lock/x")
     assert db.apply(SetMtime("priv/lock/x", lock.mtime), writer=lock.writer).ok
     assert db.lock_checksum("priv/lock/x") not in (None, first)
+
+
+def test_only_the_holder_refreshes_a_lock_and_never_backwards() -> None:
+    db = build(LOCKS)  # priv/lock/x made by writer 1 at T
+    lock = "priv/lock/x"
+    assert db.apply(SetMtime(lock, T - 1), writer=1).errno == errno.EACCES
+    assert db.apply(SetMtime(lock, 0), writer=1).errno == errno.EACCES
+    assert db.apply(SetMtime(lock, T), writer=1).ok  # the same mtime: a refresh
+    assert db.apply(SetMtime(lock, T + 60), writer=1).ok
+    assert (must(db, lock).writer, must(db, lock).mtime) == (1, T + 60)
+    assert db.apply(SetMtime(lock, T + 120), writer=3).errno == errno.EACCES
+    assert db.apply(Mkdir("priv/lock/y", T), writer=3).ok
+    assert db.apply(SetMtime("priv/lock/y", T + 1), writer=1).errno == errno.EACCES
+    assert db.apply(SetMtime("priv/lock/y", T + 1), writer=3).ok
+    assert db.apply(SetMtime("a", 0), writer=3).ok  # any other directory: anyone, any time
 
 
 def test_lock_expired_timeline() -> None:
@@ -683,19 +705,20 @@ def test_replace_all_is_all_or_nothing() -> None:
 FILE_LIMIT, TOTAL_LIMIT, ENTRY_LIMIT = 512, 700, 20
 LOCK_PARENT = "priv/lock"
 VIRTUAL = {"local", "qemu-server", "lxc", "openvz", ".members", ".vmlist", ".version",
-           ".clusterlog", ".debug"}
+           ".clusterlog", ".debug", ".rrd"}
 class Model:
     """The rules of the spec over a plain dict path -> ("dir",) | ("file", data)."""
 
     def __init__(self) -> None:
         self.tree: dict[str, Node] = {}
+        self.locks: dict[str, tuple[int, int]] = {}  # lock directory -> (holder, mtime)
 
-    def apply(self, op: FsOp, lock_is_current: bool) -> tuple[int, bool]:
+    def apply(self, op: FsOp, lock_is_current: bool, writer: int) -> tuple[int, bool]:
         """(errno, changed) for `op`; the tree changes only on (0, True)."""
         early = self.early_errno(op)
         if early:
             return early, False
-        outcome = self.outcome(op, lock_is_current)
+        outcome = self.outcome(op, lock_is_current, writer)
         if isinstance(outcome, int):
             return outcome, False
         if outcome is None:
@@ -704,7 +727,15 @@ class Model:
         if late:
             return late, False
         self.tree = outcome
+        self.note_locks(op, writer)
         return 0, True
+
+    def note_locks(self, op: FsOp, writer: int) -> None:
+        """A lock directory is held by the writer that made it, at the mtime it last set."""
+        if isinstance(op, Mkdir | SetMtime) and op.path.rpartition("/")[0] == LOCK_PARENT \
+                and self.tree.get(op.path) == DIR:
+            self.locks[op.path] = (writer, op.mtime)
+        self.locks = {p: held for p, held in self.locks.items() if self.tree.get(p) == DIR}
 
     def early_errno(self, op: FsOp) -> int:
         paths = op_paths(op)
@@ -745,7 +776,8 @@ class Model:
     def without(self, *paths: str) -> dict[str, Node]:
         return {p: n for p, n in self.tree.items() if p not in paths}
 
-    def outcome(self, op: FsOp, lock_is_current: bool) -> dict[str, Node] | int | None:
+    def outcome(self, op: FsOp, lock_is_current: bool,
+                writer: int) -> dict[str, Node] | int | None:
         """The new tree, an errno, or None for success without a change."""
         path = op_paths(op)[0]
         node = self.tree.get(path)
@@ -782,7 +814,10 @@ class Model:
                     return errno.ENOENT
                 return errno.EISDIR if is_dir else self.without(path)
             case SetMtime():
-                return errno.ENOENT if node is None else dict(self.tree)
+                if node is None:
+                    return errno.ENOENT
+                holder, mtime = self.locks.get(path, (writer, op.mtime))
+                return errno.EACCES if holder != writer or op.mtime < mtime else dict(self.tree)
             case UnlockRequest():
                 return errno.ENOENT if node is None else None
             case Unlock():
@@ -933,12 +968,13 @@ def test_matches_reference_model(steps: list[tuple[FsOp, bool, int]]) -> None:
     for _ in small_limits():
         db, model = build(SEED), Model()
         model.tree = content(db)
+        model.locks = {"priv/lock/a": (1, T)}
         for op, current, writer in steps:
             if isinstance(op, Unlock) and current:
                 op = Unlock(op.path, db.lock_checksum(op.path) or b"-")
             before = Snapshot.of(db)
             result = db.apply(op, writer)
-            code, changed = model.apply(op, current)
+            code, changed = model.apply(op, current, writer)
             check_step(db, model, before, result, code, changed, writer)
         rebuilt = MemDB(db.entries(), db.version)
         assert Snapshot.of(rebuilt) == Snapshot.of(db)

@@ -11,6 +11,7 @@ import pytest
 
 from pmxfs.core.clusterlog import ClusterLog, LogEntry
 from pmxfs.core.status import (
+    RRD_CONTENT,
     VIRTUAL_FILES,
     WATCHED_PATHS,
     ChangeCounters,
@@ -32,7 +33,8 @@ def check(rendered: bytes, expected_text: str, expected_doc: Any) -> None:
 
 
 def test_virtual_files() -> None:
-    assert VIRTUAL_FILES == (".members", ".vmlist", ".version", ".clusterlog", ".debug")
+    assert VIRTUAL_FILES == (".members", ".vmlist", ".version", ".clusterlog", ".debug", ".rrd")
+    assert RRD_CONTENT == b""  # pmxfs carries no RRD data: pmxcfs's dump of none
 
 
 # ------------------------------------------------------------------------------- layout
@@ -165,6 +167,59 @@ def test_vmlist(version: int, guests: dict[int, Guest], text: str, doc: Any) -> 
 # ------------------------------------------------------------------------------ .version
 
 
+# memdb_change_array of pve-cluster's src/pmxcfs/status.c (pve-cluster 9.1.6), in its order.
+PMXCFS_WATCHED = (
+    "corosync.conf",
+    "corosync.conf.new",
+    "storage.cfg",
+    "user.cfg",
+    "domains.cfg",
+    "notifications.cfg",
+    "priv/notifications.cfg",
+    "priv/shadow.cfg",
+    "priv/acme/plugins.cfg",
+    "priv/tfa.cfg",
+    "priv/token.cfg",
+    "priv/wg-keys.cfg",
+    "datacenter.cfg",
+    "vzdump.cron",
+    "vzdump.conf",
+    "jobs.cfg",
+    "ha/crm_commands",
+    "ha/manager_status",
+    "ha/resources.cfg",
+    "ha/rules.cfg",
+    "ha/groups.cfg",
+    "ha/fence.cfg",
+    "status.cfg",
+    "replication.cfg",
+    "ceph.conf",
+    "sdn/vnets.cfg",
+    "sdn/zones.cfg",
+    "sdn/controllers.cfg",
+    "sdn/subnets.cfg",
+    "sdn/ipams.cfg",
+    "sdn/mac-cache.json",
+    "sdn/pve-ipam-state.json",
+    "sdn/dns.cfg",
+    "sdn/fabrics.cfg",
+    "sdn/route-maps.cfg",
+    "sdn/prefix-lists.cfg",
+    "sdn/.running-config",
+    "virtual-guest/cpu-models.conf",
+    "virtual-guest/profiles.cfg",
+    "firewall/cluster.fw",
+    "mapping/directory.cfg",
+    "mapping/pci.cfg",
+    "mapping/usb.cfg",
+)
+
+
+def test_watched_paths_are_those_of_current_pmxcfs() -> None:
+    assert WATCHED_PATHS == PMXCFS_WATCHED
+    assert {"priv/ipam.db", "priv/macs.db", "mapping/dir.cfg"}.isdisjoint(WATCHED_PATHS)
+
+
 def test_version_of_fresh_counters_lists_every_watched_path_at_zero() -> None:
     expected = (
         '{\n'
@@ -184,22 +239,26 @@ def test_version_of_fresh_counters_lists_every_watched_path_at_zero() -> None:
         '  "ha/resources.cfg": 0,\n'
         '  "ha/rules.cfg": 0,\n'
         '  "jobs.cfg": 0,\n'
-        '  "mapping/dir.cfg": 0,\n'
+        '  "mapping/directory.cfg": 0,\n'
         '  "mapping/pci.cfg": 0,\n'
         '  "mapping/usb.cfg": 0,\n'
         '  "notifications.cfg": 0,\n'
         '  "priv/acme/plugins.cfg": 0,\n'
-        '  "priv/ipam.db": 0,\n'
         '  "priv/notifications.cfg": 0,\n'
         '  "priv/shadow.cfg": 0,\n'
         '  "priv/tfa.cfg": 0,\n'
         '  "priv/token.cfg": 0,\n'
+        '  "priv/wg-keys.cfg": 0,\n'
         '  "replication.cfg": 0,\n'
         '  "sdn/.running-config": 0,\n'
         '  "sdn/controllers.cfg": 0,\n'
         '  "sdn/dns.cfg": 0,\n'
         '  "sdn/fabrics.cfg": 0,\n'
         '  "sdn/ipams.cfg": 0,\n'
+        '  "sdn/mac-cache.json": 0,\n'
+        '  "sdn/prefix-lists.cfg": 0,\n'
+        '  "sdn/pve-ipam-state.json": 0,\n'
+        '  "sdn/route-maps.cfg": 0,\n'
         '  "sdn/subnets.cfg": 0,\n'
         '  "sdn/vnets.cfg": 0,\n'
         '  "sdn/zones.cfg": 0,\n'
@@ -207,22 +266,28 @@ def test_version_of_fresh_counters_lists_every_watched_path_at_zero() -> None:
         '  "storage.cfg": 0,\n'
         '  "user.cfg": 0,\n'
         '  "virtual-guest/cpu-models.conf": 0,\n'
+        '  "virtual-guest/profiles.cfg": 0,\n'
         '  "vzdump.conf": 0,\n'
-        '  "vzdump.cron": 0\n'
+        '  "vzdump.cron": 0,\n'
+        '  "kvstore": {\n'
+        '    "node1": {}\n'
+        '  }\n'
         '}\n'
     )
-    doc = {"starttime": 1700000000, "clinfo": 5, "vmlist": 12, **dict.fromkeys(WATCHED_PATHS, 0)}
-    check(render_version(1700000000, 5, 12, ChangeCounters()), expected, doc)
-    assert len(WATCHED_PATHS) == len(set(WATCHED_PATHS)) == 38
+    doc = {"starttime": 1700000000, "clinfo": 5, "vmlist": 12, **dict.fromkeys(WATCHED_PATHS, 0),
+           "kvstore": {"node1": {}}}
+    check(render_version(1700000000, 5, 12, ChangeCounters(), "node1"), expected, doc)
+    assert len(WATCHED_PATHS) == len(set(WATCHED_PATHS)) == 43
 
 
 def test_version_shows_counters() -> None:
     counters = ChangeCounters()
     counters.note_changed(["storage.cfg"])
     counters.note_changed(["storage.cfg", "user.cfg"])
-    doc = json.loads(render_version(1, 2, 3, counters))
+    doc = json.loads(render_version(1, 2, 3, counters, "pve1"))
     assert list(doc)[:3] == ["starttime", "clinfo", "vmlist"]
-    assert list(doc)[3:] == sorted(WATCHED_PATHS)
+    assert list(doc)[3:-1] == sorted(WATCHED_PATHS)
+    assert doc["kvstore"] == {"pve1": {}}
     assert doc["storage.cfg"] == 2
     assert doc["user.cfg"] == 1
     assert sum(doc[p] for p in WATCHED_PATHS) == 3

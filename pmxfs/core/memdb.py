@@ -40,6 +40,17 @@ Decisions where the contract is silent:
 * corosync.conf: a write that leaves the content as it is skips validation; content that is not
   UTF-8 is EINVAL; when the current file is missing or invalid the new one is checked on its own.
 * Unlock of an existing path that is not a lock directory -> ESTALE (its checksum cannot match).
+* SetMtime on a lock directory (a directory directly inside priv/lock) follows pmxcfs's
+  memdb_mtime: EACCES when the new mtime is older than the lock's, or when the writer is not the
+  node that holds the lock. The holder is the row's `writer`: mkdir makes it the creator, and only
+  the holder's own SetMtime can write the row again (files inside do not change it), so it stays
+  the holder until the lock is gone. An equal mtime is a refresh (the checksum changes).
+  Contenders: `utime(lockdir, (0, 0))` is, as in pmxcfs, two ops: an UnlockRequest (it always
+  succeeds on an existing lock and makes the lowest node check the expiry) and SetMtime(0), which
+  this rule refuses with EACCES (a lock made at a real time is newer than 0). So the contender's
+  call fails, as it does with pmxcfs, but its expiry request has been made (DESIGN.md §4).
+* `.rrd` is a virtual root name, as in pmxcfs: a plain `.rrd` in the root of a database written
+  before it was one is reported by check_tree, so such a database is refused at start.
 * Renaming a directory to a path directly inside priv/lock is EACCES (it would become a lock
   without a mkdir); deeper inside a lock directory is an ordinary rename.
 * A successful result's `paths` always holds "" (the root row changes with every op).
@@ -90,7 +101,8 @@ MAX_NAME_BYTES = 255
 LOCK_DIR = "priv/lock"
 LOCK_TIMEOUT_MS = 120_000
 VIRTUAL_ROOT_NAMES = frozenset({"local", "qemu-server", "lxc", "openvz",
-                                ".members", ".vmlist", ".version", ".clusterlog", ".debug"})
+                                ".members", ".vmlist", ".version", ".clusterlog", ".debug",
+                                ".rrd"})
 COROSYNC_CONF = "corosync.conf"
 
 _MAX_U64 = 2**64 - 1
@@ -179,6 +191,10 @@ def mode_of(path: str, is_dir: bool, quorate: bool) -> int:
     """Permission bits of the entry at `path` (DESIGN.md §4): no write bits without quorum."""
     mode = _MODES[_is_private(path), is_dir]
     return mode if quorate else mode & ~0o222
+
+
+def _is_lock(path: str, row: Entry) -> bool:
+    return row.is_dir and _parent_path(path) == LOCK_DIR
 
 
 def _lock_checksum(row: Entry) -> bytes:
@@ -446,10 +462,8 @@ class MemDB:
                 for vmid, inode in sorted(index.vms.items())}
 
     def lock_checksum(self, path: str) -> bytes | None:
-        if _parent_path(path) != LOCK_DIR:
-            return None
         row = self.lookup(path)
-        return None if row is None or not row.is_dir else _lock_checksum(row)
+        return None if row is None or not _is_lock(path, row) else _lock_checksum(row)
 
     def lock_expired(self, path: str, now_ms: int) -> bool:
         """True once the lock at `path` was seen with the same checksum for LOCK_TIMEOUT_MS."""
@@ -661,6 +675,8 @@ class MemDB:
         entry = self._existing(op.path)
         if isinstance(entry, int):
             return entry
+        if _is_lock(op.path, entry) and (op.mtime < entry.mtime or writer != entry.writer):
+            return errno.EACCES
         return self._rewritten(op.path, entry, v, writer, op.mtime, entry.data)
 
     def _unlock_request(self, op: UnlockRequest) -> _Change | int:

@@ -1,5 +1,5 @@
 """The content of the virtual files in the root of the tree: `.members`, `.vmlist`, `.version`,
-`.clusterlog` and `.debug`, as the bytes a read returns.
+`.clusterlog`, `.debug` and `.rrd`, as the bytes a read returns.
 
 Each renderer is a pure function of the state it shows, so the runtime calls it on every read and
 a test compares bytes. The formats are pmxcfs's (JSON objects with the same keys); the layout is
@@ -17,7 +17,15 @@ this module's own, chosen to be deterministic and readable like pmxcfs's output:
 `.version` shows a change counter per watched path (`ChangeCounters`). Like pmxcfs it lists every
 watched path, changed or not, starting at 0: a reader compares counters with what it saw last and
 re-reads only the files whose counter moved; `starttime` tells it that counters restarted. The
-counters are this node's own (not replicated).
+counters are this node's own (not replicated). The watched paths are those of current pmxcfs
+(`memdb_change_array` in pve-cluster's src/pmxcfs/status.c, which no longer has priv/ipam.db or
+priv/macs.db). After the counters comes pmxcfs's `kvstore` section: the versions of the keys each
+node published in pmxcfs's key-value store (pvestatd's status broadcasts). pmxfs has no key-value
+store, so the section holds this node with no keys, as pmxcfs shows a node that published none.
+
+`.rrd` is pmxcfs's dump of the RRD data that pvestatd broadcasts ("key:data" lines). pmxfs does
+not carry RRD data, so it is empty (`RRD_CONTENT`); it exists so that the name cannot be taken by a
+plain file.
 """
 
 from __future__ import annotations
@@ -29,20 +37,23 @@ from typing import Protocol
 
 from pmxfs.core.clusterlog import JSON_ENTRIES, ClusterLog
 
-VIRTUAL_FILES = (".members", ".vmlist", ".version", ".clusterlog", ".debug")
+VIRTUAL_FILES = (".members", ".vmlist", ".version", ".clusterlog", ".debug", ".rrd")
 
-# The files whose changes `.version` counts (pmxcfs's list).
+# The files whose changes `.version` counts (pmxcfs's list, in its order).
 WATCHED_PATHS = (
     "corosync.conf", "corosync.conf.new", "storage.cfg", "user.cfg", "domains.cfg",
     "notifications.cfg", "priv/notifications.cfg", "priv/shadow.cfg", "priv/acme/plugins.cfg",
-    "priv/tfa.cfg", "priv/token.cfg", "priv/ipam.db", "datacenter.cfg", "vzdump.cron",
+    "priv/tfa.cfg", "priv/token.cfg", "priv/wg-keys.cfg", "datacenter.cfg", "vzdump.cron",
     "vzdump.conf", "jobs.cfg", "ha/crm_commands", "ha/manager_status", "ha/resources.cfg",
-    "ha/groups.cfg", "ha/rules.cfg", "ha/fence.cfg", "status.cfg", "replication.cfg",
+    "ha/rules.cfg", "ha/groups.cfg", "ha/fence.cfg", "status.cfg", "replication.cfg",
     "ceph.conf", "sdn/vnets.cfg", "sdn/zones.cfg", "sdn/controllers.cfg", "sdn/subnets.cfg",
-    "sdn/ipams.cfg", "sdn/dns.cfg", "sdn/fabrics.cfg", "sdn/.running-config",
-    "virtual-guest/cpu-models.conf", "firewall/cluster.fw", "mapping/pci.cfg",
-    "mapping/usb.cfg", "mapping/dir.cfg",
+    "sdn/ipams.cfg", "sdn/mac-cache.json", "sdn/pve-ipam-state.json", "sdn/dns.cfg",
+    "sdn/fabrics.cfg", "sdn/route-maps.cfg", "sdn/prefix-lists.cfg", "sdn/.running-config",
+    "virtual-guest/cpu-models.conf", "virtual-guest/profiles.cfg", "firewall/cluster.fw",
+    "mapping/directory.cfg", "mapping/pci.cfg", "mapping/usb.cfg",
 )
+
+RRD_CONTENT = b""
 
 
 # ------------------------------------------------------------------------------------ JSON
@@ -180,14 +191,16 @@ class ChangeCounters:
 
 
 def render_version(
-    starttime: int, clinfo_version: int, vmlist_version: int, counters: ChangeCounters
+    starttime: int, clinfo_version: int, vmlist_version: int, counters: ChangeCounters,
+    nodename: str,
 ) -> bytes:
     """`.version`: when this node started (seconds), the versions of `.members` and `.vmlist`,
-    then every watched path's change counter."""
+    every watched path's change counter, then the `kvstore` section (this node, no keys)."""
     doc: dict[str, object] = {
         "starttime": starttime, "clinfo": clinfo_version, "vmlist": vmlist_version,
     }
     doc.update(counters.counters())
+    doc["kvstore"] = {nodename: {}}
     return render_json(doc)
 
 
