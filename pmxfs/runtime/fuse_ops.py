@@ -5,7 +5,7 @@ How it works
 Inodes. A tree entry's FUSE inode is its memdb inode + 1, so the memdb root (0) is
 `pyfuse3.ROOT_INODE` (1) and nothing needs a table. The fixed root entries -- the symlinks
 `local`, `qemu-server`, `lxc`, `openvz` and the virtual files `.members .vmlist .version
-.clusterlog .debug` -- have fixed inodes from 2**62 up. Every request resolves its inode through
+.clusterlog .debug .rrd` -- have fixed inodes from 2**62. Every request resolves its inode through
 the node's current memdb (`get(inode - 1)`, `path_of`), so nothing here can disagree with the
 tree. Within one tree object memdb never reuses an inode number, so an inode the kernel still holds
 either names its row (perhaps renamed) or nothing: ENOENT. A sync replaces the tree object, and the
@@ -24,48 +24,68 @@ write to `.debug` is this node's own setting and never replicated; their size is
 current content and their time is now. `statfs` reports the real limits: 4096-byte blocks,
 MAX_TOTAL_BYTES of space, MAX_ENTRIES inodes, names of 255 bytes.
 
+Errors. Every handler is wrapped (`_contain_handlers`): an exception other than `FUSEError`
+is logged with its traceback and answered EIO (pyfuse3 would let it end the session, leaving the
+caller without an answer and the daemon dead); the daemon goes on.
+
 Mutations. Each one is a single `FsOp` sent with `await node.write(op)`; a non-zero errno in the
 reply is raised as `FUSEError`, so the syscall returns it (not quorate: EACCES from the node).
 memdb checks everything else (names, parents, VMIDs, corosync.conf, limits). Here are only the
 checks that need the kernel's view: the fixed root names cannot be removed or renamed (EACCES;
 memdb already refuses to create them), RENAME_EXCHANGE is EINVAL, RENAME_NOREPLACE is EEXIST when
 the target exists in this node's tree (a remote create racing with it is replaced, as memdb's
-rename replaces), symlink/link/mknod are EACCES. The xattr handlers, `access` (the mount needs
-`default_permissions`, see MOUNT_OPTIONS) and `fsyncdir` are left to the base class: ENOSYS, which
-the kernel remembers and turns into EOPNOTSUPP for xattrs, as with pmxcfs.
+rename replaces). As with pmxcfs, which has no symlink, link or mknod handler (libfuse answers
+ENOSYS, and its mknod of a regular file is an exclusive create): symlink and link are ENOSYS,
+mknod of a regular file creates it (EEXIST when it exists), any other mknod is ENOSYS. The xattr
+handlers, `access` (the mount needs `default_permissions`, see MOUNT_OPTIONS) and `fsyncdir` are
+left to the base class: ENOSYS, which the kernel remembers and turns into EOPNOTSUPP for xattrs,
+as with pmxcfs. readdir lists `.` and `..` first, as pmxcfs does.
 
-setattr. chmod succeeds, changing nothing, when the permission bits asked for are those the entry
-shows while quorate (files 0600 private / 0640 other, directories 0700 / 0755), so tools that
-give a new file the mode of the one it replaces (`sed -i`, `cp -p` within the tree) work; anything
-else is EPERM (as pmxcfs, which also uses 0600/0640 for directories). The fixed
-entries accept their own mode the same way. chown succeeds only to uid 0 and group `gid`. A size
-with a write handle resizes that handle's buffer (EFBIG beyond 1 MiB); without one it is a
-`Truncate`. An mtime is a `SetMtime`, except mtime 0 on a directory directly inside priv/lock,
-which is an `UnlockRequest` (a contender asking whether the lock expired). Atime and ctime are not
-stored. The reply carries the committed attributes.
+setattr. chmod succeeds, changing nothing, exactly when pmxcfs's cfs_fuse_chmod does: the
+permission bits asked for are 0600 on a private path and 0640 on any other, for files,
+directories and the fixed entries alike, so tools that give a new file the mode of the one it
+replaces (`sed -i`, `cp -p` within the tree) work; anything else is EPERM. chown succeeds only to
+uid 0 and group `gid`. A size with a write handle resizes that handle's buffer (EFBIG beyond 1
+MiB); without one it is a `Truncate`. An mtime is a `SetMtime` (memdb refuses one on a lock
+directory that goes back in time or does not come from the lock's holder: EACCES). As in pmxcfs,
+mtime 0 on a directory directly inside priv/lock first sends an `UnlockRequest` (a contender
+asking whether the lock expired), then the `SetMtime`, which memdb refuses: the call fails with
+EACCES after the request was made. Atime and ctime are not stored. The reply carries the
+committed attributes.
 
-Open files: close-to-open atomicity. A read handle of a tree file reads the current content of its
-inode at every `read`; once the inode is gone (unlinked, or replaced by a rename) it keeps serving
-the content it saw last, as an unlinked file stays readable on Linux; after a sync replaced the
-tree it goes on only if its inode still names a file at the same place, else EIO (the number may
-now belong to another file -- even a private one). A write handle (O_WRONLY, O_RDWR or O_TRUNC)
-holds a private buffer: the content at open, or nothing with O_TRUNC. Writes change only the
-buffer (O_APPEND appends at its end whatever the offset, a write past the end fills the gap with
-zeros) and reads on that handle see it. The write that would make the buffer exceed 1 MiB fails
-with EFBIG and poisons the handle: later writes and the flush fail with EFBIG and nothing is
-committed, so `cat big > file` cannot leave a truncated file behind. `flush` (every close) and
-`fsync` send a dirty buffer as one `WriteFile(path, data, create=False)` to the path the inode has
-now (it follows renames; after a sync, the path it had at open); a close whose flush fails returns
-that errno and the buffer counts as clean afterwards -- the caller saw the error, and `release`
-does not send the same data again. The kernel flushes at the close of every descriptor of the
-handle, also of a copy that a forked child closes, and each flush commits the buffer as it is then
-(whole, never a part of it). An O_TRUNC open that is never written still replaces the content
-with nothing at close (an O_TRUNC open of a file that `create` has just made does not). `release`
-commits what is still dirty (errors there have nobody to go to: logged) and drops the handle.
-Write handles are opened with direct_io: their uncommitted bytes never enter the page cache that
-the readers of the same inode on this node share, so those readers see the old content until the
-close. (The price: a write handle cannot be mmap'ed shared, which editors and shell tools do not
-do.)
+Open files: close-to-open atomicity. FUSE sees an *open file* (one `fh`), not descriptors:
+every descriptor dup'ed from it, or inherited by a forked child, shares it; the kernel sends
+FLUSH at the close of each of those descriptors (the close() returns its error) and RELEASE
+once, after the last (asynchronously: nobody sees its error). The rules:
+
+* A read handle holds the content of its file at open (`_Snapshot`), so it sees one version of
+  the file from open to close, also after the file was changed, unlinked or replaced by a sync.
+  The kernel's page cache is per inode and a change invalidates it, after which the handle's
+  reads come back here; a handle opened while another read handle holds an older version
+  reads with direct_io, so the pages of two versions never mix.
+* A write handle (O_WRONLY, O_RDWR or O_TRUNC) holds a private buffer: the content at open, or
+  nothing with O_TRUNC. Writes change only the buffer (O_APPEND appends at its end whatever the
+  offset, a write past the end fills the gap with zeros) and reads on that handle see it. Write
+  handles are opened with direct_io, so their uncommitted bytes never enter the page cache that
+  the readers of the same inode share.
+* Writing needs quorum: without it, `open` for writing and `write` fail at once with EACCES
+  (root passes the kernel's mode check, and a shell ignores the error of close). `.debug` is
+  this node's own setting and always writable.
+* A flush commits the buffer, whole, as one `WriteFile`, when writes changed it since the last
+  commit. A flush with nothing written since then commits nothing, not even a pending O_TRUNC:
+  a shell running `cmd > file` closes a duplicate of the descriptor before `cmd` writes a byte,
+  and that flush must not publish an empty file. The O_TRUNC goes out with the first commit
+  of written content, or at `fsync`/`release` when nothing is ever written (`: > file`). So
+  readers on every node see the old content until the command's output is complete.
+* An error belongs to the open file, not to the descriptor that flushed it. A write that fails
+  (EFBIG: the buffer would pass 1 MiB; EACCES) or a commit that fails makes the handle's error
+  sticky: every later write, flush and fsync of that open file fails with it, and nothing more is
+  committed -- `cat too-big > file` leaves the old content, and a parent's close after a forked
+  child's close cannot return 0 for a refused write.
+* `release` commits what is still pending (its error is only logged), and an `open` of the same
+  inode on this node waits for commits of it in flight, so `: > f; cat f` prints nothing.
+* The commit goes to the path the inode has now (it follows renames; after a sync, the path it
+  had at open).
 
 corosync.conf is validated by memdb on every change. `cp new.conf /etc/pve/corosync.conf` onto an
 existing file works (O_TRUNC, writes, close are one validated WriteFile; a refused text fails the
@@ -118,11 +138,14 @@ serving), and mount with `default_permissions` (MOUNT_OPTIONS has the full set).
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -198,36 +221,32 @@ def _fail(code: int) -> None:
 
 
 @dataclass
-class _Reader:
-    """A tree file opened read-only: the row it served last and the tree it came from."""
-
-    inode: int
-    epoch: int
-    entry: Entry
-
-
-@dataclass
 class _Snapshot:
-    """A virtual file opened read-only: its content at open."""
+    """A file opened read-only: its content at open (a tree file's or a virtual file's) and,
+    for a tree file, its inode and the row it was taken from."""
 
     data: bytes
+    inode: int = 0
+    row: Entry | None = None
 
 
 @dataclass
 class _Writer:
-    """A file opened for writing: the buffer that the flush commits."""
+    """A file opened for writing -- one open file, shared by every descriptor dup'ed from it or
+    inherited by a child: the buffer its flushes commit (module header, "Open files")."""
 
     inode: int
-    path: str  # at open, refreshed at each flush; used when the inode is no longer valid
+    path: str  # at open, refreshed at each commit; used when the inode is no longer valid
     epoch: int
     data: bytearray
-    dirty: bool
     append: bool
-    error: int = 0  # the errno of a failed write: the handle is poisoned
+    truncation: bool  # opened with O_TRUNC, and that (empty) content is not committed yet
+    dirty: bool = False  # changed by writes since the last commit
+    error: int = 0  # sticky: a write or commit failed; every later flush reports it
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-_Handle = _Reader | _Snapshot | _Writer
+_Handle = _Snapshot | _Writer
 
 
 @dataclass
@@ -250,6 +269,34 @@ class _Known:
     page_row: Entry | None = None
 
 
+_Ops = TypeVar("_Ops", bound=type[pyfuse3.Operations])
+
+
+def _contained(name: str,
+               handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(handler)
+    async def contained(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("FUSE %s failed; answered EIO", name)
+            if name == "forget":  # has no answer
+                return None
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return contained
+
+
+def _contain_handlers(cls: _Ops) -> _Ops:
+    """Wrap every pyfuse3 request handler of `cls` in `_contained` (module header, Errors)."""
+    for name, member in list(vars(cls).items()):
+        if hasattr(pyfuse3.Operations, name) and inspect.iscoroutinefunction(member):
+            setattr(cls, name, _contained(name, member))
+    return cls
+
+
+@_contain_handlers
 class PmxfsOperations(pyfuse3.Operations):
     """`pyfuse3.Operations` over an `FsNode`; see the module header."""
 
@@ -271,6 +318,8 @@ class PmxfsOperations(pyfuse3.Operations):
         self._queued = 0  # invalidator calls that queued notices
         self._sent = 0  # of those, how many have been sent
         self._progress = trio.Event()
+        self._committing: dict[int, int] = {}  # inode -> commits of it in flight
+        self._commit_done = trio.Event()  # set (and replaced) whenever one of them ends
         node.set_invalidator(self._invalidate)
 
     # -- the tree -----------------------------------------------------------------------------
@@ -498,18 +547,22 @@ class PmxfsOperations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if name == b".":
-            attrs = self._inode_attrs(parent_inode)
-            self._remember(parent_inode, None, attrs)
-            return attrs
-        if name == b"..":
-            self._dir_path(parent_inode)
-            attrs = self._inode_attrs(self._row(parent_inode).parent + 1)
-            self._remember(parent_inode, None, attrs)
-            return attrs
+        dot = self._dot_attrs(parent_inode, name)
+        if dot is not None:
+            self._remember(parent_inode, None, dot)
+            return dot
         attrs = self._child_attrs(parent_inode, name)
         self._remember(parent_inode, name, attrs)
         return attrs
+
+    def _dot_attrs(self, inode: int, name: bytes) -> pyfuse3.EntryAttributes | None:
+        """The attributes of what `.` or `..` in directory `inode` names; None for other names."""
+        if name == b".":
+            return self._inode_attrs(inode)
+        if name == b"..":
+            self._dir_path(inode)
+            return self._inode_attrs(self._row(inode).parent + 1)
+        return None
 
     def _child_attrs(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         fixed = _decode(name) if parent == pyfuse3.ROOT_INODE else None
@@ -544,19 +597,22 @@ class PmxfsOperations(pyfuse3.Operations):
         for index in range(start_id, len(handle.names)):
             name = handle.names[index]
             try:
-                attrs = self._child_attrs(handle.inode, name)
+                dot = self._dot_attrs(handle.inode, name)
+                attrs = self._child_attrs(handle.inode, name) if dot is None else dot
             except pyfuse3.FUSEError:
                 continue  # gone since the listing was taken
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 return
-            self._remember(handle.inode, name, attrs)
+            if dot is None:  # the kernel takes no reference for `.` and `..`
+                self._remember(handle.inode, name, attrs)
 
     def _names(self, inode: int) -> list[bytes]:
+        """`.`, `..`, then the directory's entries by name."""
         self._dir_path(inode)
         names = [_encode(child.name) for child in self._tree().children(inode - 1)]
         if inode == pyfuse3.ROOT_INODE:
             names += [_encode(name) for name in FIXED_INODES]
-        return sorted(names)
+        return [b".", b"..", *sorted(names)]
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -607,15 +663,21 @@ class PmxfsOperations(pyfuse3.Operations):
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EACCES)
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EACCES)
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EACCES)
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        path = self._child_path(parent_inode, name)
+        await self._send(CreateFile(path, self._node.wall_seconds(), exclusive=True))
+        attrs = self._child_attrs(parent_inode, name)
+        self._remember(parent_inode, name, attrs)
+        return attrs
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
@@ -625,8 +687,7 @@ class PmxfsOperations(pyfuse3.Operations):
             return self._setattr_fixed(name, attr, fields, fh)
         entry = self._row(inode)
         path = self._tree().path_of(entry.inode)
-        mode = mode_of(path, entry.is_dir, True)
-        self._check_owner_and_mode(mode, attr, fields)
+        self._check_owner_and_mode(path, attr, fields)
         if fields.update_size:
             if entry.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
@@ -640,15 +701,13 @@ class PmxfsOperations(pyfuse3.Operations):
             parent = path.rpartition("/")[0]
             if mtime == 0 and entry.is_dir and parent == LOCK_DIR:
                 await self._send(UnlockRequest(path))
-            else:
-                await self._send(SetMtime(path, mtime))
+            await self._send(SetMtime(path, mtime))
         return self._attrs(self._row(inode))
 
     def _setattr_fixed(self, name: str, attr: pyfuse3.EntryAttributes,
                        fields: pyfuse3.SetattrFields, fh: int | None) -> pyfuse3.EntryAttributes:
         current = self._fixed_attrs(name)
-        mode = 0o755 if name in SYMLINKS else stat.S_IMODE(current.st_mode)
-        self._check_owner_and_mode(mode, attr, fields)
+        self._check_owner_and_mode(name, attr, fields)
         # Only .debug can be truncated (ftruncate also asks for an mtime: the size carries it).
         if ((fields.update_size and name != DEBUG_FILE)
                 or (fields.update_mtime and not fields.update_size)):
@@ -658,9 +717,11 @@ class PmxfsOperations(pyfuse3.Operations):
             self._resize(handle, attr.st_size)
         return current
 
-    def _check_owner_and_mode(self, mode: int, attr: pyfuse3.EntryAttributes,
+    def _check_owner_and_mode(self, path: str, attr: pyfuse3.EntryAttributes,
                               fields: pyfuse3.SetattrFields) -> None:
-        if fields.update_mode and stat.S_IMODE(attr.st_mode) != mode:
+        """pmxcfs's chmod and chown: only the mode of a file at `path` (0600 private, 0640 other;
+        directories too), only root and group `gid`."""
+        if fields.update_mode and stat.S_IMODE(attr.st_mode) != mode_of(path, False, True):
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_uid and attr.st_uid != 0:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -697,10 +758,12 @@ class PmxfsOperations(pyfuse3.Operations):
         name = _FIXED_NAMES.get(inode)
         if name is not None:
             return self._open_fixed(name, flags)
+        await self._commits_settled(inode)
         entry = self._row(inode)
         if entry.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         if _writes(flags):
+            self._check_quorate()
             return self._open_writer(entry, flags, truncates=True)
         known = self._known.get(inode)
         fresh = known is not None and known.attr_row is entry and known.page_row is entry
@@ -711,6 +774,18 @@ class PmxfsOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EISDIR)
         return self._open_reader(entry, keep_cache=fresh)
 
+    def _check_quorate(self) -> None:
+        """Writing needs quorum; root passes the kernel's mode check, so it is made here, at
+        open and at every write, where a shell sees it (a close's error goes unseen)."""
+        if not self._node.quorate():
+            raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def _commits_settled(self, inode: int) -> None:
+        """Wait until no commit of `inode` is in flight, so an open sees what an earlier close
+        (or a release, which the kernel does not wait for: `: > f; cat f`) committed."""
+        while self._committing.get(inode):
+            await self._commit_done.wait()
+
     def _open_fixed(self, name: str, flags: int) -> pyfuse3.FileInfo:
         if name in SYMLINKS:
             raise pyfuse3.FUSEError(errno.ELOOP)
@@ -719,18 +794,25 @@ class PmxfsOperations(pyfuse3.Operations):
             self._handles[fh] = _Snapshot(self._node.virtual_file(name))
         elif name == DEBUG_FILE:
             self._handles[fh] = _Writer(FIXED_INODES[name], name, self._epoch, bytearray(),
-                                        dirty=False, append=False)
+                                        append=False, truncation=False)
         else:
             raise pyfuse3.FUSEError(errno.EACCES)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     def _open_reader(self, entry: Entry, *, keep_cache: bool) -> pyfuse3.FileInfo:
+        """A read handle of `entry`'s version. The inode's page cache serves it unless another
+        open read handle holds another version: pages are per inode, so then this one reads
+        past the cache (direct_io) and each handle sees only its own version."""
         inode = entry.inode + 1
+        fh = self._new_fh()
+        alone = all(h.row is entry for h in self._handles.values()
+                    if isinstance(h, _Snapshot) and h.inode == inode)
+        self._handles[fh] = _Snapshot(entry.data, inode, entry)
+        if not alone:
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         known = self._known.get(inode)
         if known is not None:
             known.attr_row = known.page_row = entry
-        fh = self._new_fh()
-        self._handles[fh] = _Reader(inode, self._epoch, entry)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     def _open_writer(self, entry: Entry, flags: int, *, truncates: bool) -> pyfuse3.FileInfo:
@@ -739,31 +821,16 @@ class PmxfsOperations(pyfuse3.Operations):
         self._handles[fh] = _Writer(
             entry.inode + 1, self._tree().path_of(entry.inode), self._epoch,
             bytearray() if truncate else bytearray(entry.data),
-            dirty=truncate and truncates, append=bool(flags & os.O_APPEND))
+            append=bool(flags & os.O_APPEND), truncation=truncate and truncates)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
-        if isinstance(handle, _Reader):
-            return self._reader_data(handle)[off:off + size]
         if isinstance(handle, _Snapshot):
             return handle.data[off:off + size]
         if isinstance(handle, _Writer):
             return bytes(handle.data[off:off + size])
         raise pyfuse3.FUSEError(errno.EBADF)
-
-    def _reader_data(self, handle: _Reader) -> bytes:
-        tree = self._tree()
-        entry = tree.get(handle.inode - 1)
-        if handle.epoch == self._epoch:
-            if entry is not None and not entry.is_dir:
-                handle.entry = entry
-            return handle.entry.data
-        if (entry is None or entry.is_dir or entry.parent != handle.entry.parent
-                or entry.name != handle.entry.name):
-            raise pyfuse3.FUSEError(errno.EIO)
-        handle.entry, handle.epoch = entry, self._epoch
-        return entry.data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles.get(fh)
@@ -774,7 +841,9 @@ class PmxfsOperations(pyfuse3.Operations):
         end = start + len(buf)
         if end > MAX_FILE_BYTES:
             handle.error = errno.EFBIG
-            raise pyfuse3.FUSEError(errno.EFBIG)
+        elif handle.inode != FIXED_INODES[DEBUG_FILE] and not self._node.quorate():
+            handle.error = errno.EACCES
+        _fail(handle.error)
         if start > len(handle.data):
             handle.data.extend(bytes(start - len(handle.data)))
         handle.data[start:end] = buf
@@ -784,40 +853,53 @@ class PmxfsOperations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
         if isinstance(handle, _Writer):
-            await self._commit(handle)
+            await self._commit(handle, final=False)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.flush(fh)
+        handle = self._handles.get(fh)
+        if isinstance(handle, _Writer):
+            await self._commit(handle, final=True)
 
     async def release(self, fh: int) -> None:
-        handle = self._handles.get(fh)
-        try:
-            if isinstance(handle, _Writer) and handle.dirty:
-                try:
-                    await self._commit(handle)
-                except pyfuse3.FUSEError as exc:
-                    log.warning("the content written to %s at its last close is lost: %s",
-                                handle.path, os.strerror(exc.errno))
-        finally:
-            self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, _Writer) and not handle.error:
+            try:
+                await self._commit(handle, final=True)
+            except pyfuse3.FUSEError as exc:
+                log.warning("the content written to %s at its last close is lost: %s",
+                            handle.path, os.strerror(exc.errno))
 
-    async def _commit(self, handle: _Writer) -> None:
+    async def _commit(self, handle: _Writer, *, final: bool) -> None:
+        """Send what the open file holds when its writes changed it since the last commit, or,
+        when `final` (release, fsync), when only its O_TRUNC is pending (module header)."""
         async with handle.lock:
-            if handle.error:
-                handle.dirty = False
-                raise pyfuse3.FUSEError(handle.error)
-            if not handle.dirty:
+            _fail(handle.error)
+            if not (handle.dirty or (final and handle.truncation)):
                 return
-            handle.dirty = False
+            handle.dirty = handle.truncation = False
             data = bytes(handle.data)
-            if handle.inode == FIXED_INODES[DEBUG_FILE]:
-                enabled = parse_debug_write(data)
-                if enabled is None:
-                    raise pyfuse3.FUSEError(errno.EINVAL)
-                self._node.set_debug(enabled)
-                return
-            path = self._writer_path(handle)
-            await self._send(WriteFile(path, data, self._node.wall_seconds(), create=False))
+            self._committing[handle.inode] = self._committing.get(handle.inode, 0) + 1
+            try:
+                await self._send_content(handle, data)
+            except pyfuse3.FUSEError as exc:
+                handle.error = exc.errno
+                raise
+            finally:
+                self._committing[handle.inode] -= 1
+                if not self._committing[handle.inode]:
+                    del self._committing[handle.inode]
+                self._commit_done.set()
+                self._commit_done = trio.Event()
+
+    async def _send_content(self, handle: _Writer, data: bytes) -> None:
+        if handle.inode == FIXED_INODES[DEBUG_FILE]:
+            enabled = parse_debug_write(data)
+            if enabled is None:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            self._node.set_debug(enabled)
+            return
+        path = self._writer_path(handle)
+        await self._send(WriteFile(path, data, self._node.wall_seconds(), create=False))
 
     def _writer_path(self, handle: _Writer) -> str:
         """Where a write handle's buffer goes: the inode's path now (it follows a rename); after

@@ -10,7 +10,8 @@ their order:
 * `Reply` → wakes the FUSE or control call waiting for it;
 * `SaveLost` → files under `<data-dir>/lost+found/<ring>/`;
 * `Invalidate`/`QuorumChanged` → the FUSE layer drops stale kernel caches;
-* `ConfigChanged` → the local corosync.conf is rewritten atomically.
+* `ConfigChanged` → the local corosync.conf is rewritten atomically, and `status`, `nodes` and
+  `.members` show the new config (name, config_version, nodelist, votes) from then on.
 A database that cannot commit stops the node (`DatabaseError` propagates): acknowledging writes
 that are not on disk would break the one promise the node makes.
 
@@ -46,6 +47,7 @@ from pmxfs.core.replica import (
     StoredState,
 )
 from pmxfs.core.status import (
+    RRD_CONTENT,
     ChangeCounters,
     ClusterInfo,
     MemberNode,
@@ -65,6 +67,9 @@ from pmxfs.runtime.totem_node import RingSeqStore
 log = logging.getLogger("pmxfs")
 
 NODE_DIRS = ("qemu-server", "lxc", "priv")
+# How long a write waits for room among the replica's pending proposals before it is answered
+# EAGAIN: back-pressure blocks writers instead of failing them, but not for ever.
+ROOM_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -103,6 +108,7 @@ class ReplicaNode:
         self._wall_offset = int(time.time() * 1000)
         self._invalidator: Invalidator = lambda paths, everything: None
         self._waiters: dict[int, _Waiter] = {}
+        self._room = trio.Event()  # set (and replaced) whenever a reply frees a pending slot
         self._next_request = 0
         self._members_version = 0
         self._vmlist_version = 0
@@ -141,6 +147,9 @@ class ReplicaNode:
         self._invalidator = invalidator
 
     async def write(self, op: FsOp) -> Reply:
+        with trio.move_on_after(ROOM_TIMEOUT_S):
+            while self.replica.full():
+                await self._room.wait()
         request = self._new_request()
         self.replica.propose(self.now(), request, op)
         reply = await self._wait(request)
@@ -171,11 +180,13 @@ class ReplicaNode:
             return render_vmlist(self._vmlist_version, self.memdb.vmlist())
         if name == ".version":
             return render_version(self.started_at, self._members_version,
-                                  self._vmlist_version, self._counters)
+                                  self._vmlist_version, self._counters, self._name)
         if name == ".clusterlog":
             return render_clusterlog(self.replica.log_buffer)
         if name == ".debug":
             return render_debug(self.debug_enabled)
+        if name == ".rrd":
+            return RRD_CONTENT
         raise KeyError(name)
 
     def set_debug(self, enabled: bool) -> None:
@@ -288,6 +299,8 @@ class ReplicaNode:
             elif isinstance(out, Persist):
                 self.database.commit(out)
             elif isinstance(out, Reply):
+                self._room.set()
+                self._room = trio.Event()
                 waiter = self._waiters.get(out.request_id)
                 if waiter is not None:
                     waiter.reply = out
@@ -303,6 +316,7 @@ class ReplicaNode:
             elif isinstance(out, SaveLost):
                 self._save_lost(out)
             elif isinstance(out, ConfigChanged):
+                self._take_config(out.text)
                 self._write_local_config(out.text)
         if self.replica.synced():
             self.synced_once.set()
@@ -333,6 +347,16 @@ class ReplicaNode:
             _write_atomically(target, data)
         log.warning("saved %d file(s) replaced by a sync under %s", len(lost.files), base)
 
+    def _take_config(self, text: str) -> None:
+        """The cluster took a new corosync.conf (memdb validated it): status, nodes and .members
+        show it."""
+        config = check_config(text).config
+        if config is None:
+            return
+        self.config = config
+        self.infos = config.node_infos()
+        self._members_version += 1
+
     def _write_local_config(self, text: str) -> None:
         if self.config_path is None:
             return
@@ -349,7 +373,11 @@ class ReplicaNode:
     def _names(self) -> dict[int, str]:
         return {i.nodeid: i.name for i in self.infos}
 
-    def _cluster_info(self) -> ClusterInfo:
+    def _cluster_info(self) -> ClusterInfo | None:
+        """What .members shows of the cluster; None in local mode (no corosync.conf of its own),
+        where pmxcfs shows only the node name and the version."""
+        if self.config_path is None:
+            return None
         return ClusterInfo(
             name=self.config.cluster_name, config_version=self.config.config_version,
             nodes=[MemberNode(i.name, i.nodeid, i.addr) for i in self.infos],

@@ -1,0 +1,120 @@
+"""The trio runtime of the replica (`ReplicaNode`): several nodes in one process over the memory
+transport, each with its own SQLite database, under trio's autojump clock (time jumps to the next
+deadline whenever every task sleeps, so timeouts cost no real time)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from pmxfs.core import conf
+from pmxfs.core.fsop import Mkdir, WriteFile
+from pmxfs.core.replica import MAX_PENDING
+from pmxfs.runtime import replica_node
+from pmxfs.runtime.database import Database
+from pmxfs.runtime.memory_transport import MemoryHub
+from pmxfs.runtime.replica_node import ROOM_TIMEOUT_S, ReplicaNode
+from pmxfs.runtime.totem_node import RingSeqStore
+
+CONFIG = """totem {
+  version: 2
+  cluster_name: lab
+  config_version: 1
+  token: 1000
+}
+nodelist {
+%s}
+quorum {
+  provider: corosync_votequorum
+}
+"""
+
+
+def config(count: int) -> conf.ClusterConfig:
+    nodes = "".join(f"  node {{\n    name: node{i}\n    nodeid: {i}\n"
+                    f"    ring0_addr: 127.0.0.{i}\n  }}\n" for i in range(1, count + 1))
+    return conf.parse(CONFIG % nodes)
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, nursery: trio.Nursery, count: int) -> None:
+        self.hub = MemoryHub()
+        self.config = config(count)
+        self.nodes: dict[int, ReplicaNode] = {}
+        self.databases: list[Database] = []
+        for node_id in range(1, count + 1):
+            data_dir = tmp_path / f"node{node_id}"
+            data_dir.mkdir()
+            database = Database.open(data_dir)
+            self.databases.append(database)
+            node = ReplicaNode(
+                node_id=node_id, config=self.config, config_path=None,
+                params=conf.totem_params(self.config), transport=self.hub.transport(node_id),
+                database=database, ring_seq_store=RingSeqStore(data_dir, node_id),
+                incarnation=node_id, data_dir=data_dir)
+            self.nodes[node_id] = node
+            nursery.start_soon(node.run)
+
+    async def settled(self) -> None:
+        """Until every node is in one synced, quorate ring (bounded by the caller's clock)."""
+        while not all(n.quorate() and n.replica.synced()
+                      and len(n.replica.members) == len(self.nodes)
+                      for n in self.nodes.values()):
+            await trio.sleep(0.05)
+
+    def close(self) -> None:
+        for database in self.databases:
+            database.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, nursery: trio.Nursery,
+                  autojump_clock: trio.testing.MockClock) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path, nursery, 3)
+    with trio.fail_after(60):
+        await c.settled()
+    yield c
+    nursery.cancel_scope.cancel()
+    c.close()
+
+
+async def test_a_write_beyond_the_pending_limit_waits_for_room_instead_of_failing(
+        cluster: Cluster) -> None:
+    node = cluster.nodes[1]
+    for i in range(MAX_PENDING):  # fill every slot before the ring can answer any
+        node.replica.propose(node.now(), 10_000 + i, Mkdir(f"d{i}", 1))
+    assert node.replica.full()
+    with trio.fail_after(ROOM_TIMEOUT_S):
+        reply = await node.write(WriteFile("after", b"waited", 1, create=True))
+    assert reply.errno == 0
+    for other in cluster.nodes.values():
+        entry = other.memdb.lookup("after")
+        assert entry is not None and entry.data == b"waited"
+
+
+async def test_back_pressure_is_bounded(cluster: Cluster,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    node = cluster.nodes[1]
+    monkeypatch.setattr(node.replica, "full", lambda: True)
+    monkeypatch.setattr(replica_node, "ROOM_TIMEOUT_S", 2.0)
+    start = trio.current_time()
+    reply = await node.write(Mkdir("never", 1))
+    assert reply.errno == errno.EAGAIN
+    assert trio.current_time() - start >= 2.0
+    assert node.memdb.lookup("never") is None
+
+
+async def test_an_invalid_name_is_refused_at_once_and_the_node_goes_on(cluster: Cluster) -> None:
+    node = cluster.nodes[2]
+    with trio.fail_after(1):
+        assert (await node.write(Mkdir("bad\udcffname", 1))).errno == errno.EINVAL
+        assert (await node.write(Mkdir("x" * 4097, 1))).errno == errno.ENAMETOOLONG
+        reply = await node.set_expected(-1)
+    assert reply.errno == errno.EINVAL and "between 1 and 3" in reply.message
+    assert (await node.write(Mkdir("good", 1))).errno == 0
+    assert all(n.replica.counters.get("bad_messages", 0) == 0 for n in cluster.nodes.values())
