@@ -1,12 +1,22 @@
 """`pmxfs daemon`: one node — the ring, the replicated tree, the FUSE mount, the control socket.
 
 Start-up, in an order where every failure is one clear line and leaves nothing behind:
-1. the data directory and its lock (a second daemon on the same data is refused);
+1. the data and run directories (created, and logged, when missing -- their parents never are: a
+   mistyped path is refused, not built), the data directory's lock (a second daemon on the same
+   data is refused) and a first look at the mount point (the refusals below);
 2. the cluster config (`--local`: a one-node cluster of this host, always quorate), the node,
    the authkey, the database (checked; a damaged one is refused, never rewritten);
-3. the transport, the replica node, a stale mount left by a crash is unmounted, the mount;
+3. the transport, the replica node, the mount point (below), the mount;
 4. the control socket, then `READY=1` to systemd once the mount answers.
-SIGTERM or SIGINT unmounts and exits 0.
+
+The mount point never shows the plain directory underneath while the daemon is meant to serve it:
+* only an orderly stop, SIGTERM or SIGINT, unmounts (exit 0);
+* any other end -- an exception (a database that cannot commit, say) or SIGKILL -- leaves the
+  mount dead: it answers ENOTCONN, so a write fails instead of landing beside the cluster. An
+  exception is logged and exits 1, which systemd's Restart=on-failure restarts;
+* at start a dead pmxfs mount is unmounted (the crash case above); a mount that answers, a mount
+  of something else, a mount point that is not a directory and a non-empty directory are
+  refused, the last one naming (some of) what the mount would hide.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import functools
 import grp
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +39,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from pmxfs import config_check
+from pmxfs import config_check, control_cli
 from pmxfs.core import conf
 from pmxfs.core.replica import DEFAULT_VERIFY_INTERVAL_MS
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
@@ -44,23 +56,62 @@ from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
 log = logging.getLogger("pmxfs")
 
 
+DEFAULT_CONFIG = "/etc/pmxfs/corosync.conf"
+DEFAULT_AUTHKEY = "/etc/pmxfs/authkey"
+DEFAULT_MOUNT = "/etc/pve"
+DEFAULT_DATA_DIR = "/var/lib/pmxfs"
+FSNAME = next(o.split("=", 1)[1] for o in MOUNT_OPTIONS if o.startswith("fsname="))
+DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+SHOWN_ENTRIES = 3  # how many entries a refusal to mount over a non-empty directory names
+
+DESCRIPTION = """\
+Run this node of the cluster in the foreground: join the ring described by --config, keep the
+replicated tree in DATA_DIR/config.db and mount it with FUSE at --mount. The client commands
+(`pmxfs status`, `nodes`, `expected`, `log`, `debug`) talk to it over RUN_DIR/pmxfs.sock. It
+logs to stderr. systemd/pmxfs.service runs it with the default paths.
+
+--data-dir, --run-dir and the mount point are created when missing, and the log says so; their
+parent directories are not (a mistyped path is refused). The mount point must be an empty
+directory: the daemon refuses to hide files under its mount and names them.
+
+SIGTERM or SIGINT unmounts and exits 0. Any other end (an error, which exits 1, or SIGKILL)
+leaves the mount dead, answering "Transport endpoint is not connected", so nothing is written
+into the directory underneath; the next start takes the dead mount away and mounts again.
+Exit 1 with one line `pmxfs: reason` when it cannot start."""
+
+EXAMPLES = f"""\
+examples:
+  pmxfs daemon                      # as systemd/pmxfs.service: {DEFAULT_CONFIG}, {DEFAULT_MOUNT}
+  pmxfs daemon --node pve1 --debug  # this host is pve1 in the nodelist; log debug messages
+  pmxfs daemon --local --mount /tmp/pve --data-dir /tmp/pmxfs-data --run-dir /tmp/pmxfs-run"""
+
+
 class StartupError(Exception):
     """Why the daemon cannot start: printed as one line."""
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `daemon` to the `pmxfs` parser."""
     p = subparsers.add_parser("daemon", help="run this node: ring, replicated tree, mount",
-                              description=__doc__,
+                              description=DESCRIPTION, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="/etc/pmxfs/corosync.conf")
-    p.add_argument("--authkey", default="/etc/pmxfs/authkey")
-    p.add_argument("--node", help="this node's name in the nodelist (default: the host name)")
-    p.add_argument("--mount", default="/etc/pve")
-    p.add_argument("--data-dir", default="/var/lib/pmxfs")
-    p.add_argument("--run-dir", default=None,
-                   help="where the control socket lives (default: the global --run-dir)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help="the cluster's corosync.conf (default: %(default)s)")
+    p.add_argument("--authkey", default=DEFAULT_AUTHKEY, metavar="FILE",
+                   help="the cluster's authkey, see `pmxfs keygen` (default: %(default)s)")
+    p.add_argument("--node", metavar="NAME",
+                   help="this node's name in the nodelist (default: the host name)")
+    p.add_argument("--mount", default=DEFAULT_MOUNT, metavar="DIR",
+                   help="where the tree is mounted (default: %(default)s)")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
+                   help="the node's database config.db, ring state and lost+found "
+                        "(default: %(default)s)")
+    p.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="where the control socket pmxfs.sock is made (default: the global "
+                        f"--run-dir: $PMXFS_RUN_DIR, else {control_cli.DEFAULT_RUN_DIR})")
     p.add_argument("--local", action="store_true",
-                   help="run as a one-node cluster without network, always quorate")
+                   help="run as a one-node cluster without network, always quorate; --config "
+                        "and --authkey are not read")
     p.add_argument("--debug", action="store_true", help="log debug messages")
     p.add_argument("--verify-interval", type=int, default=DEFAULT_VERIFY_INTERVAL_MS // 1000,
                    metavar="SECONDS", help=argparse.SUPPRESS)
@@ -68,6 +119,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    """Handler of `pmxfs daemon`; returns the exit status."""
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s pmxfs[%(process)d]: %(message)s",
                         level=logging.DEBUG if args.debug else logging.INFO)
     run_dir = Path(args.run_dir or args.global_run_dir)
@@ -76,11 +128,36 @@ def run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"pmxfs: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a crash; a mount made before it is left dead (see _mounted)
+        log.critical("stopped by an error: %s", _reasons(exc), exc_info=exc)
+        return 1
+
+
+def _reasons(exc: BaseException) -> str:
+    """The innermost exceptions of `exc` (trio wraps a task's in groups), on one line."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_reasons(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _make_dir(path: Path, mode: int, what: str) -> None:
+    """Create the directory `path` when it is missing, never its parents, and say so."""
+    if os.path.isdir(path):
+        return
+    try:
+        path.mkdir(mode=mode)
+    except FileNotFoundError:
+        raise StartupError(f"cannot create {what} {path}: {path.parent} does not exist "
+                           "(create it first, or check the path)") from None
+    except FileExistsError:
+        raise StartupError(f"{what} {path} is not a directory") from None
+    except OSError as exc:
+        raise StartupError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+    log.info("created %s %s", what, path)
 
 
 def _lock_data_dir(data_dir: Path) -> int:
     try:
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(data_dir / "pmxfs.lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise StartupError(f"cannot use data directory {data_dir}: {exc.strerror}") from None
@@ -123,20 +200,91 @@ def _www_data_gid() -> int:
         return 0
 
 
-def _unmount_stale(mount: Path) -> None:
-    """A mount left by a crashed daemon answers ENOTCONN; take it away before mounting."""
+# ---------------------------------------------------------------------------- the mount point
+
+
+def mount_table() -> dict[str, tuple[str, str]]:
+    """Mount point -> (file system type, source) in this mount namespace, the visible mount of
+    each point. From /proc/self/mountinfo, which never touches the mounted file systems, so a
+    dead or hung mount cannot block it."""
+    table: dict[str, tuple[str, str]] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-", 6) + 1:]
+            table[_unescape(fields[4])] = (rest[0], _unescape(rest[1]))
+    return table
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def answers(mount: Path) -> bool:
+    """Whether the file system mounted at `mount` is served: a FUSE mount whose daemon is gone
+    answers ENOTCONN. statfs always goes to the file system; a stat of the mount point may be
+    answered from the kernel's cache."""
     try:
-        os.stat(mount)
-        mounted = os.path.ismount(mount)
+        os.statvfs(mount)
     except OSError as exc:
-        mounted = exc.errno == errno.ENOTCONN
-    if mounted:
-        log.warning("unmounting a stale mount at %s", mount)
-        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
-    try:
-        mount.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"cannot create mount point {mount}: {exc.strerror}") from None
+        return exc.errno not in DEAD_MOUNT_ERRNOS
+    return True
+
+
+def unmount(mount: Path) -> bool:
+    """Lazily unmount `mount` (fusermount3, else umount -l); whether it is gone."""
+    commands = [["fusermount3", "-u", "-z", str(mount)], ["umount", "-l", str(mount)]]
+    for command in commands:
+        if str(mount) not in mount_table():
+            return True
+        if shutil.which(command[0]) is not None:
+            subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                           check=False)
+    return str(mount) not in mount_table()
+
+
+def _check_mount_point(mount: Path) -> None:
+    """Refuse early, before anything is started, a mount point `_prepare_mount_point` would
+    refuse; a dead pmxfs mount is left for it to take away."""
+    mounted = mount_table().get(str(mount))
+    if mounted is not None:
+        _refuse_unless_dead_pmxfs(mount, *mounted)
+    elif os.path.lexists(mount):
+        _refuse_unless_empty_directory(mount)
+
+
+def _prepare_mount_point(mount: Path) -> None:
+    """Make `mount` an empty directory to mount on: a dead pmxfs mount is taken away, anything
+    else that would be hidden or broken is refused."""
+    mounted = mount_table().get(str(mount))
+    if mounted is not None:
+        _refuse_unless_dead_pmxfs(mount, *mounted)
+        log.warning("unmounting the dead mount at %s left by a daemon that did not stop cleanly",
+                    mount)
+        if not unmount(mount):
+            raise StartupError(f"cannot unmount the dead mount at {mount}")
+    _make_dir(mount, 0o755, "mount point")
+    _refuse_unless_empty_directory(mount)
+
+
+def _refuse_unless_dead_pmxfs(mount: Path, fstype: str, source: str) -> None:
+    if answers(mount):
+        raise StartupError(f"{mount} is already mounted ({source}, type {fstype}) and answers; "
+                           "stop what serves it first")
+    if source != FSNAME or not fstype.startswith("fuse"):
+        raise StartupError(f"{mount} holds a dead mount of {source} (type {fstype}), not of "
+                           "pmxfs; unmount it first")
+
+
+def _refuse_unless_empty_directory(mount: Path) -> None:
+    if not os.path.isdir(mount):
+        raise StartupError(f"mount point {mount} is not a directory")
+    hidden = sorted(os.listdir(mount))
+    if hidden:
+        shown = ", ".join(repr(name) for name in hidden[:SHOWN_ENTRIES])
+        more = f" and {len(hidden) - SHOWN_ENTRIES} more" if len(hidden) > SHOWN_ENTRIES else ""
+        raise StartupError(f"mount point {mount} is not empty: mounting would hide {shown}{more}; "
+                           "move them away first")
 
 
 def _notify_systemd(message: str) -> None:
@@ -172,10 +320,13 @@ async def _transport(config: conf.ClusterConfig, node_id: int, args: argparse.Na
 
 async def _serve(args: argparse.Namespace, run_dir: Path) -> int:
     data_dir = Path(args.data_dir).absolute()
-    mount = Path(args.mount).absolute()
+    mount = Path(os.path.realpath(args.mount))  # as the mount table names it
     name = args.node or socket.gethostname().split(".")[0]
+    _make_dir(data_dir, 0o700, "data directory")
+    _make_dir(run_dir, 0o755, "run directory")
     lock_fd = _lock_data_dir(data_dir)
     try:
+        _check_mount_point(mount)
         config, node_id = _load_config(args, name)
         store = RingSeqStore(data_dir, node_id)
         try:
@@ -205,37 +356,52 @@ async def _serve(args: argparse.Namespace, run_dir: Path) -> int:
 
 
 async def _mounted(node: ReplicaNode, mount: Path, run_dir: Path) -> int:
+    """Serve the mount until SIGTERM or SIGINT, which unmount (0). Anything else raises and
+    leaves the mount dead (module docstring)."""
     gid = _www_data_gid()
     ops = PmxfsOperations(node, gid=gid)
-    _unmount_stale(mount)
+    _prepare_mount_point(mount)
     options = set(pyfuse3.default_options) | set(MOUNT_OPTIONS)
     try:
         pyfuse3.init(ops, str(mount), options)
     except (RuntimeError, OSError) as exc:
         raise StartupError(f"cannot mount at {mount}: {exc}") from None
-    socket_path = run_dir / "pmxfs.sock"
+    stopped = False
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(node.run)
-                nursery.start_soon(pyfuse3.main)
-                nursery.start_soon(ops.run_invalidations)
-                await nursery.start(functools.partial(
-                    serve_control, socket_path, node, www_data_gid=gid or None))
-                nursery.start_soon(_ready_when_mounted, mount, node)
-                async for signum in signals:
-                    log.info("signal %d: unmounting %s and stopping", signum, mount)
-                    break
-                pyfuse3.terminate()
-                nursery.cancel_scope.cancel()
+        await _serve_until_signal(node, ops, mount, run_dir / "pmxfs.sock", gid)
+        stopped = True
     finally:
-        pyfuse3.close(unmount=True)
-        socket_path.unlink(missing_ok=True)
+        if not stopped:
+            log.error("leaving %s mounted but dead: it answers \"Transport endpoint is not "
+                      "connected\" until pmxfs starts again, so nothing is written beside the "
+                      "cluster", mount)
+        pyfuse3.close(unmount=stopped)
     return 0
 
 
+async def _serve_until_signal(node: ReplicaNode, ops: PmxfsOperations, mount: Path,
+                              socket_path: Path, gid: int) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.run)
+            nursery.start_soon(pyfuse3.main)
+            nursery.start_soon(ops.run_invalidations)
+            await nursery.start(functools.partial(
+                serve_control, socket_path, node, www_data_gid=gid or None))
+            nursery.start_soon(_ready_when_mounted, mount, node)
+            async for signum in signals:
+                log.info("signal %d: unmounting %s and stopping", signum, mount)
+                break
+            pyfuse3.terminate()
+            nursery.cancel_scope.cancel()
+
+
 async def _ready_when_mounted(mount: Path, node: ReplicaNode) -> None:
-    await trio.to_thread.run_sync(os.stat, mount / ".members")
+    """Tell systemd READY=1 once the mount answers. The stat runs in a child process: a thread of
+    the daemon waiting on its own mount would hold the FUSE device open if the daemon were
+    killed meanwhile, and the mount would hang instead of going dead."""
+    probe = "import os, sys; os.stat(sys.argv[1])"
+    await trio.run_process([sys.executable, "-I", "-S", "-c", probe, str(mount / ".members")],
+                           stdin=subprocess.DEVNULL)
     log.info("node %s mounted %s", node.node_name, mount)
     _notify_systemd("READY=1")

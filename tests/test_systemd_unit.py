@@ -72,7 +72,16 @@ def test_exec_start_is_the_daemon_with_default_paths() -> None:
     # the directories systemd creates are the ones the daemon is given
     assert f"/run/{unit[('Service', 'RuntimeDirectory')][0]}" == args.run_dir
     assert f"/var/lib/{unit[('Service', 'StateDirectory')][0]}" == args.data_dir
-    assert unit[("Service", "ExecStopPost")] == [f"-/bin/umount -l {args.mount}"]
+
+
+def test_nothing_unmounts_after_a_crash() -> None:
+    """A crashed daemon leaves a dead mount (ENOTCONN) so that nothing is written into the plain
+    directory before Restart=on-failure starts it again; ExecStop= and ExecStopPost= run after a
+    crash too, so neither may unmount. The daemon unmounts on SIGTERM itself."""
+    unit = settings(UNIT.read_text())
+    assert unit[("Service", "Restart")] == ["on-failure"]
+    stop_commands = [key for _, key in unit if key.startswith("ExecStop")]
+    assert stop_commands == []
 
 
 def test_stop_and_restart_policy() -> None:
