@@ -10,11 +10,12 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from pmxfs.core import replica_msgs
 from pmxfs.core.fsop import Mkdir, Rmdir, SetMtime, UnlockRequest, WriteFile
 from pmxfs.core.memdb import LOCK_TIMEOUT_MS
-from pmxfs.core.replica import Mode, Replica
-from pmxfs.core.replica_msgs import OpId
-from pmxfs.sim.replica_sim import ReplicaCluster, run_fs_chaos
+from pmxfs.core.replica import APPLIED_PER_NODE, Mode, PendingState, Replica
+from pmxfs.core.replica_msgs import DoneMsg, OpId, OpMsg, decode_msg
+from pmxfs.sim.replica_sim import ReplicaCluster, cluster_config_text, run_fs_chaos
 from pmxfs.sim.totem_sim import sim_params
 
 CI_SEEDS = int(os.environ.get("PMXFS_FS_SIM_SEEDS", "200"))
@@ -188,6 +189,124 @@ def test_a_proposal_nobody_decides_is_answered_etimedout_within_the_bound(
     assert reply.errno == E.ETIMEDOUT and "still in flight" in reply.message
     assert c.net.now - start >= c.replica(1).unresolved_timeout
     assert c.replica(1).pending == {}
+
+
+def test_a_duplicate_delivered_in_a_later_batch_keeps_the_answer_where_it_was_announced(
+        ) -> None:
+    """A copy of a decided, unanswered operation delivered again in a later batch (as a copy
+    re-sent after a ring change can be): the answer must stay tied to the first position,
+    which every member announces, and the duplicate's batch announces too -- before, the answer
+    moved to the duplicate's position, which nothing announced, and waited for an unrelated
+    later write (or for ever)."""
+    c = make()
+    r = c.replica(1)
+    request = c.propose(1, Mkdir("twice", 1))
+    op_id = c.requests[c.key(1)][request]
+    assert op_id is not None
+    assert c.net.run_while(lambda: r.pending[op_id].state is not PendingState.DECIDED,
+                           c.net.now + 2_000, step=1)
+    first = r.pending[op_id].seq
+    delivered_at = r._deliver_at
+    r._deliver_at = (r.ring, first + 1)  # the duplicate's place in a later batch
+    r._decide(1, OpMsg(op_id, Mkdir("twice", 1)))
+    assert r.pending[op_id].seq == first
+    assert r._decided_in_batch
+    r._deliver_at, r._decided_in_batch = delivered_at, False  # nothing was really delivered
+    c.wait(lambda: request in c.replies, 2_000, "the answer")
+    assert c.replies[request].errno == 0
+
+
+def test_the_applied_table_forgets_its_smallest_ids_even_when_a_resend_came_late() -> None:
+    """A re-sent operation decided after newer ones of the same node must not hide that older
+    ids were forgotten, or one of them would be taken for never applied and applied again."""
+    r = make().replica(1)
+    ids = [OpId(9, 1, n) for n in range(10, 10 + APPLIED_PER_NODE)]
+    for op_id in ids:
+        r._record(op_id, 0)
+    r._record(OpId(9, 1, 5), 0)  # a resend, decided late
+    for n in range(10 + APPLIED_PER_NODE, 9 + 2 * APPLIED_PER_NODE):  # all but the resend
+        r._record(OpId(9, 1, n), 0)
+    for op_id in [*ids, OpId(9, 1, 5)]:
+        assert r._recorded(op_id) is not None or r._forgotten(op_id), op_id
+
+
+def test_a_failed_sync_rebuild_keeps_what_the_batch_held_before(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    c = make()
+    c.net.partition([[1, 2], [3]])
+    c.wait(lambda: not c.replica(3).writable(), 10_000, "n3 alone")
+    assert c.write(1, WriteFile("f", b"majority", 2, create=True)).errno == 0
+    r3 = c.replica(3)
+    real_on_done, real_checksum = Replica._on_done, Replica.state_checksum
+    seen: list[bool] = []
+
+    def failing_once(self: Replica, msg: DoneMsg) -> None:
+        if self is r3 and not seen:
+            self._meta["marker"] = b"from earlier in the batch"
+            monkeypatch.setattr(Replica, "state_checksum", lambda _: b"not the leader's")
+            real_on_done(self, msg)
+            monkeypatch.setattr(Replica, "state_checksum", real_checksum)
+            seen.append("marker" in self._meta)
+            return
+        real_on_done(self, msg)
+
+    monkeypatch.setattr(Replica, "_on_done", failing_once)
+    c.net.heal()
+    c.wait(lambda: bool(seen), 30_000, "the first rebuild of n3")
+    assert seen == [True]
+    assert r3.counters.get("sync_failures") == 1
+    c.wait(c.settled, 30_000, "one synced ring after the resync")
+    assert content(c, 3, "f") == b"majority"
+
+
+def test_decoding_catches_only_decoding_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError while decoding must stop the node loudly, not skip an operation that the
+    other members applied."""
+    def exhausted(*args: object, **kwargs: object) -> object:
+        raise MemoryError
+
+    monkeypatch.setattr(replica_msgs.msgpack, "unpackb", exhausted)
+    with pytest.raises(MemoryError):
+        decode_msg(b"\x93\x01\x01\x00")
+
+
+def test_a_write_only_its_proposer_applied_is_resent_not_reported_lost() -> None:
+    """n3 applies its own write, and is cut off before any other member gets it: the sync after
+    healing replaces n3's row, the write is sent again and acknowledged -- and nothing goes to
+    lost+found or into the cluster log, because the cluster has the content."""
+    c = make()
+    request = c.propose(3, WriteFile("solo", b"mine", 5, create=True))
+    assert c.net.run_while(lambda: content(c, 3, "solo") is None, c.net.now + 5_000, step=1)
+    c.net.partition([[1, 2], [3]])  # its frames are still on the wire: they get lost
+    c.wait(lambda: not c.replica(3).writable(), 10_000, "n3 alone")
+    assert content(c, 1, "solo") is None and content(c, 2, "solo") is None
+    assert request not in c.replies
+    c.net.heal()
+    c.wait(lambda: request in c.replies, 60_000, "the answer to the resent write")
+    assert c.replies[request].errno == 0
+    assert c.replica(3).counters.get("ops_resent") == 1
+    c.wait(c.settled, 30_000, "one synced ring")
+    assert all(content(c, n, "solo") == b"mine" for n in (1, 2, 3))
+    assert c.lost == []
+    assert c.replica(3).lost_waiting == {}
+    assert not any("lost+found" in e.msg for n in (1, 2, 3)
+                   for e in c.replica(n).log_buffer.entries())
+
+
+def test_a_node_away_when_corosync_conf_changed_takes_it_from_the_sync() -> None:
+    c = make()
+    c.crash(3)
+    c.wait(lambda: len(c.replica(1).members) == 2, 10_000, "n3 to leave")
+    text = cluster_config_text([1, 2, 3], config_version=2).replace(
+        "nodeid: 1\n    quorum_votes: 1", "nodeid: 1\n    quorum_votes: 2")
+    assert c.write(1, WriteFile("corosync.conf", text.encode(), 5, create=True)).errno == 0
+    assert c.replica(1).quorum.config.node_votes[1] == 2
+    c.restart(3)
+    c.wait(c.settled, 30_000, "n3 back in one synced ring")
+    r3 = c.replica(3)
+    assert r3.quorum.config.node_votes == {1: 2, 2: 1, 3: 1}
+    assert r3.config_text == text
+    assert r3.quorum.status() == c.replica(1).quorum.status()
 
 
 def test_lock_expires_only_after_the_timeout_and_refresh_keeps_it() -> None:

@@ -644,6 +644,27 @@ def test_idle_ring_is_cheap_and_hold_cancel_is_fast() -> None:
     assert max(latencies) <= 10, f"idle latencies {latencies} (hold is {p.hold} ms)"
 
 
+def test_hold_cancel_while_the_token_travels_to_the_representative_is_not_lost() -> None:
+    """The unlucky moment: the representative has just released the held token, so a
+    TOKEN_HOLD_CANCEL finds nothing to release; when the token comes back the representative
+    must not hold it again (the cancel resets its idle count, as corosync's does), or the
+    message waits a whole `hold`."""
+    nodes = [1, 2, 3]
+    c = make_cluster(nodes, seed=62, delay=1)
+    p = c.params
+    rep = c.core(1)
+    latencies = []
+    for sender, offset in ((2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2), (2, 3), (3, 3)):
+        c.wait(lambda: rep.held_token is not None, 30 * p.token, "the token to be held")
+        c.wait(lambda: rep.held_token is None, 2 * p.hold, "the hold to end")
+        c.run_for(offset)
+        start = c.net.now
+        payload = send(c, sender)
+        c.wait(partial(c.all_have, nodes, [payload]), 2 * p.hold, "the message")
+        latencies.append(c.net.now - start)
+    assert max(latencies) <= 10, f"latencies {latencies} (hold is {p.hold} ms)"
+
+
 # ============================================================================ local API, input
 
 

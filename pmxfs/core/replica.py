@@ -29,7 +29,16 @@ How it works
   queued and applied when the sync completes, at the same point of the order on every member.
 * Nothing is dropped silently: rows written here that the leader never saw (the history tells:
   their version lies in a ring span the leader's history does not have) are handed out as
-  `SaveLost` (the runtime writes them under lost+found) and announced in the cluster log.
+  `SaveLost` (the runtime writes them under lost+found) and announced in the cluster log --
+  but only what the cluster really lacks: a row at a path that one of this node's unanswered
+  operations names waits until that operation is settled (it is usually sent again and
+  applied), and is saved then only if the tree does not hold the same content. Those waiting
+  rows are unacknowledged writes of this node, so a crash before the settling loses nothing
+  anyone was told is written.
+* Minority reads are "dirty" by design: an operation that only this node delivered (in the
+  transitional tail of a ring whose other members never got it) is visible here until the next
+  sync replaces it; it was never acknowledged (acknowledgement waits for every member's disk)
+  and is then settled as above.
 * Doubtful operations are settled after the next quorate sync: the applied table says whether
   and how they were decided (the answer waits until the sync's completion, with its stamp, is
   durable on every member); if not at all they are sent again. After `unresolved_timeout` they
@@ -258,6 +267,7 @@ class Replica:
                 for op_id, errno in decode_applied(msgpack.unpackb(blob)):
                     self._record(op_id, errno)
         self.quorum = Quorum(QuorumConfig.from_config(config), node_id)
+        self.config_text: str | None = None  # the corosync.conf last taken from the tree
         self.log_buffer = ClusterLog()
         self.log_writer = LogWriter(self.names.get(node_id, str(node_id)), first_log_uid)
         self.counters: dict[str, int] = {}
@@ -277,6 +287,9 @@ class Replica:
 
         self.next_counter = 0
         self.pending: dict[OpId, _Pending] = {}
+        # Rows a sync replaced at paths that an unanswered operation of this node names:
+        # operation -> (the sync's ring, [(path, content)]), kept if still missing once answered.
+        self.lost_waiting: dict[OpId, tuple[RingId, list[tuple[str, bytes]]]] = {}
         self.expected_requests: dict[OpId, tuple[int, int]] = {}  # -> (request, sent at)
         self.outbox: deque[tuple[bytes, tuple[RingId, int] | None]] = deque()
         self.outputs: list[Output] = []
@@ -573,6 +586,7 @@ class Replica:
         recorded = self._recorded(op_id)
         if recorded is not None:
             self._count("duplicate_ops")
+            self._decided_in_batch = True  # its answer waits for this point to be durable
             self._decided_here(op_id, recorded)
             return
         if not self.writable():
@@ -595,7 +609,7 @@ class Replica:
                 self._removed.add(inode)
             self._invalid.update(result.paths)
             if COROSYNC_CONF in result.paths:
-                self._on_config_written()
+                self._take_config_from_tree()
             if isinstance(msg.op, UnlockRequest):
                 self._check_lock(msg.op.path)
         self._decided_here(op_id, result.errno)
@@ -607,14 +621,21 @@ class Replica:
                 self._count("locks_expired")
                 self._send(OpMsg(self._new_op_id(), Unlock(path, checksum)))
 
-    def _on_config_written(self) -> None:
+    def _take_config_from_tree(self) -> None:
+        """The tree's corosync.conf, when it differs from the one last taken: out as
+        `ConfigChanged` and into the quorum. Called where every member of the ring holds the
+        same tree (an applied write, the end of a sync), so they all agree on the result; a
+        member that was away when the config changed takes it from the sync that brings it."""
         entry = self.memdb.lookup(COROSYNC_CONF)
         if entry is None or entry.type is not EntryType.FILE:
             return
         text = entry.data.decode("utf-8", "replace")
+        if text == self.config_text:
+            return
         result = check_config(text)
         if result.config is None:
             return
+        self.config_text = text
         self.outputs.append(ConfigChanged(text))
         status = self.quorum.reconfigure(QuorumConfig.from_config(result.config))
         self.outputs.append(QuorumChanged(status))
@@ -638,13 +659,18 @@ class Replica:
 
     def _decided_here(self, op_id: OpId, errno: int) -> None:
         p = self.pending.get(op_id)
-        if p is not None:
+        if p is not None and p.state is not PendingState.DECIDED:
             p.state, p.errno, p.since = PendingState.DECIDED, errno, self._now
             p.ring, p.seq = self._deliver_at
 
     def _answer(self, op_id: OpId, errno: int, message: str = "") -> None:
         p = self.pending.pop(op_id)
         self._replies.append(Reply(p.request_id, errno, message))
+        waiting = self.lost_waiting.pop(op_id, None)
+        if waiting is not None:
+            ring, files = waiting
+            self._keep_lost(ring, [(path, data) for path, data in files
+                                   if not self._tree_holds(path, data)])
 
     def _on_persisted(self, sender: int, msg: PersistedMsg) -> None:
         if msg.ring != self.ring or sender not in self.members:
@@ -681,8 +707,14 @@ class Replica:
     # ------------------------------------------------------------------ applied table
 
     def _record(self, op_id: OpId, errno: int) -> None:
+        """Record a decision. Each node's table is kept in OpId order and forgets its smallest
+        ids first, so everything forgotten lies below what it holds (`_forgotten`), also when a
+        re-sent operation is decided after newer ones."""
         table = self.applied.setdefault(op_id.node, OrderedDict())
+        out_of_order = bool(table) and op_id < next(reversed(table))
         table[op_id] = errno
+        if out_of_order:
+            table = self.applied[op_id.node] = OrderedDict(sorted(table.items()))
         while len(table) > APPLIED_PER_NODE:
             table.popitem(last=False)
 
@@ -807,11 +839,12 @@ class Replica:
             self._sync_failed(f"the leader's tree is damaged: {exc}")
             return
         old_memdb, old_history, old_applied = self.memdb, self.history, self.applied
+        old_meta = dict(self._meta)
         self.memdb, self.history = tree, list(msg.history)
         self._replace_applied(msg.applied)
         if self.state_checksum() != leader_state.checksum:
             self.memdb, self.history, self.applied = old_memdb, old_history, old_applied
-            self._meta = {}
+            self._meta = old_meta  # what the batch held before; only the sync's part goes
             self._sync_failed("the rebuilt tree does not match the leader's checksum")
             return
         self._save_lost(old_memdb, old_history)
@@ -840,22 +873,37 @@ class Replica:
                                    for h in self.history):
                 continue  # made by an operation the leader applied too: superseded, not lost
             path = old.path_of(entry.inode)
-            now_there = self.memdb.lookup(path)
-            if now_there is not None and now_there.data == entry.data:
-                continue
-            lost.append((path, entry.data))
-        if lost:
-            self._count("lost_files_saved", len(lost))
-            self.outputs.append(SaveLost(self.ring, tuple(sorted(lost))))
-            self._local_log(4, f"sync with node {self.leader}: {len(lost)} file(s) changed here "
-                               f"while apart were replaced; saved under lost+found/"
-                               f"{self.ring.seq}.{self.ring.rep}/: "
-                               + ", ".join(p for p, _ in sorted(lost)[:10]))
+            if not self._tree_holds(path, entry.data):
+                lost.append((path, entry.data))
+        unsettled = {path: op_id for op_id, p in self.pending.items()
+                     if self._recorded(op_id) is None for path in op_paths(p.op)}
+        for path, data in lost:
+            if path in unsettled:
+                _, files = self.lost_waiting.setdefault(unsettled[path], (self.ring, []))
+                files.append((path, data))
+        self._keep_lost(self.ring, [(path, data) for path, data in lost
+                                    if path not in unsettled])
+
+    def _tree_holds(self, path: str, data: bytes) -> bool:
+        entry = self.memdb.lookup(path)
+        return entry is not None and entry.type is EntryType.FILE and entry.data == data
+
+    def _keep_lost(self, ring: RingId, files: list[tuple[str, bytes]]) -> None:
+        """Hand `files` out for lost+found/<ring>/ and say so in the cluster log."""
+        if not files:
+            return
+        self._count("lost_files_saved", len(files))
+        self.outputs.append(SaveLost(ring, tuple(sorted(files))))
+        self._local_log(4, f"sync with node {self.leader}: {len(files)} file(s) changed here "
+                           f"while apart were replaced; saved under lost+found/"
+                           f"{ring.rep}.{ring.seq}/: "
+                           + ", ".join(p for p, _ in sorted(files)[:10]))
 
     def _finish_sync(self, *, adopted: bool) -> None:
         assert self.leader is not None
         self.mode = Mode.SYNCED
         self._count("syncs")
+        self._take_config_from_tree()
         if self.quorum.status().quorate and self.quorate_ring_seq != self.ring.seq:
             self.quorate_ring_seq = self.ring.seq
             self._meta[META_QUORATE_RING] = b"%d" % self.ring.seq

@@ -285,7 +285,7 @@ def decode_msg(data: bytes) -> ReplicaMsg:
     """The message in `data`; `ProtocolError` for anything else."""
     try:
         value = msgpack.unpackb(data, use_list=True, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises many types for garbage
+    except (ValueError, msgpack.UnpackException) as exc:  # every decoding error of msgpack
         raise ProtocolError(f"not msgpack: {type(exc).__name__}") from None
     fields = _list(value)
     if len(fields) < 2 or fields[0] != REPLICA_PROTOCOL or type(fields[1]) is not int:

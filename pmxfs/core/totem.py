@@ -402,9 +402,13 @@ class Totem:
             case MergeDetect():
                 self._on_merge_detect(now, msg)
             case TokenHoldCancel():
-                if (self.held_token is not None and msg.ring_id == self.ring.ring_id
-                        and self.state is State.OPERATIONAL):
-                    self._release_held_token(now)
+                if msg.ring_id == self.ring.ring_id and self.state is State.OPERATIONAL:
+                    # Someone has something to send: not idle any more. Resetting the idle
+                    # count matters when the cancel arrives while the token is on its way
+                    # back: the representative must not hold it again (as corosync).
+                    self.seq_unchanged = 0
+                    if self.held_token is not None:
+                        self._release_held_token(now)
 
     def _run_loopback(self, now: int) -> None:
         while self.loopback:

@@ -98,13 +98,16 @@ class _Disk:
     lineage: tuple[list[_Step], int] = field(default_factory=lambda: ([], 0))
 
 
-def cluster_config(node_ids: list[int]) -> ClusterConfig:
+def cluster_config_text(node_ids: list[int], config_version: int = 1) -> str:
     nodes = "".join(f"  node {{\n    name: node{n}\n    nodeid: {n}\n    quorum_votes: 1\n"
                     f"    ring0_addr: 127.0.1.{n}\n  }}\n" for n in node_ids)
-    text = (f"totem {{\n  version: 2\n  cluster_name: sim\n  config_version: 1\n"
+    return (f"totem {{\n  version: 2\n  cluster_name: sim\n  config_version: {config_version}\n"
             f"  transport: udpu\n}}\nnodelist {{\n{nodes}}}\n"
             f"quorum {{\n  provider: corosync_votequorum\n}}\n")
-    return parse(text)
+
+
+def cluster_config(node_ids: list[int]) -> ClusterConfig:
+    return parse(cluster_config_text(node_ids))
 
 
 class ReplicaChecker:
