@@ -1,23 +1,28 @@
-"""`pmxfs demo [--nodes N] [--dir DIR]`: a whole cluster of N daemons on this machine, to try pmxfs.
+"""`pmxfs demo`: a whole cluster of N daemons on this machine, to try pmxfs.
 
-Node i (1..N) is `node<i>`, node id i, on 127.0.0.(10+i); transport udpu, cluster name "demo", one
-authkey for all. Each node has `DIR/node<i>/` with `corosync.conf`, `authkey`, `data/`, `run/`,
-the mount `mnt/` and the daemon's output `daemon.log`.
+Node i (1..N) is `node<i>`, node id i, on 127.0.K.(10+i) with K = 0 and port 5405 by default;
+transport udpu, cluster name "demo", one authkey for all. Each node has `DIR/node<i>/` with
+`corosync.conf`, `authkey`, `data/`, `run/`, the mount `mnt/` and the daemon's output `daemon.log`.
 
 How it works:
-1. Plan (`plan_demo`, no I/O): names, ids, addresses, paths, each daemon's argv and the
+1. Plan (`plan_demo`, no I/O): names, ids, addresses, port, paths, each daemon's argv and the
    corosync.conf text, which must pass `conf.check`.
-2. Prepare (`prepare`): DIR is locked against a second demo (`DIR/demo.lock`); a mount left dead
+2. Network (`settle_network`): a DIR that already holds the demo's configs keeps their addresses
+   and port (refused when they are in use, or when --port asks for another one). A new DIR gets
+   the default addresses on the port asked for (5405 without --port) when every one of them can
+   be bound, else the first K in 1..255 whose addresses can, else (without --port) the same
+   search on other ports; the guide says why the addresses are not the defaults.
+3. Prepare (`prepare`): DIR is locked against a second demo (`DIR/demo.lock`); a mount left dead
    by a crashed run is unmounted (one that still answers is refused: a daemon this demo did not
    start serves it); each node's config and authkey are written only when missing, so a later
    run reuses config, key and data, and a DIR holding a cluster of another size is refused.
-3. Run: every daemon is started in its own session (a Ctrl-C reaches only the demo, which stops
+4. Run: every daemon is started in its own session (a Ctrl-C reaches only the demo, which stops
    them in order) with its output appended to its log. Once every mount answers and its
    `.members` shows all nodes online and quorate -- so the tree takes writes -- `DIR/demo.json`
    is written and a guide printed; a daemon that exits first or the deadline START_TIMEOUT_S
    stops everything, with the failed node and the tail of its log printed. A daemon that dies
    later is reported in one line; the demo keeps running.
-4. Stop, on SIGINT, SIGTERM or SIGHUP: SIGTERM to every daemon the demo started (by PID; a node
+5. Stop, on SIGINT, SIGTERM or SIGHUP: SIGTERM to every daemon the demo started (by PID; a node
    restarted by hand is not the demo's), a wait with a deadline (SIGKILL after it), then every
    dead mount is unmounted and demo.json, whose PIDs are now stale, removed. Exit 0 when
    everything stopped cleanly.
@@ -30,15 +35,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import fcntl
 import json
 import os
 import re
 import select
 import shlex
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,12 +54,16 @@ from typing import Any
 
 from pmxfs import keygen
 from pmxfs.core import conf
+from pmxfs.daemon import answers, mount_table, unmount
 
 DEFAULT_NODES = 3
 MAX_NODES = 16
 DEFAULT_DIR = "./pmxfs-demo"
 CLUSTER_NAME = "demo"
-ADDRESS_BASE = 10  # node i listens on 127.0.0.(ADDRESS_BASE + i)
+ADDRESS_BASE = 10  # node i listens on 127.0.K.(ADDRESS_BASE + i), K = 0 unless that is in use
+SUBNETS = range(256)  # the values of K tried, in order
+DEFAULT_PORT = conf.DEFAULT_PORT
+OTHER_PORTS = tuple(range(DEFAULT_PORT + 10, DEFAULT_PORT + 110, 10))  # tried without --port
 # token_coefficient 0 keeps the token at TOKEN_MS whatever the node count (corosync would add
 # 650 ms per node beyond two). `totem_params` derives from it: token_retransmit 238 ms, hold
 # 180 ms, consensus 1200 ms -- a killed node is missed after 1 s, the new ring forms about 1.2 s
@@ -120,6 +128,15 @@ class DemoPlan:
     root: Path
     nodes: tuple[DemoNode, ...]
     config_text: str
+    port: int
+    subnet: int  # K of the nodes' addresses 127.0.K.(10+i)
+
+    @property
+    def addresses(self) -> str:
+        """The nodes' addresses and the port, for messages."""
+        first, last = self.nodes[0].addr, self.nodes[-1].addr
+        span = first if first == last else f"{first} to {last}"
+        return f"{span}, port {self.port}"
 
     @property
     def demo_json(self) -> Path:
@@ -133,30 +150,57 @@ class DemoPlan:
 # ---------------------------------------------------------------------------- command line
 
 
+DESCRIPTION = f"""\
+Run a whole cluster on this machine to try pmxfs: N `pmxfs daemon` processes, node i on
+127.0.0.(10+i) (udpu, port {DEFAULT_PORT}, token {TOKEN_MS} ms), each with its own FUSE mount
+DIR/node<i>/mnt. It waits until every mount shows all nodes online and quorate, then prints a
+guide (the mounts, pids and commands to try) and keeps running; Ctrl-C (or SIGTERM) stops every
+daemon it started and unmounts.
+
+When the default addresses or port are in use (another demo, say), free loopback addresses
+127.0.K.(10+i) -- and, without --port, another port -- are picked, and the guide says so.
+Each node keeps corosync.conf, authkey, data/, run/ (control socket), mnt/ and daemon.log in
+DIR/node<i>/; DIR/demo.json lists each node's name, node id, pid, paths and the argv that
+restarts it. A later run on the same DIR reuses its config, key, data and addresses. Needs root
+and /dev/fuse."""
+
+EXAMPLES = """\
+examples:
+  pmxfs demo                                   # 3 nodes in ./pmxfs-demo
+  pmxfs demo --nodes 5 --dir /tmp/demo5 --port 5500
+  pmxfs --run-dir ./pmxfs-demo/node1/run status   # in another shell, while it runs"""
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `demo` to the `pmxfs` parser."""
     parser = subparsers.add_parser(
         "demo", help="run a cluster of N daemons on this machine, each with its own mount",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", default=str(DEFAULT_NODES), metavar="N",
-                        help=f"how many nodes, 1 to {MAX_NODES} (default {DEFAULT_NODES})")
+                        help=f"how many nodes, 1 to {MAX_NODES} (default: {DEFAULT_NODES})")
     parser.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",
-                        help=f"where configs, data and mounts live (default {DEFAULT_DIR}); "
+                        help=f"where configs, data and mounts live (default: {DEFAULT_DIR}); "
                              "a later run on the same DIR reuses them")
+    parser.add_argument("--port", metavar="PORT",
+                        help=f"the cluster's UDP port (default: {DEFAULT_PORT}, or a free one "
+                             "when that is in use); a DIR made before keeps its port")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler of `pmxfs demo`; returns the exit status (2: bad arguments, 1: cannot run)."""
     try:
+        port = None if args.port is None else port_number(args.port)
         plan = plan_demo(node_count(args.nodes), args.dir)
     except DemoError as exc:
         print(f"pmxfs: {exc}", file=sys.stderr)
         return 2
     try:
         with _locked(plan):
+            plan, note = settle_network(plan, port)
             prepare(plan)
-            return _run_cluster(plan)
+            return _run_cluster(plan, note)
     except DemoError as exc:
         print(f"pmxfs: {exc}", file=sys.stderr)
         return 1
@@ -169,31 +213,43 @@ def node_count(text: str) -> int:
     return int(text)
 
 
+def port_number(text: str) -> int:
+    """The value of --port, checked."""
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise DemoError(f"--port must be a number from 1 to 65535, not {text!r}")
+    return int(text)
+
+
 # ---------------------------------------------------------------------------- the plan
 
 
-def cluster_config(count: int) -> conf.ClusterConfig:
+def node_address(nodeid: int, subnet: int = 0) -> str:
+    return f"127.0.{subnet}.{ADDRESS_BASE + nodeid}"
+
+
+def cluster_config(count: int, port: int = DEFAULT_PORT, subnet: int = 0) -> conf.ClusterConfig:
     """The demo cluster's corosync.conf as a model."""
-    nodes = tuple(conf.NodeEntry(name=f"node{i}", nodeid=i,
-                                 ring0_addr=f"127.0.0.{ADDRESS_BASE + i}")
+    nodes = tuple(conf.NodeEntry(name=f"node{i}", nodeid=i, ring0_addr=node_address(i, subnet))
                   for i in range(1, count + 1))
     totem = conf.TotemSection(cluster_name=CLUSTER_NAME, config_version=1, transport="udpu",
-                              token=TOKEN_MS, token_coefficient=TOKEN_COEFFICIENT_MS)
+                              port=port, token=TOKEN_MS, token_coefficient=TOKEN_COEFFICIENT_MS)
     return conf.ClusterConfig(totem=totem, nodes=nodes,
                               quorum=conf.QuorumSection(provider=conf.QUORUM_PROVIDER))
 
 
-def plan_demo(count: int, directory: str | os.PathLike[str]) -> DemoPlan:
-    """The demo of `count` nodes in `directory`; touches nothing."""
+def plan_demo(count: int, directory: str | os.PathLike[str], port: int = DEFAULT_PORT,
+              subnet: int = 0) -> DemoPlan:
+    """The demo of `count` nodes in `directory` on 127.0.`subnet`.x and `port`; touches
+    nothing."""
     root = Path(directory).resolve()  # as /proc/self/mountinfo names the mounts
-    text = conf.render(cluster_config(count))
+    text = conf.render(cluster_config(count, port, subnet))
     result = conf.check(text, "generated corosync.conf")
     if not result.ok or result.warnings:
         problem = (result.errors or result.warnings)[0]
         raise DemoError(f"the generated demo config does not pass the check: {problem}")
     nodes = tuple(DemoNode(info.name, info.nodeid, info.addr, root / info.name)
                   for info in conf.parse(text).node_infos())
-    return DemoPlan(root, nodes, text)
+    return DemoPlan(root, nodes, text, port, subnet)
 
 
 def demo_record(plan: DemoPlan, pids: Mapping[str, int]) -> dict[str, Any]:
@@ -203,6 +259,77 @@ def demo_record(plan: DemoPlan, pids: Mapping[str, int]) -> dict[str, Any]:
                        "data_dir": str(n.data_dir), "run_dir": str(n.run_dir),
                        "mount": str(n.mount)}
                       for n in plan.nodes]}
+
+
+# ---------------------------------------------------------------------------- the network
+
+
+def settle_network(plan: DemoPlan, port: int | None) -> tuple[DemoPlan, str]:
+    """`plan` on the addresses and port it will use, and a note for the guide when they are not
+    the defaults because those are in use (else ""). `port` is what --port asked for."""
+    count = len(plan.nodes)
+    reused = existing_network(plan.root)
+    if reused is not None:
+        if port is not None and port != reused[0]:
+            raise DemoError(f"the demo in {plan.root} uses port {reused[0]}; run it without "
+                            f"--port (or with --port {reused[0]}), or use another --dir")
+        settled = plan_demo(count, plan.root, *reused)
+        _cluster_config_text(settled)  # its refusals before any address is tried
+        if not bindable(settled):
+            raise DemoError(f"the demo in {plan.root} uses {settled.addresses}, which are in "
+                            "use (is it still running?); stop what uses them or use another --dir")
+        return settled, ""
+    wanted = plan_demo(count, plan.root, DEFAULT_PORT if port is None else port)
+    ports = [wanted.port] if port is not None else [DEFAULT_PORT, *OTHER_PORTS]
+    settled = free_network(count, plan.root, ports)
+    if settled.addresses == wanted.addresses:
+        return settled, ""
+    return settled, (f"{wanted.addresses} are in use (another demo?), so this demo uses "
+                     f"{settled.addresses}.")
+
+
+def existing_network(root: Path) -> tuple[int, int] | None:
+    """(port, subnet) of the demo whose configs are in `root`, if the first one is a valid
+    demo config (`prepare` checks all of them)."""
+    for path in sorted(root.glob("node*/corosync.conf")):
+        try:
+            result = conf.check(path.read_text(), str(path))
+        except (OSError, UnicodeDecodeError):
+            return None
+        if result.config is None:
+            return None
+        infos = result.config.node_infos()
+        for subnet in SUBNETS:
+            if all((i.name, i.addr) == (f"node{i.nodeid}", node_address(i.nodeid, subnet))
+                   for i in infos):
+                return result.config.port, subnet
+        return None
+    return None
+
+
+def free_network(count: int, root: Path, ports: Sequence[int],
+                 subnets: Sequence[int] = SUBNETS) -> DemoPlan:
+    """The plan on the first of `ports`, then the first of `subnets`, where every node's address
+    and port can be bound now."""
+    for port in ports:
+        for subnet in subnets:
+            plan = plan_demo(count, root, port, subnet)
+            if bindable(plan):
+                return plan
+    raise DemoError(f"no free loopback addresses for {count} nodes on port "
+                    f"{', '.join(map(str, ports))}; use another --port")
+
+
+def bindable(plan: DemoPlan) -> bool:
+    """Whether every node's address and port can be bound (as the daemons will) right now."""
+    with contextlib.ExitStack() as stack:
+        for node in plan.nodes:
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            try:
+                sock.bind((node.addr, plan.port))
+            except OSError:
+                return False
+    return True
 
 
 # ---------------------------------------------------------------------------- preparing DIR
@@ -272,6 +399,9 @@ def _cluster_config_text(plan: DemoPlan) -> str:
                             f"--nodes {len(infos)} or use another --dir")
         if {(i.name, i.nodeid, i.addr) for i in infos} != want:
             raise DemoError(f"{path} does not describe the demo's nodes; use another --dir")
+        if result.config.port != plan.port:
+            raise DemoError(f"{path} uses port {result.config.port}, not {plan.port}; "
+                            "use another --dir")
         if newest is None or result.config.config_version > newest[0]:
             newest = (result.config.config_version, text)
     return plan.config_text if newest is None else newest[1]
@@ -323,39 +453,14 @@ def _create(path: Path, data: bytes, mode: int) -> None:
 
 
 def mount_points() -> set[str]:
-    """Every mount point of this mount namespace (from /proc/self/mountinfo, which never touches
-    the mounted file systems, so a dead or hung mount cannot block it)."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-                for line in f}
-
-
-def _answers(mount: Path) -> bool:
-    """Whether a mount is served: a FUSE mount whose daemon died answers ENOTCONN. statfs always
-    goes to the daemon; a stat of the mount point may be answered from the kernel's cache."""
-    try:
-        os.statvfs(mount)
-    except OSError as exc:
-        return exc.errno != errno.ENOTCONN
-    return True
-
-
-def unmount(mount: Path) -> bool:
-    """Lazily unmount `mount` (fusermount3, else umount -l); whether it is gone."""
-    commands = [["fusermount3", "-u", "-z", str(mount)], ["umount", "-l", str(mount)]]
-    for command in commands:
-        if str(mount) not in mount_points():
-            return True
-        if shutil.which(command[0]) is not None:
-            subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
-                           check=False)
-    return str(mount) not in mount_points()
+    """Every mount point of this mount namespace (see `pmxfs.daemon.mount_table`)."""
+    return set(mount_table())
 
 
 def _clear_stale_mount(node: DemoNode) -> None:
     if str(node.mount) not in mount_points():
         return
-    if _answers(node.mount):
+    if answers(node.mount):
         raise DemoError(f"{node.mount} is mounted and answers: a {node.name} daemon not started "
                         "by this demo is running; stop it first")
     print(f"pmxfs demo: unmounting {node.mount}, left by a crashed run", flush=True)
@@ -438,7 +543,7 @@ def _start(node: DemoNode) -> _Daemon:
     return _Daemon(node, proc, os.pidfd_open(proc.pid))
 
 
-def _run_cluster(plan: DemoPlan) -> int:
+def _run_cluster(plan: DemoPlan, note: str) -> int:
     daemons: list[_Daemon] = []
     with _Signals() as signals:
         try:
@@ -446,7 +551,7 @@ def _run_cluster(plan: DemoPlan) -> int:
                 daemons.append(_start(node))
             if _wait_ready(daemons, signals):
                 _write_json(plan, {d.node.name: d.proc.pid for d in daemons})
-                _print_guide(plan, daemons)
+                _print_guide(plan, daemons, note)
                 _watch(daemons, signals)
             print("pmxfs demo: stopping", flush=True)
             ok = True
@@ -557,7 +662,7 @@ def _stop(plan: DemoPlan, daemons: Sequence[_Daemon]) -> list[str]:
     for node in plan.nodes:
         if str(node.mount) not in mounted:
             continue
-        if _answers(node.mount):
+        if answers(node.mount):
             print(f"pmxfs demo: {node.mount} stays mounted: a {node.name} daemon this demo did "
                   "not start serves it", flush=True)
         elif not unmount(node.mount):
@@ -583,18 +688,22 @@ def _pmxfs_command() -> str:
     return f"{shlex.quote(sys.executable)} -m pmxfs"
 
 
-def guide(plan: DemoPlan, pids: Mapping[str, int]) -> str:
-    """What the demo prints once every node answers."""
+def guide(plan: DemoPlan, pids: Mapping[str, int], note: str = "") -> str:
+    """What the demo prints once every node answers; `note` says why the addresses are not the
+    defaults."""
     nodes = plan.nodes
     first, other, victim = nodes[0], nodes[min(1, len(nodes) - 1)], nodes[-1]
     cli = _pmxfs_command()
     q = shlex.quote
     width = max(len(n.name) for n in nodes)
-    rows = [f"  {n.name:<{width}}  {n.addr:<10}  pid {pids[n.name]:<7}  {n.mount}" for n in nodes]
+    addr_width = max(len(n.addr) for n in nodes)
+    rows = [f"  {n.name:<{width}}  {n.addr:<{addr_width}}  pid {pids[n.name]:<7}  {n.mount}"
+            for n in nodes]
     members = q(str(first.mount / ".members"))
     return "\n".join([
-        f"pmxfs demo: {len(nodes)} nodes of cluster {CLUSTER_NAME!r} are up (udpu, token "
-        f"{TOKEN_MS} ms)",
+        f"pmxfs demo: {len(nodes)} nodes of cluster {CLUSTER_NAME!r} are up (udpu, port "
+        f"{plan.port}, token {TOKEN_MS} ms)",
+        *([note] if note else []),
         "",
         *rows,
         "",
@@ -609,6 +718,8 @@ def guide(plan: DemoPlan, pids: Mapping[str, int]) -> str:
         f"  cat {members}",
         f"  kill -9 {pids[victim.name]}",
         f"  cat {members}",
+        f"  ls {q(str(victim.mount))}   # dead until it is back: Transport endpoint is not "
+        "connected",
         f"  {shlex.join(victim.argv())} 2>>{q(str(victim.log))} &",
         "  # quorum and membership (as pvecm status); a node left alone writes again after",
         "  # `expected 1`",
@@ -620,5 +731,5 @@ def guide(plan: DemoPlan, pids: Mapping[str, int]) -> str:
     ])
 
 
-def _print_guide(plan: DemoPlan, daemons: Sequence[_Daemon]) -> None:
-    print(guide(plan, {d.node.name: d.proc.pid for d in daemons}), flush=True)
+def _print_guide(plan: DemoPlan, daemons: Sequence[_Daemon], note: str) -> None:
+    print(guide(plan, {d.node.name: d.proc.pid for d in daemons}, note), flush=True)
