@@ -10,7 +10,6 @@ import random
 import secrets
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,17 +162,14 @@ def test_multicast_ring_partition_and_heal(lab: Lab, tmp_path: Path) -> None:
 
     # heal: the port comes back -> merge detection -> one ring of three
     marks = ring.marks()
-    heal_at = time.monotonic()
     lab.set_port("n3", "up")
-    merged = ring.wait_ring(["n1", "n2", "n3"], 30, since=marks)
-    took = time.monotonic() - heal_at
+    merged = ring.wait_ring(["n1", "n2", "n3"], 30, since=marks)  # fails beyond 30 s
     assert merged["n3"]["joined"] == [1, 2] and merged["n1"]["joined"] == [3]
     for p in (p1, p2, p3):
         trans = p.find(lambda e: is_confchg(e, "transitional"), marks[p.name])
         assert trans is not None
         assert trans[1].event["members"] == ([3] if p is p3 else [1, 2])
     _exchange("d", [p1, p2, p3], ring)
-    assert took < 30
 
     for p in (p1, p2, p3):
         assert p.terminate() == 0, p.describe()
