@@ -1,4 +1,5 @@
-"""`pmxfs keygen [PATH] [--force]`: 256 random bytes, mode 0400, atomic, no silent overwrite."""
+"""`pmxfs keygen [PATH] [--force]`: 256 random bytes, mode 0400, atomic, no silent overwrite, and
+missing directories created 0700 and reported."""
 
 from __future__ import annotations
 
@@ -67,12 +68,30 @@ def test_force_replaces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert out == f"{key}\n{key}\n"
 
 
-def test_missing_parent_directory_is_created_0700(tmp_path: Path) -> None:
+def test_missing_directories_are_created_0700_and_reported(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     key = tmp_path / "etc" / "pmxfs" / "authkey"
-    assert main(["keygen", str(key)]) == 0
-    assert mode(key.parent) == 0o700
+    old = os.umask(0o077)
+    try:
+        assert main(["keygen", str(key)]) == 0
+    finally:
+        os.umask(old)
+    out, err = capsys.readouterr()
+    assert out == f"{key}\n"
+    assert err.splitlines() == [
+        f"pmxfs keygen: created directory {tmp_path / 'etc'} (mode 0700)",
+        f"pmxfs keygen: created directory {key.parent} (mode 0700)"]
+    assert mode(key.parent) == mode(key.parent.parent) == 0o700
     assert mode(key) == 0o400
     assert len(key.read_bytes()) == 256
+
+
+def test_an_existing_directory_is_not_reported(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    before = mode(tmp_path)
+    assert main(["keygen", str(tmp_path / "authkey")]) == 0
+    assert capsys.readouterr().err == ""
+    assert mode(tmp_path) == before
 
 
 def test_mode_is_0400_whatever_the_umask(tmp_path: Path) -> None:
@@ -145,7 +164,8 @@ def test_console_script(tmp_path: Path) -> None:
     key = tmp_path / "sub" / "authkey"
     done = subprocess.run([str(script), "keygen", str(key)], capture_output=True, text=True,
                           timeout=60, cwd=REPO)
-    assert (done.returncode, done.stdout, done.stderr) == (0, f"{key}\n", "")
+    assert (done.returncode, done.stdout) == (0, f"{key}\n")
+    assert done.stderr == f"pmxfs keygen: created directory {key.parent} (mode 0700)\n"
     assert len(key.read_bytes()) == 256 and mode(key) == 0o400
     again = subprocess.run([str(script), "keygen", str(key)], capture_output=True, text=True,
                            timeout=60, cwd=REPO)
