@@ -140,15 +140,20 @@ def _reasons(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _check_parent(path: Path, what: str) -> None:
+    """Refuse a missing `path` whose parent is missing too: it is not created (`_make_dir`)."""
+    if not os.path.lexists(path) and not os.path.isdir(path.parent):
+        raise StartupError(f"cannot create {what} {path}: {path.parent} does not exist "
+                           "(create it first, or check the path)")
+
+
 def _make_dir(path: Path, mode: int, what: str) -> None:
     """Create the directory `path` when it is missing, never its parents, and say so."""
     if os.path.isdir(path):
         return
+    _check_parent(path, what)
     try:
         path.mkdir(mode=mode)
-    except FileNotFoundError:
-        raise StartupError(f"cannot create {what} {path}: {path.parent} does not exist "
-                           "(create it first, or check the path)") from None
     except FileExistsError:
         raise StartupError(f"{what} {path} is not a directory") from None
     except OSError as exc:
@@ -322,6 +327,9 @@ async def _serve(args: argparse.Namespace, run_dir: Path) -> int:
     data_dir = Path(args.data_dir).absolute()
     mount = Path(os.path.realpath(args.mount))  # as the mount table names it
     name = args.node or socket.gethostname().split(".")[0]
+    for path, what in ((data_dir, "data directory"), (run_dir, "run directory"),
+                       (mount, "mount point")):
+        _check_parent(path, what)
     _make_dir(data_dir, 0o700, "data directory")
     _make_dir(run_dir, 0o755, "run directory")
     lock_fd = _lock_data_dir(data_dir)
