@@ -1,37 +1,96 @@
-"""Ordered boot ids: every run of a node gets one greater than all of its earlier runs.
+"""Boot ids: every run of a node gets one greater than all of its earlier runs, and none repeats.
 
-The frame layer's replay protection refuses frames of a sender's earlier runs, which only works if
-runs are ordered. The boot id is max(last boot id + 1, wall clock in µs): the persisted last value
-keeps the order when the clock was set back, and the clock keeps it when the data directory was
-lost. The file `<data dir>/bootid_<nodeid>` is replaced atomically before the id is used.
+A boot id does two jobs in the frame layer (`pmxfs.runtime.frame_crypto`):
+* ordering: receivers refuse frames of a sender's earlier runs, which only works if each run's
+  boot id is greater than the last one's;
+* uniqueness: (sender, boot id) selects the run key and the counter restarts at 0 each run, so a
+  repeated boot id would repeat ChaCha20-Poly1305 nonces under one key -- the one thing that
+  breaks the cipher (keystream reuse, and forgeable tags).
+
+How one is chosen: the 64-bit id is split into a high part, a clock in units of 2**20 µs
+(about a second), and `RANDOM_BITS` = 20 low bits drawn fresh from the OS (`secrets`) each run:
+
+    high    = max(high(last) + 1, high(wall clock in µs))
+    boot id = high << 20 | 20 random bits
+
+`last` is the id stored in `<data dir>/bootid_<nodeid>`; the new id is written to a temporary
+file, fsynced, renamed over it and the directory fsynced, all before the id is returned (and so
+before any frame uses it).
+
+Why that orders runs: high(new) > high(last), so the new id is greater than the last id whatever
+the random bits are, and a clock set back does not matter. If the file was lost, the clock alone
+orders the run after those that started more than a second earlier.
+
+Why that does not repeat:
+* a crash or power loss: the id is durable (file and directory entry) before it is used, so the
+  next run reads it, or a later one, as `last` and goes above it;
+* a rollback (a VM snapshot or backup restored, bringing back an older file and possibly an older
+  clock): two runs started from the same restored state read the same `last` and may read the
+  same clock second, so they pick the same high part; they still differ unless their 20 fresh
+  random bits are equal (1 in 2**20 per such pair). Where the clock moved on between them, the
+  high parts differ and the ids do too.
+A rolled-back run may get an id below one its peers already saw from the lost run; they refuse
+its frames as replays until it (or they) restart: a rollback costs availability, never a nonce.
+
+The ids stay in the range of a µs timestamp (about 2**50.6 now), so the high part runs out
+in about 580,000 years; restarts faster than once a second push it ahead of the clock by a
+second each, harmlessly.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 
 BOOT_ID_BYTES = 8
+RANDOM_BITS = 20
+MAX_BOOT_ID = (1 << (8 * BOOT_ID_BYTES)) - 1
 
 
 class BootIdFileError(Exception):
-    """The boot id file exists but cannot be read or trusted."""
+    """The boot id file exists but cannot be read, trusted or replaced."""
+
+
+def choose_boot_id(last: int, clock_us: int, random_bits: int) -> int:
+    """The boot id after `last` at wall clock `clock_us` with `random_bits` (< 2**RANDOM_BITS)
+    in its low bits; always greater than `last` (module docstring)."""
+    high = max((last >> RANDOM_BITS) + 1, clock_us >> RANDOM_BITS)
+    return high << RANDOM_BITS | random_bits
 
 
 def next_boot_id(data_dir: str | os.PathLike[str], node_id: int) -> bytes:
+    """A new boot id for this run of `node_id`, durably stored in `data_dir` before it is
+    returned (8 bytes, big-endian)."""
     path = Path(data_dir) / f"bootid_{node_id}"
-    last = 0
+    boot_id = choose_boot_id(_read_last(path), time.time_ns() // 1000,
+                             secrets.randbits(RANDOM_BITS))
+    if boot_id > MAX_BOOT_ID:
+        raise BootIdFileError(f"{path}: boot ids are exhausted")
+    try:
+        _store(path, boot_id)
+    except OSError as exc:
+        raise BootIdFileError(f"cannot store the boot id in {path}: "
+                              f"{exc.strerror or exc}") from None
+    return boot_id.to_bytes(BOOT_ID_BYTES, "big")
+
+
+def _read_last(path: Path) -> int:
+    """The boot id stored at `path`, 0 when there is none."""
     try:
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        text = "0"
+        return 0
     except (OSError, UnicodeDecodeError) as exc:
         raise BootIdFileError(f"cannot read {path}: {exc}") from None
-    if not text.isdigit():
+    if not text.isdigit() or int(text) > MAX_BOOT_ID:
         raise BootIdFileError(f"{path} does not hold a boot id: {text[:40]!r}")
-    last = int(text)
-    boot_id = max(last + 1, time.time_ns() // 1000)
+    return int(text)
+
+
+def _store(path: Path, boot_id: int) -> None:
+    """Replace the file at `path` with `boot_id` durably: the file's data, then the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="ascii") as f:
@@ -39,4 +98,8 @@ def next_boot_id(data_dir: str | os.PathLike[str], node_id: int) -> bytes:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return boot_id.to_bytes(BOOT_ID_BYTES, "big")
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
