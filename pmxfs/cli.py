@@ -16,8 +16,37 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported as one line, exit status 2."""
 
 
+DESCRIPTION = """\
+pmxfs: a replicated cluster configuration file system in the style of Proxmox's pmxcfs. Every
+node runs `pmxfs daemon`, which mounts the cluster's shared tree (default /etc/pve) with FUSE;
+a change made there is on every node. The other commands ask the local daemon (status, nodes,
+expected, log, debug), or work without one (config check, keygen, db, demo, debug cpg).
+`pmxfs COMMAND --help` describes each command.
+
+A problem is reported as one line `pmxfs: reason` on stderr, with a non-zero exit status."""
+
+EXAMPLES = """\
+examples:
+  pmxfs demo                          # try it: a 3-node cluster on this machine
+  pmxfs status                        # quorum and membership, as `pvecm status`
+  pmxfs --run-dir ./pmxfs-demo/node1/run nodes
+  pmxfs config check corosync.conf --against /etc/pmxfs/corosync.conf"""
+
+DEBUG_DESCRIPTION = """\
+Inspect a ring or a running node. `debug cpg` joins a ring by itself, like corosync's testcpg;
+the other subcommands ask the local daemon (at RUN_DIR/pmxfs.sock, see `pmxfs --help`) and print
+its answer, as JSON with --json."""
+
+DEBUG_EXAMPLES = """\
+examples:
+  pmxfs debug ring                    # totem state, ring id, members, token counters
+  pmxfs debug tree --json
+  pmxfs debug cpg --config corosync.conf --authkey authkey --node node1 --data-dir ./d1"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pmxfs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pmxfs", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", dest="global_run_dir", metavar="DIR",
                         default=control_cli.default_run_dir(),
                         help="where the daemon's control socket pmxfs.sock is "
@@ -30,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(subparsers)
     control_cli.register(subparsers)
     debug = subparsers.add_parser("debug", help="inspect a ring or a running node",
-                                  description="Inspect a ring or a running node.")
+                                  description=DEBUG_DESCRIPTION, epilog=DEBUG_EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     debug_commands = debug.add_subparsers(dest="debug_command", metavar="SUBCOMMAND",
                                           required=True)
     debug_cpg.register(debug_commands)

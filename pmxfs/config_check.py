@@ -33,15 +33,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add `config` with its `check` subcommand to the `pmxfs` parser."""
     config = subparsers.add_parser(
         "config", help="cluster configuration (corosync.conf) tools",
-        description="Cluster configuration (corosync.conf) tools.")
+        description="Cluster configuration (corosync.conf) tools; they work on files and need "
+                    "no daemon.",
+        epilog="examples:\n  pmxfs config check /etc/pmxfs/corosync.conf",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     check = commands.add_parser(
         "check", help="validate a corosync.conf (and an update of one)",
-        description="Parse and validate FILE as pmxfs does for writes to corosync.conf. "
-                    "With --against, also check FILE as an update of the running config CURRENT.")
+        description="""\
+Parse and validate FILE as pmxfs does when corosync.conf is written in the tree (/etc/pve).
+With --against, also check FILE as an update of the running config CURRENT (config_version
+must grow); the summary then says which changes apply at run time and which need a restart.
+
+Valid: exit 0 and one line on stdout (cluster name, config_version, nodes, expected votes,
+token and consensus timeouts); warnings on stderr. Invalid: exit 1 and every problem on stderr,
+one per line, FILE:LINE:COL: reason. A file that cannot be read: exit 2.""",
+        epilog="""\
+examples:
+  pmxfs config check /etc/pmxfs/corosync.conf
+  pmxfs config check new.conf --against /etc/pmxfs/corosync.conf
+  cp new.conf /etc/pve/corosync.conf     # then take it: every node rewrites its own copy""",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("file", metavar="FILE", help="the corosync.conf to check")
     check.add_argument("--against", metavar="CURRENT",
-                       help="the current corosync.conf; FILE must be a valid update of it")
+                       help="the current corosync.conf; FILE must be a valid update of it "
+                            "(default: FILE is checked on its own)")
     check.set_defaults(handler=run_check)
 
 

@@ -95,24 +95,55 @@ def _shape_problems(obj: object, shape: Shape, where: str) -> Iterator[str]:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `status`, `nodes`, `expected` and `log` to the `pmxfs` parser."""
-    status = subparsers.add_parser("status", help="quorum and membership (like pvecm status)")
-    status.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    raw = argparse.RawDescriptionHelpFormatter
+    daemon = f"""
+
+It asks the local daemon over RUN_DIR/pmxfs.sock (`pmxfs --run-dir RUN_DIR ...`, default
+$PMXFS_RUN_DIR, else {DEFAULT_RUN_DIR}): exit 2 when no daemon answers, 1 when it refuses.
+root may do everything, members of group www-data may only read."""
+    status = subparsers.add_parser(
+        "status", help="quorum and membership (like pvecm status)", formatter_class=raw,
+        description="""\
+Show the cluster as this node sees it, like `pvecm status`: cluster name and config_version,
+this node, votequorum (expected and total votes, quorum, flags, quorate or not), the members
+of the current ring and whether the tree is synced.""" + daemon,
+        epilog="examples:\n  pmxfs status\n  pmxfs status --json | jq .quorum.quorate\n"
+               "  pmxfs --run-dir ./pmxfs-demo/node1/run status")
+    status.add_argument("--json", action="store_true",
+                        help="print the daemon's answer as JSON (its keys: docs/cli.md)")
     status.set_defaults(handler=_handler(_status))
-    nodes = subparsers.add_parser("nodes", help="the nodes of the cluster (like pvecm nodes)")
+    nodes = subparsers.add_parser(
+        "nodes", help="the nodes of the cluster (like pvecm nodes)", formatter_class=raw,
+        description="""\
+List the nodes of the cluster's nodelist, like `pvecm nodes`: node id, votes, name, which one
+is this node and which are online.""" + daemon,
+        epilog="examples:\n  pmxfs nodes\n  pmxfs nodes --json")
     nodes.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
     nodes.set_defaults(handler=_handler(_nodes))
     expected = subparsers.add_parser(
-        "expected", help="set the expected votes (like pvecm expected)",
-        description="Set the expected votes of this partition to N (refused when it would be "
-                    "lower than the votes present, or would make a quorate partition lose "
-                    "quorum).")
+        "expected", help="set the expected votes (like pvecm expected)", formatter_class=raw,
+        description="""\
+Set the expected votes of this partition to N, like `pvecm expected N`: a node left alone has
+lost quorum, so its tree is read-only; after `pmxfs expected 1` it takes writes again. Refused
+when N is not between 1 and the votes that exist, when N is lower than the votes present, or
+when a quorate partition would lose quorum.""" + daemon,
+        epilog="""\
+examples:
+  pmxfs expected 1      # this node alone takes writes; what it writes while cut off may be
+                        # set aside in lost+found when it meets the others again""")
     expected.add_argument("votes", metavar="N", type=int, help="the new expected votes")
     expected.set_defaults(handler=_handler(_expected))
-    log = subparsers.add_parser("log", help="add a message to the cluster log")
-    log.add_argument("--tag", default="pmxfs", help="the entry's tag (default pmxfs)")
+    log = subparsers.add_parser(
+        "log", help="add a message to the cluster log", formatter_class=raw,
+        description="""\
+Add MESSAGE to the cluster log, like logger(1); the ring carries it to every node, and the
+newest entries are in /etc/pve/.clusterlog.""" + daemon,
+        epilog="examples:\n  pmxfs log maintenance of node2 starts\n"
+               "  pmxfs log --tag backup --priority warning 'backup of 100 failed'")
+    log.add_argument("--tag", default="pmxfs", help="the entry's tag (default: %(default)s)")
     log.add_argument("--priority", default="info", type=_priority, metavar="P",
                      help="a syslog priority: emerg, alert, crit, err, warning, notice, info, "
-                          "debug or 0-7 (default info)")
+                          "debug or 0-7 (default: info)")
     log.add_argument("message", metavar="MESSAGE", nargs="+", help="the message (words are "
                      "joined with spaces)")
     log.set_defaults(handler=_handler(_log))
@@ -126,8 +157,27 @@ def register_debug(debug_commands: argparse._SubParsersAction[argparse.ArgumentP
              "tree": "every entry of the tree: path, type, size, version, writer, mtime",
              "checksum": "checksums of the tree and the replicated state",
              "verify": "start a verification round of the tree checksums now"}
+    descriptions = {
+        "ring": "Show the local daemon's totem state: ring id, members, token counters.",
+        "transport": "Show the frame counters of the local daemon's cluster network: sent,\n"
+                     "received, and dropped by reason (authentication, replay, ...).",
+        "quorum": "Show the local daemon's votequorum inputs and result.",
+        "tree": "List every entry of the local daemon's tree: path, type, size, version,\n"
+                "writer, mtime.",
+        "checksum": "Show the checksums of the local daemon's tree and replicated state; equal\n"
+                    "checksums on two nodes mean equal trees.",
+        "verify": "Start a verification round now: the members of the ring compare their tree\n"
+                  "checksums, and a mismatch makes them sync (it also runs periodically)."}
     for topic in DEBUG_TOPICS:
-        parser = debug_commands.add_parser(topic, help=f"running daemon: {helps[topic]}")
+        parser = debug_commands.add_parser(
+            topic, help=f"running daemon: {helps[topic]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=f"""\
+{descriptions[topic]}
+
+It asks the local daemon over RUN_DIR/pmxfs.sock (`pmxfs --run-dir RUN_DIR ...`, default
+$PMXFS_RUN_DIR, else {DEFAULT_RUN_DIR}); exit 2 when no daemon answers.""",
+            epilog=f"examples:\n  pmxfs debug {topic}\n  pmxfs debug {topic} --json")
         parser.add_argument("--json", action="store_true",
                             help="print the daemon's answer as JSON")
         parser.set_defaults(handler=_handler(_debug), topic=topic)

@@ -42,30 +42,46 @@ type: dir or file. size: bytes of content (0 for a directory). version: the glob
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `db` with its `check`, `dump` and `backup` subcommands to the `pmxfs` parser."""
+    raw = argparse.RawDescriptionHelpFormatter
     db = subparsers.add_parser(
         "db", help="offline tools for a node's database (DIR/config.db)",
-        description="Offline tools for a node's database, DIR/config.db (the data directory, "
-                    "/var/lib/pmxfs by default). The database is opened read-only.")
+        description="""\
+Offline tools for a node's database, DIR/config.db, where DIR is the daemon's --data-dir
+(/var/lib/pmxfs unless it was given another). The database is opened read-only, so they are
+safe while the daemon runs, and they check it as the daemon does at start.""",
+        epilog="""\
+examples:
+  pmxfs db check /var/lib/pmxfs
+  pmxfs db dump /var/lib/pmxfs | grep qemu-server
+  pmxfs db backup /var/lib/pmxfs /root/config.db.backup""",
+        formatter_class=raw)
     commands = db.add_subparsers(dest="db_command", metavar="SUBCOMMAND", required=True)
     check = commands.add_parser(
         "check", help="check DIR/config.db as the daemon does at start",
-        description="Check DIR/config.db as the daemon does at start: SQLite integrity, the table "
-                    "layout, value types, and the tree (names, parents, VMIDs, limits). Exit 0 "
-                    "and a summary when it is sound; exit 1 and every problem otherwise.")
+        description="""\
+Check DIR/config.db as the daemon does at start: SQLite integrity, the table layout, value
+types, and the tree (names, parents, VMIDs, limits). Exit 0 and a one-line summary when it is
+sound (the daemon will load it); exit 1 and every problem on stderr, one per line, otherwise.""",
+        epilog="examples:\n  pmxfs db check /var/lib/pmxfs", formatter_class=raw)
     check.add_argument("dir", metavar="DIR", help="the data directory holding config.db")
     check.set_defaults(handler=run_check)
     dump = commands.add_parser(
         "dump", help="print the tree stored in DIR/config.db, one line per entry",
         description="Print the tree stored in DIR/config.db, one line per entry.\nA damaged "
                     "database is refused, with its problems, as by `pmxfs db check`.",
-        epilog=DUMP_FORMAT, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=f"{DUMP_FORMAT}\n\nexamples:\n  pmxfs db dump /var/lib/pmxfs\n"
+               "  pmxfs db dump /var/lib/pmxfs | cut -f1,4   # path and version of each entry",
+        formatter_class=raw)
     dump.add_argument("dir", metavar="DIR", help="the data directory holding config.db")
     dump.set_defaults(handler=run_dump)
     backup = commands.add_parser(
         "backup", help="copy DIR/config.db to FILE (safe while the daemon runs)",
-        description="Copy DIR/config.db to FILE with SQLite's backup API: a consistent copy, also "
-                    "while the daemon runs. FILE must not exist; it appears complete or not at "
-                    "all. A damaged database is refused as by `pmxfs db check`.")
+        description="""\
+Copy DIR/config.db to FILE with SQLite's backup API: a consistent copy, also while the daemon
+runs. FILE must not exist; it appears complete or not at all. A damaged database is refused as
+by `pmxfs db check`, so a backup always loads.""",
+        epilog="examples:\n  pmxfs db backup /var/lib/pmxfs /root/config.db.$(date +%F)",
+        formatter_class=raw)
     backup.add_argument("dir", metavar="DIR", help="the data directory holding config.db")
     backup.add_argument("file", metavar="FILE", help="where to write the copy (must not exist)")
     backup.set_defaults(handler=run_backup)

@@ -36,15 +36,37 @@ from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
 DEFAULT_DATA_DIR = "/var/lib/pmxfs"
 
 
+DESCRIPTION = """\
+Join the ring described by --config as node --node, without a tree or a mount, and print what
+the ring delivers, like corosync's testcpg: one JSON object per line on stdout.
+
+  {"event": "confchg", "kind": "transitional"|"regular", "ring_id": "1.8",
+   "members": [1, 2], "left": [3], "joined": []}
+  {"event": "deliver", "from": 2, "ring_id": "1.8", "seq": 17, "data": "hello"}
+  {"event": "counters", "totem": {...}, "transport": {...}}   (on SIGUSR1 and when leaving)
+
+Each line typed on stdin is sent to the ring as one message. SIGINT (Ctrl-C) or SIGTERM leave
+cleanly, exit 0. A bad config is reported as `pmxfs config check` reports it, exit 1. It binds
+the node's address and port, so it cannot run beside that node's daemon."""
+
+EXAMPLES = """\
+examples (each node in its own shell):
+  pmxfs keygen ./authkey
+  pmxfs debug cpg --config corosync.conf --authkey ./authkey --node node1 --data-dir ./d1
+  pmxfs debug cpg --config corosync.conf --authkey ./authkey --node node2 --data-dir ./d2"""
+
+
 def register(debug_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `cpg` to the `pmxfs debug` parser."""
     cpg = debug_commands.add_parser(
         "cpg", help="join a ring and print deliveries and configuration changes as JSON lines",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cpg.add_argument("--config", required=True, metavar="FILE", help="corosync.conf")
-    cpg.add_argument("--authkey", required=True, metavar="FILE", help="cluster authkey")
+        description=DESCRIPTION, epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cpg.add_argument("--config", required=True, metavar="FILE", help="the corosync.conf")
+    cpg.add_argument("--authkey", required=True, metavar="FILE", help="the cluster authkey")
     cpg.add_argument("--node", required=True, metavar="NAME", help="this node's name in FILE")
     cpg.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
-                     help=f"where the ring seq is kept (default {DEFAULT_DATA_DIR})")
+                     help=f"where the ring seq is kept (default: {DEFAULT_DATA_DIR})")
     cpg.set_defaults(handler=run)
 
 

@@ -1,0 +1,91 @@
+"""`--help` of every command is written for users (issue 10 §5): what it does, its defaults and an
+example -- never a module docstring; `daemon --help` shows the default paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pmxfs import cli, config_check, control_cli, daemon, db_tools, debug_cpg, demo, keygen
+from pmxfs.cli import main
+
+COMMANDS = [(), ("daemon",), ("demo",), ("status",), ("nodes",), ("expected",), ("log",),
+            ("keygen",), ("config",), ("config", "check"), ("db",), ("db", "check"),
+            ("db", "dump"), ("db", "backup"), ("debug",), ("debug", "cpg"),
+            *(("debug", topic) for topic in control_cli.DEBUG_TOPICS)]
+MODULES = [cli, config_check, control_cli, daemon, db_tools, debug_cpg, demo, keygen]
+DAEMON_DEFAULTS = ["/etc/pmxfs/corosync.conf", "/etc/pmxfs/authkey", "/etc/pve",
+                   "/var/lib/pmxfs", "/run/pmxfs"]
+
+
+def help_text(capsys: pytest.CaptureFixture[str], command: tuple[str, ...]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return out
+
+
+def example_lines(text: str) -> list[str]:
+    """The command lines of the text's examples section."""
+    _, found, examples = text.partition("\nexamples")
+    assert found, "no examples section"
+    return [line.strip() for line in examples.splitlines()[1:]
+            if line.strip().startswith("pmxfs ")]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "pmxfs")
+def test_help_describes_and_shows_an_example(capsys: pytest.CaptureFixture[str],
+                                             command: tuple[str, ...]) -> None:
+    text = help_text(capsys, command)
+    examples = example_lines(text)
+    assert examples, text
+    if command:
+        assert any(line.startswith(f"pmxfs {' '.join(command)}") or
+                   f" {command[-1]}" in line for line in examples), examples
+    usage, _, rest = text.partition("\n\n")
+    assert usage.startswith(f"usage: pmxfs {' '.join(command)}".rstrip())
+    assert len(rest.split("\n\n")[0]) > 40, "no description"  # the first paragraph says what
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "pmxfs")
+def test_no_module_docstring_is_the_help(capsys: pytest.CaptureFixture[str],
+                                         command: tuple[str, ...]) -> None:
+    text = " ".join(help_text(capsys, command).split())
+    for module in MODULES:
+        assert module.__doc__ is not None
+        first = " ".join(module.__doc__.strip().splitlines()[0].split())
+        assert first not in text, f"{module.__name__}'s docstring is in the help"
+
+
+def test_daemon_help_shows_the_default_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    text = " ".join(help_text(capsys, ("daemon",)).split())
+    for path in DAEMON_DEFAULTS:
+        assert path in text, path
+    assert "(default: /etc/pmxfs/corosync.conf)" in text
+    assert "(default: /var/lib/pmxfs)" in text
+
+
+@pytest.mark.parametrize(("command", "defaults"), [
+    (("demo",), ["(default: 3)", "(default: ./pmxfs-demo)", "(default: 5405"]),
+    (("keygen",), ["(default: /etc/pmxfs/authkey)"]),
+    (("log",), ["(default: pmxfs)", "(default: info)"]),
+    (("debug", "cpg"), ["(default: /var/lib/pmxfs)"]),
+    ((), ["/run/pmxfs"]),
+])
+def test_defaults_are_shown(capsys: pytest.CaptureFixture[str], command: tuple[str, ...],
+                            defaults: list[str]) -> None:
+    text = " ".join(help_text(capsys, command).split())
+    for default in defaults:
+        assert default in text, default
+
+
+def test_help_of_the_installed_command() -> None:
+    """`python -m pmxfs --help`, as a user runs it: exit 0, the examples, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "pmxfs", "daemon", "--help"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "pmxfs daemon --local" in result.stdout
