@@ -3,9 +3,10 @@
 A three-node udpu ring (127.0.0.11-13) carries application traffic while the test fires at least
 100,000 bad datagrams at node n2: random bytes, truncated and bit-flipped real frames, frames under
 a wrong key or for another cluster, frames claiming an unknown sender or the target itself, real
-frames from the wrong address, and authentic frames plus exact replays of them. The ring must not
-notice (no configuration change, same delivery order everywhere, process alive, no traceback) and
-the target's drop counters must account for every bad frame, reason by reason.
+frames from the wrong address, authentic frames sealed for another node or a token sealed for
+every node, and authentic frames plus exact replays of them. The ring must not notice (no
+configuration change, same delivery order everywhere, process alive, no traceback) and the
+target's drop counters must account for every bad frame, reason by reason.
 
 Where the frames come from. No sniffing: the test builds real frames itself with
 `pmxfs.runtime.frame_crypto.FrameCrypto` around real totem messages from `pmxfs.core.wire`, with
@@ -17,8 +18,10 @@ the transport can stop. Every first copy of an n4 frame carries a totem message 
 and counts (`dropped_*`); its exact re-sends are `replay`s.
 
 Every datagram is classified in advance by the documented order of checks (magic, version,
-length, self, nodelist, source address, authentication, replay window, then totem's checks), so
-the expected counter of each reason is known exactly. Sending is paced by the target socket's
+length, self, nodelist, receiver, source address, a run older than the sender's current one,
+authentication, token sealed for every node, replay window, then totem's checks), so the expected
+counter of each reason is known exactly; the boot ids of the live senders are read from their
+data directories for that. Sending is paced by the target socket's
 receive queue in /proc/net/udp, so the kernel drops nothing (its drop counter is checked too).
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import random
 import signal
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -58,12 +62,14 @@ from pmxfs.core.wire import (
     TokenPhase,
     decode,
     encode,
+    unicast_only,
 )
 from pmxfs.runtime.frame_crypto import (
     AUTH_FAILED,
     BAD_MAGIC,
     BAD_VERSION,
     DROP_REASONS,
+    EVERY_NODE,
     MAGIC,
     OVERHEAD_BYTES,
     REPLAY,
@@ -71,6 +77,7 @@ from pmxfs.runtime.frame_crypto import (
     SHORT,
     UNKNOWN_SENDER,
     VERSION,
+    WRONG_RECEIVER,
     FrameCrypto,
 )
 from pmxfs.runtime.transport import ADDRESS_MISMATCH
@@ -119,11 +126,12 @@ class Attacker:
     """Builds bad datagrams for node `target` and knows which counter each one lands in."""
 
     def __init__(self, authkey: bytes, target: int, addresses: dict[int, str], ghost: int,
-                 rng: random.Random) -> None:
+                 boot_ids: dict[int, int], rng: random.Random) -> None:
         self.rng = rng
         self.target = target
         self.addresses = addresses
         self.ghost = ghost
+        self.boot_ids = dict(boot_ids)  # the run the target knows of each sender, once it does
         ids = list(addresses)
         boot = rng.randbytes  # fixed boot ids from the seeded rng keep a failure reproducible
         self.real1 = FrameCrypto(authkey, CLUSTER_NAME, 1, ids, boot_id=boot(8))
@@ -144,7 +152,7 @@ class Attacker:
             self.random_bytes, self.truncated, self.bit_flipped, self.wrong_key_frame,
             self.other_cluster_frame, self.from_outsider, self.unknown_sender,
             self.claims_target, self.ghost_first, self.ghost_replay, self.ghost_elsewhere,
-            self.ghost_bit_flipped,
+            self.ghost_bit_flipped, self.ghost_for_another_node, self.ghost_token_for_all,
         ]
 
     def close(self) -> None:
@@ -160,13 +168,17 @@ class Attacker:
             return BAD_VERSION
         if len(frame) < OVERHEAD_BYTES:
             return SHORT
-        sender = int.from_bytes(frame[3:7], "big")
+        sender, receiver, boot_id = struct.unpack_from(">IIQ", frame, 3)
         if sender == self.target:
             return SELF_SENDER
         if sender not in self.addresses:
             return UNKNOWN_SENDER
+        if receiver not in (self.target, EVERY_NODE):
+            return WRONG_RECEIVER
         if self.addresses[sender] != src_ip:
             return ADDRESS_MISMATCH
+        if boot_id < self.boot_ids.get(sender, 0):
+            return REPLAY  # an earlier run: refused before authentication
         return AUTH_FAILED  # only ever called for frames that cannot be authentic
 
     def _mangled(self, frame: bytes, src_ip: str) -> Shot:
@@ -190,9 +202,16 @@ class Attacker:
             return encode(Join(sender=1, ring_seq=foreign.seq, proc=(1, 2, 3), fail=()))
         return encode(MergeDetect(sender=1, ring_id=foreign))
 
+    def _receiver(self, payload: bytes) -> int:
+        """The target for a token, else the target or every node."""
+        if unicast_only(payload):
+            return self.target
+        return self.rng.choice((self.target, EVERY_NODE))
+
     def _real1_frame(self) -> bytes:
         """A frame as node 1 would seal it (but with a boot id node 1 never had)."""
-        return self.real1.seal(self._message())
+        message = self._message()
+        return self.real1.seal(message, self._receiver(message))
 
     # -- the kinds of shots
 
@@ -214,24 +233,32 @@ class Attacker:
         return self._mangled(bytes(frame), self.addresses[1])
 
     def wrong_key_frame(self) -> Shot:
-        return Shot(self.socks[self.addresses[1]], self.wrong_key.seal(self._message()),
-                    AUTH_FAILED)
+        message = self._message()
+        frame = self.wrong_key.seal(message, self._receiver(message))
+        return self._mangled(frame, self.addresses[1])  # fails authentication (or is older)
 
     def other_cluster_frame(self) -> Shot:
-        return Shot(self.socks[self.addresses[1]], self.other_cluster.seal(self._message()),
-                    AUTH_FAILED)
+        message = self._message()
+        frame = self.other_cluster.seal(message, self._receiver(message))
+        return self._mangled(frame, self.addresses[1])
 
     def from_outsider(self) -> Shot:
         """Authentic-looking node-1 frame, from an address outside the nodelist."""
         return Shot(self.socks[OUTSIDER], self._real1_frame(), ADDRESS_MISMATCH)
 
     def unknown_sender(self) -> Shot:
-        return Shot(self.socks[self.addresses[1]], self.stranger.seal(self._message()),
-                    UNKNOWN_SENDER)
+        message = self._message()
+        return Shot(self.socks[self.addresses[1]],
+                    self.stranger.seal(message, self._receiver(message)), UNKNOWN_SENDER)
 
     def claims_target(self) -> Shot:
-        return Shot(self.socks[self.addresses[1]], self.impostor.seal(self._message()),
-                    SELF_SENDER)
+        return Shot(self.socks[self.addresses[1]],
+                    self.impostor.seal(self._message(), EVERY_NODE), SELF_SENDER)
+
+    def _ghost_token(self, ring_id: RingId) -> bytes:
+        return encode(Token(ring_id=ring_id, token_seq=7, seq=3, aru=3, aru_addr=self.ghost,
+                            fcc=0, backlog=0, rtr=(), retrans_flg=False,
+                            phase=TokenPhase.OPERATIONAL))
 
     def _ghost_payload(self) -> tuple[bytes, str]:
         """A payload authentic n4 frames carry and the totem counter that drops it."""
@@ -243,9 +270,7 @@ class Attacker:
                 decode(payload)
             return payload, TOTEM_MALFORMED
         if choice == 1:
-            return encode(Token(ring_id=foreign, token_seq=7, seq=3, aru=3, aru_addr=self.ghost,
-                                fcc=0, backlog=0, rtr=(), retrans_flg=False,
-                                phase=TokenPhase.OPERATIONAL)), TOTEM_FOREIGN_TOKEN
+            return self._ghost_token(foreign), TOTEM_FOREIGN_TOKEN
         if choice == 2:
             frags = (Fragment(msg_id=1, index=0, count=1, data=b"not from the nodelist"),)
             return encode(Mcast(ring_id=foreign, seq=1, sender=99, fragments=frags)), \
@@ -258,8 +283,9 @@ class Attacker:
     def ghost_first(self) -> Shot:
         """An authentic n4 frame: the transport accepts it once, totem drops and counts it."""
         payload, reason = self._ghost_payload()
-        frame = self.ghost_crypto.seal(payload)
+        frame = self.ghost_crypto.seal(payload, self._receiver(payload))
         self.ghost_sent.append(frame)
+        self.boot_ids[self.ghost] = int.from_bytes(self.ghost_crypto.boot_id, "big")
         return Shot(self.socks[self.addresses[self.ghost]], frame, reason)
 
     def ghost_replay(self) -> Shot:
@@ -278,9 +304,23 @@ class Attacker:
                     ADDRESS_MISMATCH)
 
     def ghost_bit_flipped(self) -> Shot:
-        frame = bytearray(self.ghost_crypto.seal(self._message()))
+        message = self._message()
+        frame = bytearray(self.ghost_crypto.seal(message, self._receiver(message)))
         frame[self.rng.randrange(len(frame))] ^= 1 << self.rng.randrange(8)
         return self._mangled(bytes(frame), self.addresses[self.ghost])
+
+    def ghost_for_another_node(self) -> Shot:
+        """An authentic n4 frame sealed for node 1 or 3, delivered to the target: refused before
+        authentication, and it must not use up a counter of the target's window."""
+        other = self.rng.choice([n for n in (1, 3) if n != self.target])
+        frame = self.ghost_crypto.seal(self._message(), other)
+        return Shot(self.socks[self.addresses[self.ghost]], frame, WRONG_RECEIVER)
+
+    def ghost_token_for_all(self) -> Shot:
+        """An authentic n4 token sealed for every node: a token is only ever for one node."""
+        payload = self._ghost_token(RingId(seq=self.rng.randrange(1, 1 << 40), rep=self.ghost))
+        frame = self.ghost_crypto.seal(payload, EVERY_NODE)
+        return Shot(self.socks[self.addresses[self.ghost]], frame, WRONG_RECEIVER)
 
     def fire(self, count: int, port: int) -> None:
         target = (self.addresses[self.target], port)
@@ -311,8 +351,10 @@ def test_hostile_frames_are_dropped_and_counted(group: ProcessGroup, tmp_path: P
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
     addresses = {n.nodeid: n.addr for n in NODES}
+    boot_ids = {p.nodeid: int(ring.data_dir(ring.node(p.name)).joinpath(
+        f"bootid_{p.nodeid}").read_text()) for p in procs}
     attacker = Attacker(tmp_path.joinpath("authkey").read_bytes(), target.nodeid, addresses,
-                        ghost=4, rng=rng)
+                        ghost=4, boot_ids=boot_ids, rng=rng)
     try:
         before = _drop_counters(target.counters())
         kernel_drops_before = udp_socket_stats(addresses[target.nodeid], port)[1]

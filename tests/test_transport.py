@@ -4,6 +4,7 @@ and IPv6, inside network namespaces that the test creates and deletes itself."""
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from pmxfs.runtime.frame_crypto import HEADER_BYTES, FrameCrypto
+from pmxfs.core.wire import RingId, Token, TokenPhase, encode
+from pmxfs.runtime.frame_crypto import EVERY_NODE, HEADER_BYTES, FrameCrypto
 from pmxfs.runtime.transport import (
     AuthkeyError,
     TransportError,
@@ -39,6 +41,15 @@ def addr(node: int) -> str:
     return f"{BASE}{node}"
 
 
+_boot_ids = itertools.count(1)
+
+
+def crypto(nid: int, nodes: Mapping[int, str] | tuple[int, ...], key: bytes = KEY,
+           cluster: str = CLUSTER) -> FrameCrypto:
+    """Node `nid`'s frame crypto, each one a new run (a greater boot id than all before)."""
+    return FrameCrypto(key, cluster, nid, nodes, boot_id=next(_boot_ids).to_bytes(8, "big"))
+
+
 @asynccontextmanager
 async def cluster(nodes: Mapping[int, str], *, listening: tuple[int, ...] | None = None
                   ) -> AsyncIterator[tuple[int, dict[int, UdpTransport]]]:
@@ -52,7 +63,7 @@ async def cluster(nodes: Mapping[int, str], *, listening: tuple[int, ...] | None
             for nid in listening or tuple(nodes):
                 opened[nid] = await UdpTransport.open(
                     node_id=nid, addresses=nodes, port=port, mode="udpu", mcastaddr=None,
-                    crypto=FrameCrypto(KEY, CLUSTER, nid, nodes))
+                    crypto=crypto(nid, nodes))
         except TransportError as exc:
             for t in opened.values():
                 t.close()
@@ -84,6 +95,8 @@ def raw_socket(host: str) -> socket.socket:
 
 
 THREE = {1: addr(1), 2: addr(2), 3: addr(3)}
+TOKEN = encode(Token(ring_id=RingId(seq=4, rep=1), token_seq=5, seq=0, aru=0, aru_addr=0, fcc=0,
+                     backlog=0, rtr=(), retrans_flg=False, phase=TokenPhase.OPERATIONAL))
 
 
 async def test_three_nodes_exchange_unicast_and_to_all() -> None:
@@ -121,8 +134,8 @@ async def test_large_frames_and_many_frames() -> None:
 
 async def test_frame_from_another_address_is_address_mismatch() -> None:
     async with cluster(THREE, listening=(1, 3)) as (port, ts):
-        forger = FrameCrypto(KEY, CLUSTER, 2, THREE)  # has the key, claims to be node 2
-        frame = forger.seal(b"claims node 2")
+        forger = crypto(2, THREE)  # has the key, claims to be node 2
+        frame = forger.seal(b"claims node 2", 1)
         with raw_socket(addr(3)) as wrong, raw_socket("127.0.0.29") as stranger, \
                 raw_socket(addr(2)) as right:
             wrong.sendto(frame, (addr(1), port))  # node 3's address
@@ -137,24 +150,48 @@ async def test_frame_from_another_address_is_address_mismatch() -> None:
         assert c["replay"] == 0
 
 
+async def test_frames_name_their_receiver() -> None:
+    """`send(to=N)` seals for N, `send(None)` for every node (0); a copy of node 2's frame for
+    node 3, spoofed from node 2's address to node 1, is `wrong_receiver` there, and a token
+    sealed for every node is refused too."""
+    async with cluster(THREE, listening=(1,)) as (port, ts):
+        with raw_socket(addr(2)) as node2_ip, socket.socket(socket.AF_INET,
+                                                            socket.SOCK_DGRAM) as at2:
+            at2.bind((addr(2), port))  # node 2's place in the ring, to see what node 1 sends
+            ts[1].send(2, b"for 2")
+            ts[1].send(None, b"for all")
+            heads = [at2.recvfrom(65536)[0][:HEADER_BYTES] for _ in range(2)]
+            assert [int.from_bytes(h[7:11], "big") for h in heads] == [2, EVERY_NODE]
+            node2 = crypto(2, THREE)
+            for frame in (node2.seal(TOKEN, 3), node2.seal(TOKEN, EVERY_NODE),
+                          node2.seal(TOKEN, 1)):
+                node2_ip.sendto(frame, (addr(1), port))
+            assert await collect(ts[1], 1) == [(2, TOKEN)]
+        c = ts[1].counters
+        assert (c["wrong_receiver"], c["frames_opened"], c["replay"]) == (2, 1, 0)
+
+
 async def test_garbage_is_dropped_and_counted_by_reason() -> None:
     async with cluster(THREE, listening=(1,)) as (port, ts):
-        node2 = FrameCrypto(KEY, CLUSTER, 2, THREE)
-        stranger_key = FrameCrypto(bytes(256), CLUSTER, 2, THREE)
-        other_cluster = FrameCrypto(KEY, "other", 2, THREE)
-        unknown = FrameCrypto(KEY, CLUSTER, 9, (*THREE, 9))
-        replayed = node2.seal(b"first")
-        tampered = bytearray(node2.seal(b"tampered"))
+        node2 = crypto(2, THREE)
+        stranger_key = crypto(2, THREE, key=bytes(256))
+        other_cluster = crypto(2, THREE, cluster="other")
+        unknown = crypto(9, (*THREE, 9))
+        replayed = node2.seal(b"first", 1)
+        tampered = bytearray(node2.seal(b"tampered", 1))
         tampered[HEADER_BYTES] ^= 1
         garbage = [
             (b"", "short"),
             (b"hello, is this corosync?", "bad_magic"),
             (b"PX\x07" + bytes(60), "bad_version"),
-            (b"PX\x01\x00\x00\x00\x02", "short"),
-            (unknown.seal(b"x"), "unknown_sender"),
-            (FrameCrypto(KEY, CLUSTER, 1, THREE).seal(b"me?"), "self_sender"),
-            (stranger_key.seal(b"x"), "auth_failed"),
-            (other_cluster.seal(b"x"), "auth_failed"),
+            (b"PX\x02\x00\x00\x00\x02", "short"),
+            (b"PX\x01" + bytes(60), "bad_version"),  # the format before receivers
+            (unknown.seal(b"x", 1), "unknown_sender"),
+            (crypto(1, THREE).seal(b"me?", EVERY_NODE), "self_sender"),
+            (node2.seal(b"for node 3", 3), "wrong_receiver"),
+            (node2.seal(TOKEN, EVERY_NODE), "wrong_receiver"),
+            (stranger_key.seal(b"x", 1), "auth_failed"),
+            (other_cluster.seal(b"x", 1), "auth_failed"),
             (bytes(tampered), "auth_failed"),
             (replayed, None),
             (replayed, "replay"),
@@ -163,7 +200,7 @@ async def test_garbage_is_dropped_and_counted_by_reason() -> None:
         with raw_socket(addr(2)) as s:
             for data, _ in garbage:
                 s.sendto(data, (addr(1), port))
-            s.sendto(node2.seal(b"the real one"), (addr(1), port))
+            s.sendto(node2.seal(b"the real one", 1), (addr(1), port))
             got = await collect(ts[1], 2)
         assert got == [(2, b"first"), (2, b"the real one")]
         c = ts[1].counters
@@ -178,12 +215,12 @@ async def test_garbage_is_dropped_and_counted_by_reason() -> None:
 
 async def test_drops_are_logged_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     async with cluster(THREE, listening=(1,)) as (port, ts):
-        node2 = FrameCrypto(KEY, CLUSTER, 2, THREE)
+        node2 = crypto(2, THREE)
         with caplog.at_level(logging.DEBUG, logger="pmxfs.transport"), \
                 raw_socket(addr(2)) as s:
             for _ in range(200):
                 s.sendto(b"garbage", (addr(1), port))
-            s.sendto(node2.seal(b"ok"), (addr(1), port))
+            s.sendto(node2.seal(b"ok", 1), (addr(1), port))
             await collect(ts[1], 1)
         assert ts[1].counters["bad_magic"] == 200
         records = [r for r in caplog.records if "bad_magic" in r.getMessage()]
@@ -277,7 +314,7 @@ async def test_a_restarted_node_is_accepted_at_once() -> None:
         for _run in range(3):
             node2 = await UdpTransport.open(node_id=2, addresses=two, port=port, mode="udpu",
                                             mcastaddr=None,
-                                            crypto=FrameCrypto(KEY, CLUSTER, 2, two))
+                                            crypto=crypto(2, two))
             with node2:
                 node2.send(1, b"hello")
             assert await collect(ts[1], 1) == [(2, b"hello")]
@@ -287,13 +324,13 @@ async def test_a_restarted_node_is_accepted_at_once() -> None:
 async def test_nodes_added_at_run_time() -> None:
     async with cluster(THREE, listening=(1, 2)) as (port, ts):
         t1 = ts[1]
-        newcomer = FrameCrypto(KEY, CLUSTER, 4, (*THREE, 4))
+        newcomer = crypto(4, (*THREE, 4))
         with raw_socket(addr(4)) as s:
-            s.sendto(newcomer.seal(b"early"), (addr(1), port))
+            s.sendto(newcomer.seal(b"early", 1), (addr(1), port))
             with trio.move_on_after(0.2):  # recv drops it (not in the nodelist yet) and waits on
                 await t1.recv()
             await t1.set_addresses({**THREE, 4: addr(4)})
-            s.sendto(newcomer.seal(b"welcome"), (addr(1), port))
+            s.sendto(newcomer.seal(b"welcome", 1), (addr(1), port))
             assert await collect(t1, 1) == [(4, b"welcome")]
         assert t1.counters["unknown_sender"] == 1
         with pytest.raises(ValueError, match="own address"):
@@ -301,25 +338,25 @@ async def test_nodes_added_at_run_time() -> None:
 
 
 async def test_open_checks_its_arguments() -> None:
-    crypto = FrameCrypto(KEY, CLUSTER, 1, THREE)
+    node1 = crypto(1, THREE)
     common = {"addresses": THREE, "port": 25405, "mcastaddr": None}
     with pytest.raises(ValueError, match="not in the address map"):
-        await UdpTransport.open(node_id=9, mode="udpu", crypto=crypto, **common)  # type: ignore[arg-type]
+        await UdpTransport.open(node_id=9, mode="udpu", crypto=node1, **common)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="belongs to node"):
-        await UdpTransport.open(node_id=2, mode="udpu", crypto=crypto, **common)  # type: ignore[arg-type]
+        await UdpTransport.open(node_id=2, mode="udpu", crypto=node1, **common)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown transport"):
-        await UdpTransport.open(node_id=1, mode="knet", crypto=crypto, **common)  # type: ignore[arg-type]
+        await UdpTransport.open(node_id=1, mode="knet", crypto=node1, **common)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="multicast address"):
-        await UdpTransport.open(node_id=1, mode="udp", crypto=crypto, **common)  # type: ignore[arg-type]
+        await UdpTransport.open(node_id=1, mode="udp", crypto=node1, **common)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a multicast address"):
         await UdpTransport.open(node_id=1, addresses=THREE, port=25405, mode="udp",
-                                mcastaddr="127.0.0.1", crypto=crypto)
+                                mcastaddr="127.0.0.1", crypto=node1)
     with pytest.raises(ValueError, match=r"is IPv6 but this node's address is IPv4"):
         await UdpTransport.open(node_id=1, addresses={1: addr(1), 2: "::1"}, port=25405,
-                                mode="udpu", mcastaddr=None, crypto=crypto)
+                                mode="udpu", mcastaddr=None, crypto=node1)
     with pytest.raises(TransportError, match="cannot bind") as info:  # not an address of ours
         await UdpTransport.open(node_id=1, addresses={1: "192.0.2.1", 2: addr(2)}, port=25405,
-                                mode="udpu", mcastaddr=None, crypto=crypto)
+                                mode="udpu", mcastaddr=None, crypto=node1)
     assert info.value.errno == errno.EADDRNOTAVAIL
 
 
@@ -328,7 +365,7 @@ async def test_bind_conflict_is_a_transport_error_with_errno() -> None:
         with pytest.raises(TransportError) as info:
             await UdpTransport.open(node_id=1, addresses={1: addr(1), 2: addr(2)}, port=port,
                                     mode="udpu", mcastaddr=None,
-                                    crypto=FrameCrypto(KEY, CLUSTER, 1, (1, 2)))
+                                    crypto=crypto(1, (1, 2)))
         assert info.value.errno == errno.EADDRINUSE
         assert str(info.value) == (f"cannot bind node address {addr(1)}:{port}: Address already "
                                    "in use")
@@ -392,7 +429,7 @@ def test_load_authkey_missing_or_not_a_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- network namespaces
 
 NODE_SCRIPT = r"""
-import json, sys, trio
+import json, secrets, sys, trio
 from pmxfs.runtime.frame_crypto import FrameCrypto
 from pmxfs.runtime.transport import UdpTransport
 
@@ -405,7 +442,8 @@ prv = ring[(ring.index(me) - 1) % len(ring)]
 want = {f"all:{n}" for n in ring if n != me} | {f"token:{prv}"}
 
 async def main():
-    crypto = FrameCrypto(bytes.fromhex(cfg["key"]), "nstest", me, nodes)
+    crypto = FrameCrypto(bytes.fromhex(cfg["key"]), "nstest", me, nodes,
+                         boot_id=secrets.token_bytes(8))
     t = await UdpTransport.open(node_id=me, addresses=nodes, port=cfg["port"], mode=cfg["mode"],
                                 mcastaddr=cfg["mcastaddr"], crypto=crypto)
     got, wrong, opts = set(), [], {}

@@ -15,6 +15,10 @@ Messages:
 * `CommitToken`    — circulates twice to commit a new ring; collects every member's old-ring state.
 * `MergeDetect`    — a representative's periodic "I exist", so healed partitions find each other.
 * `TokenHoldCancel`— asks the representative to release a held token: the sender has data.
+
+`Token` and `CommitToken` only ever travel from one node to the next (totem sends them with
+`Send(to=N)`); everything else goes to all. `unicast_only` tells the tokens from raw bytes, so the
+frame layer can refuse a token that was sealed for every node (see `frame_crypto`).
 """
 
 from __future__ import annotations
@@ -332,6 +336,29 @@ _DECODERS: dict[MessageType, Callable[[list[Any]], Message]] = {
     MessageType.MERGE_DETECT: _decode_merge,
     MessageType.TOKEN_HOLD_CANCEL: _decode_hold_cancel,
 }
+
+
+UNICAST_ONLY = frozenset({MessageType.TOKEN, MessageType.COMMIT_TOKEN})
+_KIND_PREFIX_BYTES = 5 + 9 + 9  # the longest array header and two longest msgpack integers
+
+
+def unicast_only(data: bytes) -> bool:
+    """Would `decode` read `data` as a message that is only sent to one node (a token)?
+
+    Reads just the array header and the first two elements, the way `decode` reads them (when
+    they are integers they fit in the first `_KIND_PREFIX_BYTES`), so every frame that decodes
+    to a `Token` or `CommitToken` answers True; anything else (other kinds, garbage) answers
+    False and is left to `decode`."""
+    unpacker = msgpack.Unpacker(raw=False)
+    try:
+        unpacker.feed(data[:_KIND_PREFIX_BYTES])
+        if unpacker.read_array_header() < 2:
+            return False
+        version, kind = unpacker.unpack(), unpacker.unpack()
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException):
+        return False
+    return (type(version) is int and version == PROTOCOL_VERSION
+            and type(kind) is int and kind in UNICAST_ONLY)
 
 
 def decode(data: bytes) -> Message:

@@ -3,12 +3,13 @@
 What goes on the wire
 ---------------------
 Each `Send` of the totem core becomes one UDP datagram per destination carrying one sealed frame
-(layout, key, nonce and replay window: see `pmxfs.runtime.frame_crypto`). A frame is sealed once
-per `send`, so "to all" costs one encryption whatever the number of nodes.
+(layout, keys, nonce, receiver binding and replay window: see `pmxfs.runtime.frame_crypto`). A
+frame names its receiver: `send(to=N)` seals it for node N, `send(to=None)` seals it once for
+every node (receiver 0), so "to all" costs one encryption whatever the number of nodes.
 
 * `udpu` (the default): every node binds one socket to its nodelist address and the cluster port.
   `send(to=None)` ("every configured node except me") loops over the nodelist with one unicast
-  each; `send(to=N)` is one unicast.
+  each, all carrying the same frame; `send(to=N)` is one unicast.
 * `udp`: the same unicast socket sends the token (`send(to=N)`) and sends `send(to=None)` as ONE
   datagram to `totem.mcastaddr:port`, out of the interface that holds the node's own address
   (IP_MULTICAST_IF), TTL/hop limit 1 (the ring never leaves the segment) and with
@@ -17,22 +18,27 @@ per `send`, so "to all" costs one encryption whatever the number of nodes.
   on that same interface and receives the multicast; binding it to the group (and turning
   IP_MULTICAST_ALL off) keeps frames of other groups joined on the host away from it.
 
-Receiving (`recv`) drops every datagram that is not an authentic, fresh frame from the nodelist
-address of the node it claims to come from, and counts why. The checks run cheapest first: header
-(magic, version, length), claimed sender in the nodelist, source IP equal to that sender's
-nodelist address (the source port is not compared), then authentication and the replay window.
-The address check runs before authentication on purpose: a copy of a real frame re-sent from
-elsewhere must not consume the counter in the replay window, or the genuine frame arriving a
-moment later would be refused as a replay.
+In both modes totem's tokens and commit tokens are always `send(to=N)`, so they are bound to
+their one receiver; `recv` refuses a token sealed for every node (`wire.unicast_only`), so a
+token can never be taken by a node it was not sent to.
+
+Receiving (`recv`) drops every datagram that is not an authentic, fresh frame for this node from
+the nodelist address of the node it claims to come from, and counts why. The checks run cheapest
+first: header (magic, version, length), claimed sender in the nodelist, receiver this node or
+all, source IP equal to that sender's nodelist address (the source port is not compared), then
+authentication, the token-for-all check and the replay window. The address check runs before
+authentication on purpose: a copy of a real frame re-sent from elsewhere must not consume the
+counter in the replay window, or the genuine frame arriving a moment later would be refused as a
+replay.
 
 Nothing from the network raises out of `recv` or `send`: `send` counts `send_failed` (ENOBUFS,
 EAGAIN, EHOSTUNREACH, ...) and `recv` counts and keeps waiting. Each drop reason is logged at
 WARNING at most once per `LOG_INTERVAL_S` (with how many were not logged), never per packet.
 
-`counters` (a fresh dict on each read) merges the crypto counters (`frames_sealed`,
-`frames_opened`, `bad_magic`, `bad_version`, `short`, `unknown_sender`, `self_sender`,
-`auth_failed`, `replay`) with the transport's own (`datagrams_sent`, `datagrams_received`,
-`address_mismatch`, `send_failed`, `recv_failed`).
+`counters` (a fresh dict on each read; `pmxfs debug transport` shows it) merges the crypto
+counters (`frames_sealed`, `frames_opened`, `bad_magic`, `bad_version`, `short`,
+`unknown_sender`, `self_sender`, `wrong_receiver`, `auth_failed`, `replay`) with the transport's
+own (`datagrams_sent`, `datagrams_received`, `address_mismatch`, `send_failed`, `recv_failed`).
 
 Local misuse raises: `ValueError` for inconsistent arguments (a node id missing from the address
 map, mixed address families, `send` to itself), `TransportError` (an OSError with a one-line
@@ -64,8 +70,10 @@ from typing import Any, Final, Literal
 
 import trio
 
+from pmxfs.core.wire import unicast_only
 from pmxfs.runtime.frame_crypto import (
     AUTHKEY_BYTES,
+    EVERY_NODE,
     MAX_AUTHKEY_BYTES,
     MIN_AUTHKEY_BYTES,
     FrameCrypto,
@@ -416,9 +424,9 @@ class UdpTransport:
             raise trio.ClosedResourceError("the transport is closed")
         if to is None:
             if self._mcast_to is not None:
-                self._sendto(self.crypto.seal(payload), self._mcast_to)
+                self._sendto(self.crypto.seal(payload, EVERY_NODE), self._mcast_to)
             elif self._others:
-                frame = self.crypto.seal(payload)
+                frame = self.crypto.seal(payload, EVERY_NODE)
                 for addr in self._others:
                     self._sendto(frame, addr.sockaddr)
             return
@@ -429,7 +437,7 @@ class UdpTransport:
             self._counters[SEND_FAILED] += 1
             self._log.note(SEND_FAILED, f"node {to} is not in the nodelist")
             return
-        self._sendto(self.crypto.seal(payload), peer.sockaddr)
+        self._sendto(self.crypto.seal(payload, to), peer.sockaddr)
 
     def _sendto(self, frame: bytes, sockaddr: SockAddr) -> None:
         try:
@@ -509,7 +517,7 @@ class UdpTransport:
                 self._log.note(ADDRESS_MISMATCH, f"a frame claiming node {sender} came from "
                                                  f"{_show(src)}")
                 return None
-            return self.crypto.open(data)
+            return self.crypto.open(data, unicast_only)
         except FrameDropped as exc:
             self._log.note(exc.reason, f"frame from {_show(src)} dropped")
             return None
