@@ -33,6 +33,7 @@ from pmxfs import cli
 from pmxfs.control_cli import check_status_shape
 from pmxfs.core.replica import Reply
 from pmxfs.runtime.ipc import (
+    MAX_CONNECTIONS,
     MAX_REQUEST_BYTES,
     ControlCounters,
     ControlError,
@@ -69,6 +70,13 @@ DEBUG: dict[str, dict[str, Any]] = {
         {"path": "/", "type": "dir", "size": 0, "version": 1, "writer": 0, "mtime": 0},
         {"path": "/corosync.conf", "type": "file", "size": 512, "version": 9, "writer": 1,
          "mtime": 1700000000},
+        *({"path": path, "type": kind, "size": 0, "version": 10 + i, "writer": 1,
+           "mtime": 1700000000} for i, (path, kind) in enumerate([
+               ("priv", "dir"), ("priv/authkey.key", "file"), ("priv/lock", "dir"),
+               ("priv/lock/qemu-server-100.conf", "dir"), ("nodes", "dir"),
+               ("nodes/pve1", "dir"), ("nodes/pve1/qemu-server", "dir"),
+               ("nodes/pve1/qemu-server/100.conf", "file"), ("nodes/pve1/priv", "dir"),
+               ("nodes/pve1/priv/ssh_known_hosts", "file"), ("nodes/privileged", "file")])),
     ]},
     "checksum": {"tree": "ab" * 32, "state": "cd" * 32, "version": 17, "synced": True},
 }
@@ -374,7 +382,7 @@ async def test_cli_debug(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> 
     assert lines[0].split() == ["TYPE", "SIZE", "VERSION", "WRITER", "MTIME", "PATH"]
     assert lines[2].split()[:4] == ["file", "512", "9", "1"]
     assert lines[2].endswith(" /corosync.conf")
-    assert lines[-1] == "2 entries"
+    assert lines[-1] == "13 entries"
     for topic, answer in DEBUG.items():
         code, out, err = await run_cli(capsys, daemon.run_dir, "debug", topic, "--json")
         assert (code, err, json.loads(out)) == (0, "", answer)
@@ -570,3 +578,98 @@ async def test_client_gone_before_the_error_answer(daemon: Daemon) -> None:
         await trio.testing.wait_all_tasks_blocked()
     assert (daemon.counters.garbage, daemon.counters.oversize) == (2, 1)
     assert await call(daemon.sock, "nodes") == NODES
+
+
+# names the mount hides from www-data (inside priv/ and nodes/*/priv/), and those it shows
+PRIVATE = {"priv/authkey.key", "priv/lock", "priv/lock/qemu-server-100.conf",
+           "nodes/pve1/priv/ssh_known_hosts"}
+
+
+@pytest.mark.root
+@needs_root_and_www_data
+async def test_www_data_sees_no_private_names(daemon: Daemon) -> None:
+    """FUSE gives priv/ and nodes/*/priv/ mode 0700: www-data cannot list them, so `debug tree`
+    must not list them either; root sees everything."""
+    www = www_data_gid()
+    assert www is not None
+    code, out, err = await run_cli_as(daemon.run_dir, "debug", "tree", "--json", uid=NOBODY,
+                                      gid=www)
+    assert (code, err) == (0, "")
+    shown = [e["path"] for e in json.loads(out)["entries"]]
+    everything = [e["path"] for e in DEBUG["tree"]["entries"]]
+    assert shown == [p for p in everything if p not in PRIVATE]
+    assert {"priv", "nodes/pve1/priv", "nodes/privileged"} <= set(shown)
+    assert await call(daemon.sock, "debug", topic="tree") == DEBUG["tree"]
+
+
+async def hold_connections(path: Path, count: int) -> list[trio.socket.SocketType]:
+    """`count` idle connections, each one taken in by the server before this returns."""
+    socks = []
+    for _ in range(count):
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(str(path))
+        socks.append(sock)
+    await trio.testing.wait_all_tasks_blocked()
+    return socks
+
+
+BUSY = {"ok": False, "error": f"too many connections to the daemon (at most {MAX_CONNECTIONS} "
+                              "at once); try again later"}
+
+
+async def test_connections_are_bounded(daemon: Daemon) -> None:
+    held = await hold_connections(daemon.sock, MAX_CONNECTIONS)
+    try:
+        assert await exchange(daemon.sock, frame({"cmd": "nodes"})) == [BUSY]
+        with pytest.raises(ControlError, match="too many connections"):
+            await call(daemon.sock, "nodes")
+        assert daemon.counters.busy == 2
+        held.pop().close()
+        await trio.testing.wait_all_tasks_blocked()
+        assert await call(daemon.sock, "nodes") == NODES
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.root
+@needs_root_and_www_data
+async def test_www_data_cannot_keep_root_out(daemon: Daemon) -> None:
+    """A www-data process that opens connection after connection gets refused beyond the bound,
+    and root is still served meanwhile."""
+    www = www_data_gid()
+    assert www is not None
+    report_r, report_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(report_r)
+            os.close(release_w)
+            os.setgroups([])
+            os.setgid(www)
+            os.setuid(NOBODY)
+            held = []
+            for _ in range(MAX_CONNECTIONS + 1):  # bounded: one more than the daemon allows
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(daemon.sock))
+                held.append(sock)
+            held[-1].settimeout(10)
+            os.write(report_w, held[-1].recv(4096))  # the refusal, then EOF
+            os.read(release_r, 1)  # keep the others open until the parent is done
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    os.close(release_r)
+    try:
+        answer = await trio.to_thread.run_sync(os.read, report_r, 4096)
+        assert msgpack.unpackb(answer[4:], raw=False) == BUSY
+        assert daemon.counters.busy == 1
+        assert await call(daemon.sock, "nodes") == NODES  # root has connections of its own
+    finally:
+        os.close(release_w)
+        os.close(report_r)
+        _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

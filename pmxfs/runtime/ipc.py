@@ -10,8 +10,16 @@ connection's peer is identified with SO_PEERCRED (pid, uid, gid):
 * uid 0 (or the daemon's own uid) may do everything;
 * a peer whose gid, or one of whose supplementary groups (the `Groups:` line of
   /proc/<pid>/status), is www-data may only read: `status`, `nodes` and the `debug` topics
-  other than `verify`;
+  other than `verify`. It sees what the mount shows it and no more: the mount gives private
+  directories (`priv/`, `nodes/<node>/priv/`) no group permissions, so www-data cannot list
+  them, and `debug tree` leaves out every entry inside one too (the other topics carry counters,
+  node names and checksums, no file names);
 * anyone else is refused: every request gets a "permission denied" answer.
+
+Each class of peer -- root (and the daemon's uid), everyone else -- may hold at most
+`MAX_CONNECTIONS` connections at once; one more is answered "too many connections" and closed
+at once (counted as `busy`). So a www-data process cannot use up the daemon's file descriptors,
+nor keep root out: root's connections are counted on their own.
 
 Framing
 -------
@@ -48,6 +56,7 @@ from typing import Any, TypeVar
 import msgpack
 import trio
 
+from pmxfs.core.memdb import mode_of
 from pmxfs.runtime.node_api import ControlNode
 
 log = logging.getLogger("pmxfs.ipc")
@@ -60,6 +69,7 @@ EXPECTED_TIMEOUT_S = 60.0
 IDLE_TIMEOUT_S = 30.0  # server side: a connection that sends nothing for this long is closed
 SEND_TIMEOUT_S = 10.0  # server side: a client that does not read its answer is dropped
 SOCKET_MODE = 0o660
+MAX_CONNECTIONS = 64  # open at once per class of peer: root, everyone else
 
 _HEADER = struct.Struct(">I")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -85,6 +95,7 @@ class ControlCounters:
     connections: int = 0
     requests: int = 0
     refused: int = 0  # requests refused for lack of permission
+    busy: int = 0  # connections refused because MAX_CONNECTIONS of that class were open
     garbage: int = 0  # truncated or undecodable frames, frames without a "cmd"
     oversize: int = 0  # frames announcing more than MAX_REQUEST_BYTES
     errors: int = 0  # unexpected exceptions (logged): a node call, an unencodable answer
@@ -167,7 +178,8 @@ class _Peer:
 
 
 class _BadFrame(Exception):
-    """The connection carries something that is not a request: answer (maybe) and close."""
+    """The connection cannot be served (not a request, or too many connections): answer
+    (maybe) and close."""
 
 
 class _Server:
@@ -177,20 +189,22 @@ class _Server:
         self.www_data_gid = www_data_gid
         self.counters = counters
         self.own_uid = os.geteuid()
+        self._open = {True: 0, False: 0}  # connections open now, by peer.may_write
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One connection (run by `trio.serve_listeners`, which closes the stream after)."""
         self.counters.connections += 1
         try:
             peer = self._peer(stream.socket)
-            while True:
-                request = None
-                with trio.move_on_after(IDLE_TIMEOUT_S):
-                    request = await self._receive(stream)
-                if request is None:  # closed, or idle for too long
-                    return
-                if not await _send(stream, await self._answer(peer, request)):
-                    return
+            if self._open[peer.may_write] >= MAX_CONNECTIONS:
+                self.counters.busy += 1
+                raise _BadFrame(f"too many connections to the daemon (at most "
+                                f"{MAX_CONNECTIONS} at once); try again later")
+            self._open[peer.may_write] += 1
+            try:
+                await self._requests(stream, peer)
+            finally:
+                self._open[peer.may_write] -= 1
         except _BadFrame as exc:
             await _send(stream, _frame(_error(str(exc))))
         except trio.BrokenResourceError:  # the client went away
@@ -198,6 +212,17 @@ class _Server:
         except Exception:  # never let one connection stop the server
             self.counters.errors += 1
             log.exception("control connection failed")
+
+    async def _requests(self, stream: trio.SocketStream, peer: _Peer) -> None:
+        """Answer requests until the client closes, idles too long or sends garbage."""
+        while True:
+            request = None
+            with trio.move_on_after(IDLE_TIMEOUT_S):
+                request = await self._receive(stream)
+            if request is None:  # closed, or idle for too long
+                return
+            if not await _send(stream, await self._answer(peer, request)):
+                return
 
     def _peer(self, sock: trio.socket.SocketType) -> _Peer:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -269,9 +294,10 @@ class _Server:
             if topic not in READ_TOPICS:
                 self._allow(peer, f"debug {topic}", write=True)
             try:
-                return self.node.debug(topic)
+                answer = self.node.debug(topic)
             except KeyError:
                 raise ControlError(f"unknown debug topic {topic!r}") from None
+            return answer if peer.may_write or topic != "tree" else _readable_tree(answer)
         if cmd == "expected":
             self._allow(peer, cmd, write=True)
             _expect_args(cmd, args, "votes")
@@ -303,6 +329,18 @@ class _Server:
                                "(group www-data may only read)")
         raise ControlError(f"permission denied: uid {peer.uid} may not use the control socket "
                            "(only root and group www-data)")
+
+
+def _readable_tree(answer: dict[str, Any]) -> dict[str, Any]:
+    """`debug tree` for www-data: without the entries the mount does not let it list."""
+    return {**answer, "entries": [e for e in answer["entries"] if _listable(e["path"])]}
+
+
+def _listable(path: str) -> bool:
+    """Is the entry at `path` in a directory the group (www-data) may list? The mount's own
+    rule: every entry's group is www-data, modes from `memdb.mode_of`."""
+    parent = path.strip("/").rpartition("/")[0]
+    return mode_of(parent, is_dir=True, quorate=True) & 0o050 == 0o050
 
 
 def _supplementary_groups(pid: int) -> set[int]:
