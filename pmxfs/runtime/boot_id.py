@@ -19,7 +19,8 @@ before any frame uses it).
 
 Why that orders runs: high(new) > high(last), so the new id is greater than the last id whatever
 the random bits are, and a clock set back does not matter. If the file was lost, the clock alone
-orders the run after those that started more than a second earlier.
+orders the run after earlier ones that started more than a second before it (and were not pushed
+ahead of the clock by restarts more frequent than once a second).
 
 Why that does not repeat:
 * a crash or power loss: the id is durable (file and directory entry) before it is used, so the
