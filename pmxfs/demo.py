@@ -291,20 +291,20 @@ def settle_network(plan: DemoPlan, port: int | None) -> tuple[DemoPlan, str]:
 def existing_network(root: Path) -> tuple[int, int] | None:
     """(port, subnet) of the demo whose configs are in `root`, if the first one is a valid
     demo config (`prepare` checks all of them)."""
-    for path in sorted(root.glob("node*/corosync.conf")):
-        try:
-            result = conf.check(path.read_text(), str(path))
-        except (OSError, UnicodeDecodeError):
-            return None
-        if result.config is None:
-            return None
-        infos = result.config.node_infos()
-        for subnet in SUBNETS:
-            if all((i.name, i.addr) == (f"node{i.nodeid}", node_address(i.nodeid, subnet))
-                   for i in infos):
-                return result.config.port, subnet
+    paths = sorted(root.glob("node*/corosync.conf"))
+    if not paths:
         return None
-    return None
+    try:
+        config = conf.check(paths[0].read_text(), str(paths[0])).config
+    except (OSError, UnicodeDecodeError):
+        return None
+    if config is None:
+        return None
+    infos = config.node_infos()
+    subnet = next((k for k in SUBNETS
+                   if all((i.name, i.addr) == (f"node{i.nodeid}", node_address(i.nodeid, k))
+                          for i in infos)), None)
+    return None if subnet is None else (config.port, subnet)
 
 
 def free_network(count: int, root: Path, ports: Sequence[int],
