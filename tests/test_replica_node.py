@@ -16,9 +16,9 @@ from pmxfs.core import conf
 from pmxfs.core.fsop import Mkdir, WriteFile
 from pmxfs.core.replica import MAX_PENDING
 from pmxfs.runtime import replica_node
-from pmxfs.runtime.database import Database
+from pmxfs.runtime.database import Database, DatabaseError
 from pmxfs.runtime.memory_transport import MemoryHub
-from pmxfs.runtime.replica_node import ROOM_TIMEOUT_S, ReplicaNode
+from pmxfs.runtime.replica_node import ROOM_TIMEOUT_S, NodeStopped, ReplicaNode
 from pmxfs.runtime.totem_node import RingSeqStore
 
 CONFIG = """totem {
@@ -47,6 +47,7 @@ class Cluster:
         self.config = config(count)
         self.nodes: dict[int, ReplicaNode] = {}
         self.databases: list[Database] = []
+        self.failures: dict[int, BaseException] = {}  # what a node's run() raised
         for node_id in range(1, count + 1):
             data_dir = tmp_path / f"node{node_id}"
             data_dir.mkdir()
@@ -58,7 +59,13 @@ class Cluster:
                 database=database, ring_seq_store=RingSeqStore(data_dir, node_id),
                 incarnation=node_id, data_dir=data_dir)
             self.nodes[node_id] = node
-            nursery.start_soon(node.run)
+            nursery.start_soon(self._run, node_id, node)
+
+    async def _run(self, node_id: int, node: ReplicaNode) -> None:
+        try:
+            await node.run()
+        except Exception as exc:
+            self.failures[node_id] = exc
 
     async def settled(self) -> None:
         """Until every node is in one synced, quorate ring (bounded by the caller's clock)."""
@@ -81,6 +88,7 @@ async def cluster(tmp_path: Path, nursery: trio.Nursery,
     yield c
     nursery.cancel_scope.cancel()
     c.close()
+    assert c.failures == {}
 
 
 async def test_a_write_beyond_the_pending_limit_waits_for_room_instead_of_failing(
@@ -118,3 +126,24 @@ async def test_an_invalid_name_is_refused_at_once_and_the_node_goes_on(cluster: 
     assert reply.errno == errno.EINVAL and "between 1 and 3" in reply.message
     assert (await node.write(Mkdir("good", 1))).errno == 0
     assert all(n.replica.counters.get("bad_messages", 0) == 0 for n in cluster.nodes.values())
+
+
+async def test_a_commit_that_fails_stops_the_node_and_nothing_after_it_happens(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database error met while a request (not the core loop) flushes the outputs: the request
+    fails, the node stops for good, and the write is acknowledged nowhere on this node."""
+    node = cluster.nodes[1]
+
+    def full(_: object) -> None:
+        raise DatabaseError(Path("config.db"), ["database or disk is full"])
+
+    monkeypatch.setattr(node.database, "commit", full)
+    with pytest.raises(NodeStopped):
+        await node.write(Mkdir("unwritten", 1))
+    with trio.fail_after(5):
+        while 1 not in cluster.failures:
+            await trio.sleep(0.05)
+    assert isinstance(cluster.failures.pop(1), DatabaseError)
+    with pytest.raises(NodeStopped):
+        await node.write(Mkdir("after", 1))
+    assert node.memdb.lookup("after") is None

@@ -871,25 +871,27 @@ class PmxfsOperations(pyfuse3.Operations):
 
     async def _commit(self, handle: _Writer, *, final: bool) -> None:
         """Send what the open file holds when its writes changed it since the last commit, or,
-        when `final` (release, fsync), when only its O_TRUNC is pending (module header)."""
-        async with handle.lock:
-            _fail(handle.error)
-            if not (handle.dirty or (final and handle.truncation)):
-                return
-            handle.dirty = handle.truncation = False
-            data = bytes(handle.data)
-            self._committing[handle.inode] = self._committing.get(handle.inode, 0) + 1
-            try:
-                await self._send_content(handle, data)
-            except pyfuse3.FUSEError as exc:
-                handle.error = exc.errno
-                raise
-            finally:
-                self._committing[handle.inode] -= 1
-                if not self._committing[handle.inode]:
-                    del self._committing[handle.inode]
-                self._commit_done.set()
-                self._commit_done = trio.Event()
+        when `final` (release, fsync), when only its O_TRUNC is pending (module header).
+        The commit counts as in flight from the first instant, before any checkpoint: an open
+        that the kernel queued behind a release must find it (`_commits_settled`)."""
+        self._committing[handle.inode] = self._committing.get(handle.inode, 0) + 1
+        try:
+            async with handle.lock:
+                _fail(handle.error)
+                if not (handle.dirty or (final and handle.truncation)):
+                    return
+                handle.dirty = handle.truncation = False
+                try:
+                    await self._send_content(handle, bytes(handle.data))
+                except pyfuse3.FUSEError as exc:
+                    handle.error = exc.errno
+                    raise
+        finally:
+            self._committing[handle.inode] -= 1
+            if not self._committing[handle.inode]:
+                del self._committing[handle.inode]
+            self._commit_done.set()
+            self._commit_done = trio.Event()
 
     async def _send_content(self, handle: _Writer, data: bytes) -> None:
         if handle.inode == FIXED_INODES[DEBUG_FILE]:

@@ -12,8 +12,11 @@ their order:
 * `Invalidate`/`QuorumChanged` → the FUSE layer drops stale kernel caches;
 * `ConfigChanged` → the local corosync.conf is rewritten atomically, and `status`, `nodes` and
   `.members` show the new config (name, config_version, nodelist, votes) from then on.
-A database that cannot commit stops the node (`DatabaseError` propagates): acknowledging writes
-that are not on disk would break the one promise the node makes.
+An output that cannot be carried out (a database that cannot commit, above all) stops the node:
+acknowledging writes that are not on disk would break the one promise the node makes. Whoever
+drove the core at that moment -- the core loop, or a FUSE or control request that flushed --
+gets `NodeStopped`, every later call too, and `run()` raises the original error, so the daemon
+stops (leaving its mount dead) instead of answering from a replica that went on without it.
 
 The node also answers the FUSE layer (`FsNode`) and the control socket (`ControlNode`).
 """
@@ -40,6 +43,7 @@ from pmxfs.core.replica import (
     DEFAULT_VERIFY_INTERVAL_MS,
     ConfigChanged,
     Invalidate,
+    Output,
     QuorumChanged,
     Replica,
     Reply,
@@ -70,6 +74,10 @@ NODE_DIRS = ("qemu-server", "lxc", "priv")
 # How long a write waits for room among the replica's pending proposals before it is answered
 # EAGAIN: back-pressure blocks writers instead of failing them, but not for ever.
 ROOM_TIMEOUT_S = 30.0
+
+
+class NodeStopped(Exception):
+    """The node could not carry out an output of its replica and stopped (module header)."""
 
 
 @dataclass
@@ -109,6 +117,8 @@ class ReplicaNode:
         self._invalidator: Invalidator = lambda paths, everything: None
         self._waiters: dict[int, _Waiter] = {}
         self._room = trio.Event()  # set (and replaced) whenever a reply frees a pending slot
+        self._failure: Exception | None = None  # the output that could not be carried out
+        self._failed = trio.Event()
         self._next_request = 0
         self._members_version = 0
         self._vmlist_version = 0
@@ -147,6 +157,7 @@ class ReplicaNode:
         self._invalidator = invalidator
 
     async def write(self, op: FsOp) -> Reply:
+        self._check_running()
         with trio.move_on_after(ROOM_TIMEOUT_S):
             while self.replica.full():
                 await self._room.wait()
@@ -262,9 +273,22 @@ class ReplicaNode:
     # ------------------------------------------------------------------ running
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.loop.run, self.replica)
-            nursery.start_soon(self._first_start_setup)
+        """Drive the replica until cancelled; raises the error of an output that could not be
+        carried out (module header)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.loop.run, self.replica)
+                nursery.start_soon(self._first_start_setup)
+                await self._failed.wait()
+                nursery.cancel_scope.cancel()
+        except* NodeStopped:
+            pass  # the tasks that met the stopped node afterwards: the failure is raised below
+        if self._failure is not None:
+            raise self._failure
+
+    def _check_running(self) -> None:
+        if self._failure is not None:
+            raise NodeStopped(f"the node stopped: {self._failure}") from self._failure
 
     async def _first_start_setup(self) -> None:
         """Once this node can write: nodes/<me>/{qemu-server,lxc,priv}, and the cluster's
@@ -291,7 +315,20 @@ class ReplicaNode:
     # ------------------------------------------------------------------ outputs
 
     def _flush(self) -> None:
-        for out in self.replica.drain():
+        self._check_running()
+        try:
+            self._carry_out(self.replica.drain())
+        except Exception as exc:
+            log.exception("cannot carry out the replica's outputs; stopping the node")
+            self._failure = exc
+            self._failed.set()
+            raise NodeStopped(f"the node stopped: {exc}") from exc
+        if self.replica.synced():
+            self.synced_once.set()
+        self.loop.deadline_changed(self.replica.next_deadline())
+
+    def _carry_out(self, outputs: list[Output]) -> None:
+        for out in outputs:
             if isinstance(out, Send):
                 self.transport.send(out.to, out.data)
             elif isinstance(out, PersistRingSeq):
@@ -318,9 +355,6 @@ class ReplicaNode:
             elif isinstance(out, ConfigChanged):
                 self._take_config(out.text)
                 self._write_local_config(out.text)
-        if self.replica.synced():
-            self.synced_once.set()
-        self.loop.deadline_changed(self.replica.next_deadline())
 
     def _on_invalidate(self, inv: Invalidate) -> None:
         if inv.everything:
