@@ -12,7 +12,7 @@ answered; the text forms are rendered here (`status` with `pmxfs.core.quorum.ren
 No daemon listening: `pmxfs: no daemon at <socket> (is pmxfs running?)`, exit 2. A refusal or any
 other failure: `pmxfs: <reason>`, exit 1.
 
-`check_status_shape` checks an answer of `status` against DESIGN.md §6 (exact keys and types); the
+`check_status_shape` checks an answer of `status` against docs/cli.md (exact keys and types); the
 text form uses it before rendering, and tests of the daemon reuse it.
 """
 
@@ -41,7 +41,7 @@ PRIORITY_NAMES = PRIORITIES | {"panic": 0, "error": 3, "warn": 4}  # logger(1) a
 Action: TypeAlias = Callable[[argparse.Namespace, Path], int]
 
 # --------------------------------------------------------------------------------------------
-# The shape of `status --json` (DESIGN.md §6)
+# The shape of `status --json` (docs/cli.md)
 
 # A shape: a type (int excludes bool), a set of allowed strings, [shape] for a list of them, or
 # a dict of exactly these keys.
@@ -60,7 +60,7 @@ NODES_SHAPE: Shape = [{"nodeid": int, "votes": int, "name": str, "local": bool, 
 
 
 def check_status_shape(obj: object) -> list[str]:
-    """What is wrong with `obj` as an answer of `status` (DESIGN.md §6); empty when nothing."""
+    """What is wrong with `obj` as an answer of `status` (docs/cli.md); empty when nothing."""
     return list(_shape_problems(obj, STATUS_SHAPE, "status"))
 
 

@@ -500,7 +500,7 @@ def test_unknown_content_is_rendered_back_in_place() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Defaults and derived timers (DESIGN.md §2), through totem_params -> derive_params
+# Defaults and derived timers (docs/design.md §2), through totem_params -> derive_params
 
 TIMER_ROWS = [
     ("1 node, defaults", 1, "", (3000, 714, 561, 3600)),

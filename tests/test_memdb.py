@@ -3,7 +3,7 @@
 1. The op table: one row per rule and errno. Each row builds a small tree through `apply`, applies
    one op and checks the errno; a failing row also checks that nothing changed at all.
 2. Rows, versions, queries, vmlist, locks and the lock-expiry timeline.
-3. mode_of (DESIGN.md §4) and check_tree: one row per kind of corruption.
+3. mode_of (docs/tree-rules.md) and check_tree: one row per kind of corruption.
 4. A property test: random op sequences on a small colliding path alphabet, applied to MemDB and
    to a reference model written here from the rules, compared after every op.
 """

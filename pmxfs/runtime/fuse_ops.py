@@ -14,9 +14,9 @@ the new object it compares every inode the kernel holds: one whose row now has a
 or type is stale -- ESTALE for every request on it -- until a lookup hands it out again with a new
 generation, which makes the kernel retire the old inode (its open files then fail with EIO).
 
-Attributes (DESIGN.md §4). Owner root, group `gid`; permission bits from `memdb.mode_of` (write
-bits dropped without quorum); directories have nlink 2 and size 0, files nlink 1 and their real
-size; st_blocks counts 512-byte blocks; every time is the entry's mtime. The symlinks are
+Attributes (docs/tree-rules.md). Owner root, group `gid`; permission bits from `memdb.mode_of`
+(write bits dropped without quorum); directories have nlink 2 and size 0, files nlink 1 and their
+real size; st_blocks counts 512-byte blocks; every time is the entry's mtime. The symlinks are
 lrwxr-xr-x (lr-xr-xr-x without quorum) with relative targets as pmxcfs (`local` ->
 `nodes/<node>`, `qemu-server` -> `nodes/<node>/qemu-server`, ...) and carry the root's mtime. The
 virtual files are r--r----- (0440) and `.debug` rw-r----- (0640) whatever the quorum, because a

@@ -49,7 +49,7 @@ class FsNode(Protocol):
 
 class ControlNode(Protocol):
     def status(self) -> dict[str, Any]:
-        """`pmxfs status --json` (DESIGN.md §6)."""
+        """`pmxfs status --json` (docs/cli.md)."""
 
     def nodes(self) -> list[dict[str, Any]]:
         """`pmxfs nodes --json`: one {"nodeid", "votes", "name", "local", "online"} per node of
