@@ -50,7 +50,7 @@ from pmxfs.runtime.fuse_ops import MOUNT_OPTIONS, PmxfsOperations
 from pmxfs.runtime.ipc import serve_control
 from pmxfs.runtime.memory_transport import MemoryHub
 from pmxfs.runtime.replica_node import ReplicaNode
-from pmxfs.runtime.totem_node import RingSeqFileError, RingSeqStore
+from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
 from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
 
 log = logging.getLogger("pmxfs")

@@ -30,7 +30,8 @@ from pmxfs.core import conf
 from pmxfs.core.totem import ConfChange, Deliver, Stable
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
 from pmxfs.runtime.frame_crypto import FrameCrypto
-from pmxfs.runtime.totem_node import RingSeqFileError, RingSeqStore, TotemNode
+from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
+from pmxfs.runtime.totem_node import TotemNode
 from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
 
 DEFAULT_DATA_DIR = "/var/lib/pmxfs"

@@ -1,14 +1,15 @@
 """`pmxfs keygen [PATH] [--force]`: write a new cluster authkey (256 random bytes, mode 0400).
 
 Every node of a cluster needs the same authkey: the frame key is derived from it and the cluster
-name (see `pmxfs.runtime.frame_crypto`). The file is written atomically, so a reader never sees a
-partial key and a crash never leaves one behind: the bytes go to a temporary file in the target
-directory, created with mode 0400, which is fsynced and then linked (or, with --force, renamed)
-into place; the directory is fsynced after. Missing directories above PATH are created with mode
-0700, and `keygen` says so on stderr (`pmxfs keygen: created directory DIR (mode 0700)`).
-Without --force an existing PATH is left alone -- also when it appears between the check and the
-final step, because the temporary file is hard-linked to PATH, which fails if PATH exists (on a file
-system without hard links it falls back to rename after the check).
+name (see `pmxfs.runtime.frame_crypto`). The file is written atomically (runtime/durable_file.py),
+so a reader never sees a partial key and a crash never leaves one behind: the bytes go to a
+temporary file in the target directory, created with mode 0400, which is fsynced and then linked
+(or, with --force, renamed) into place; the directory is fsynced after. Missing directories
+above PATH are created with mode 0700, and `keygen` says so on stderr
+(`pmxfs keygen: created directory DIR (mode 0700)`). Without --force an existing PATH is left
+alone -- also when it appears between the check and the final step, because the temporary file
+is hard-linked to PATH, which fails if PATH exists (on a file system without hard links it
+falls back to rename after the check).
 
 Success prints PATH on stdout, exit 0. User errors (PATH exists, permission denied, ...) print one
 line `pmxfs: reason` on stderr, exit 1; no tracebacks.
@@ -17,12 +18,11 @@ line `pmxfs: reason` on stderr, exit 1; no tracebacks.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import os
 import secrets
 import sys
 
+from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.frame_crypto import AUTHKEY_BYTES
 
 DEFAULT_AUTHKEY_PATH = "/etc/pmxfs/authkey"
@@ -81,17 +81,11 @@ def write_authkey(path: str | os.PathLike[str], *, force: bool = False) -> list[
         raise KeygenError(f"{name} exists (use --force to replace it)")
     created = _make_directories(parent)
     try:
-        tmp = _write_temp(parent, secrets.token_bytes(AUTHKEY_BYTES))
+        write_file(name, secrets.token_bytes(AUTHKEY_BYTES), mode=0o400, replace=force)
+    except FileExistsError:
+        raise KeygenError(f"{name} exists (use --force to replace it)") from None
     except OSError as exc:
         raise KeygenError(f"cannot write {name}: {exc.strerror or exc}") from None
-    try:
-        _install(tmp, name, force)
-        _fsync_dir(parent)
-    except OSError as exc:
-        raise KeygenError(f"cannot write {name}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return created
 
 
@@ -110,54 +104,3 @@ def _make_directories(directory: str) -> list[str]:
             raise KeygenError(f"cannot create directory {path}: {exc.strerror or exc}") from None
         created.append(path)
     return created
-
-
-def _write_temp(directory: str, key: bytes) -> str:
-    """A new file in `directory` holding `key`, mode 0400, fsynced; returns its path."""
-    for _ in range(100):  # a name clash with another writer is retried, a bounded number of times
-        tmp = os.path.join(directory, f".authkey.{secrets.token_hex(8)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
-        except FileExistsError:
-            continue
-        try:
-            os.fchmod(fd, 0o400)  # whatever the umask
-            view = memoryview(key)
-            while view:  # each write makes progress or raises
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        return tmp
-    raise OSError(errno.EEXIST, "cannot pick a temporary file name")
-
-
-def _install(tmp: str, name: str, force: bool) -> None:
-    if force:
-        os.replace(tmp, name)
-        return
-    try:
-        os.link(tmp, name)  # fails with EEXIST if `name` appeared meanwhile
-    except FileExistsError:
-        raise KeygenError(f"{name} exists (use --force to replace it)") from None
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
-                             errno.EXDEV):
-            raise
-        if os.path.lexists(name):  # no hard links here: check, then rename
-            raise KeygenError(f"{name} exists (use --force to replace it)") from None
-        os.replace(tmp, name)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:  # some file systems cannot fsync a directory
-            raise
-    finally:
-        os.close(fd)

@@ -13,6 +13,7 @@ import pytest
 
 from pmxfs import keygen
 from pmxfs.cli import main
+from pmxfs.runtime import durable_file
 from pmxfs.runtime.transport import load_authkey
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,14 +138,14 @@ def test_race_with_another_writer_is_not_overwritten(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """PATH appearing between the existence check and the final step is still not replaced."""
     key = tmp_path / "authkey"
-    real = keygen._write_temp
+    real = durable_file._write_temporary
 
-    def write_then_race(directory: str, data: bytes) -> str:
-        tmp = real(directory, data)
+    def write_then_race(target: Path, data: bytes, mode: int) -> Path:
+        tmp = real(target, data, mode)
         key.write_bytes(b"the other writer's key")
         return tmp
 
-    monkeypatch.setattr(keygen, "_write_temp", write_then_race)
+    monkeypatch.setattr(durable_file, "_write_temporary", write_then_race)
     with pytest.raises(keygen.KeygenError, match="exists"):
         keygen.write_authkey(key)
     assert key.read_bytes() == b"the other writer's key"

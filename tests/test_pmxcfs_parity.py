@@ -33,7 +33,7 @@ from pmxfs.core.fsop import Mkdir, SetMtime, UnlockRequest, WriteFile
 from pmxfs.runtime.database import Database
 from pmxfs.runtime.memory_transport import MemoryHub
 from pmxfs.runtime.replica_node import ReplicaNode
-from pmxfs.runtime.totem_node import RingSeqStore
+from pmxfs.runtime.ring_seq import RingSeqStore
 from pmxfs.sim.replica_sim import ReplicaCluster
 from pmxfs.sim.totem_sim import sim_params
 

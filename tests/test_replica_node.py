@@ -19,7 +19,7 @@ from pmxfs.runtime import replica_node
 from pmxfs.runtime.database import Database, DatabaseError
 from pmxfs.runtime.memory_transport import MemoryHub
 from pmxfs.runtime.replica_node import ROOM_TIMEOUT_S, NodeStopped, ReplicaNode
-from pmxfs.runtime.totem_node import RingSeqStore
+from pmxfs.runtime.ring_seq import RingSeqStore
 
 CONFIG = """totem {
   version: 2

@@ -17,7 +17,8 @@ import trio.testing
 from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver, State
 from pmxfs.core.totem_params import derive_params
 from pmxfs.runtime.memory_transport import MemoryHub
-from pmxfs.runtime.totem_node import RingSeqFileError, RingSeqStore, TotemNode
+from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
+from pmxfs.runtime.totem_node import TotemNode
 
 NODES = (1, 2, 3)
 

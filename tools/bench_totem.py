@@ -36,7 +36,8 @@ from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver
 from pmxfs.core.totem_params import derive_params
 from pmxfs.runtime.boot_id import next_boot_id
 from pmxfs.runtime.frame_crypto import FrameCrypto
-from pmxfs.runtime.totem_node import RingSeqStore, TotemNode
+from pmxfs.runtime.ring_seq import RingSeqStore
+from pmxfs.runtime.totem_node import TotemNode
 from pmxfs.runtime.transport import UdpTransport
 
 NODES = (1, 2, 3)

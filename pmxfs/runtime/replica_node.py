@@ -65,8 +65,9 @@ from pmxfs.core.totem import ConfChange, ConfChangeKind, PersistRingSeq, Send
 from pmxfs.core.totem_params import TotemParams
 from pmxfs.runtime.core_loop import CoreLoop, FrameTransport
 from pmxfs.runtime.database import Database
+from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.node_api import Invalidator
-from pmxfs.runtime.totem_node import RingSeqStore
+from pmxfs.runtime.ring_seq import RingSeqStore
 
 log = logging.getLogger("pmxfs")
 
@@ -378,7 +379,7 @@ class ReplicaNode:
         for path, data in lost.files:
             target = base / path
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(target, data)
+            write_file(target, data, mode=0o600)  # it may be a copy of a private file
         log.warning("saved %d file(s) replaced by a sync under %s", len(lost.files), base)
 
     def _take_config(self, text: str) -> None:
@@ -399,7 +400,7 @@ class ReplicaNode:
         except OSError:
             current = None
         if current != text:
-            _write_atomically(self.config_path, text.encode("utf-8"))
+            write_file(self.config_path, text.encode("utf-8"))
             log.info("took a new corosync.conf from the cluster into %s", self.config_path)
 
     # ------------------------------------------------------------------ helpers
@@ -431,13 +432,3 @@ class ReplicaNode:
             del self._waiters[request]
         assert waiter.reply is not None
         return waiter.reply
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-

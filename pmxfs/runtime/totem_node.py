@@ -14,10 +14,8 @@ core has sent something, instead of growing a queue of its own.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
@@ -33,48 +31,9 @@ from pmxfs.core.totem import (
 )
 from pmxfs.core.totem_params import TotemParams
 from pmxfs.runtime.core_loop import CoreLoop, FrameTransport
+from pmxfs.runtime.ring_seq import RingSeqStore
 
 Event = Deliver | ConfChange | Stable
-
-
-class RingSeqFileError(Exception):
-    """The persisted ring seq file exists but cannot be read or trusted."""
-
-
-class RingSeqStore:
-    """`<data dir>/ringid_<nodeid>`: the highest ring seq this node has seen, as decimal text.
-
-    Written atomically (temporary file, fsync, rename, fsync of the directory) so a crash leaves
-    either the old or the new value, and a restarted node never reuses a ring id.
-    """
-
-    def __init__(self, data_dir: str | os.PathLike[str], node_id: int) -> None:
-        self.path = Path(data_dir) / f"ringid_{node_id}"
-
-    def load(self) -> int:
-        try:
-            text = self.path.read_text(encoding="ascii")
-        except FileNotFoundError:
-            return 0
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RingSeqFileError(f"cannot read {self.path}: {exc}") from None
-        if not text.strip().isdigit():
-            raise RingSeqFileError(f"{self.path} does not hold a ring seq: {text[:40]!r}")
-        return int(text)
-
-    def store(self, ring_seq: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="ascii") as f:
-            f.write(f"{ring_seq}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 @dataclass(frozen=True)
