@@ -337,7 +337,7 @@ def log_entry(uid: int, time: int, msg: str, node: str = "node1") -> LogEntry:
 
 
 def test_clusterlog_empty() -> None:
-    check(render_clusterlog(ClusterLog()), '{\n  "data": []\n}\n', {"data": []})
+    check(render_clusterlog(ClusterLog().newest()), '{\n  "data": []\n}\n', {"data": []})
 
 
 def test_clusterlog_newest_first() -> None:
@@ -345,7 +345,7 @@ def test_clusterlog_newest_first() -> None:
     log.merge([log_entry(1, 1700000000, "starting cluster log"),
                log_entry(7, 1700000005, 'vm "100" → started', node="node2")])
     check(
-        render_clusterlog(log),
+        render_clusterlog(log.newest()),
         '{\n'
         '  "data": [\n'
         '    {"uid": 7, "time": 1700000005, "pri": 6, "tag": "cluster", "pid": 1234,'
@@ -366,9 +366,9 @@ def test_clusterlog_newest_first() -> None:
 def test_clusterlog_shows_the_newest_50() -> None:
     log = ClusterLog()
     log.merge(log_entry(i, 1000 + i, f"m{i}") for i in range(80))
-    doc = json.loads(render_clusterlog(log))
+    doc = json.loads(render_clusterlog(log.newest()))
     assert [d["uid"] for d in doc["data"]] == list(range(79, 29, -1))
-    assert render_clusterlog(log).count(b"\n") == 50 + 4
+    assert render_clusterlog(log.newest()).count(b"\n") == 50 + 4
 
 
 # -------------------------------------------------------------------------------- .debug

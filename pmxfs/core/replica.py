@@ -64,7 +64,7 @@ from enum import Enum
 
 import msgpack
 
-from pmxfs.core.clusterlog import ClusterLog, LogWriter
+from pmxfs.core.clusterlog import ClusterLog, LogEntry, LogWriter
 from pmxfs.core.conf import ClusterConfig
 from pmxfs.core.conf import check as check_config
 from pmxfs.core.entry import Entry, EntryType
@@ -101,6 +101,7 @@ from pmxfs.core.totem import (
     PersistRingSeq,
     Send,
     Totem,
+    TotemStatus,
 )
 from pmxfs.core.totem_params import TotemParams
 from pmxfs.core.wire import ProtocolError, RingId
@@ -212,6 +213,24 @@ class SyncCompleted:
 
 
 ReplicaEvent = OpDecided | StateTaken | SyncCompleted
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """A replica at one moment, as the node reports it (status, nodes, `.members`,
+    `.clusterlog`, debug topics): all the runtime reads of a replica besides its tree."""
+
+    ring: RingId  # the ring of the last regular configuration
+    members: tuple[int, ...]  # that ring's members
+    mode: Mode  # SYNCING until the ring's sync completed
+    quorum: QuorumStatus  # the agreed votequorum state
+    totem: TotemStatus  # membership state, seq/aru, totem counters
+    counters: dict[str, int]  # the replica's own counters (a copy)
+    recent_log: tuple[LogEntry, ...]  # the newest cluster log entries, newest first
+
+    @property
+    def synced(self) -> bool:
+        return self.mode is Mode.SYNCED
 
 
 @dataclass(frozen=True)
@@ -406,6 +425,11 @@ class Replica:
 
     def writable(self) -> bool:
         return self.quorum.status().quorate
+
+    def status(self) -> ReplicaStatus:
+        return ReplicaStatus(self.ring, self.members, self.mode, self.quorum.status(),
+                             self.totem.status(), dict(self.counters),
+                             tuple(self.log_buffer.newest()))
 
     def full(self) -> bool:
         """Whether MAX_PENDING proposals wait for answers: `propose` would answer EAGAIN."""

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
-from pmxfs.core.clusterlog import JSON_ENTRIES, ClusterLog
+from pmxfs.core.clusterlog import JSON_ENTRIES, LogEntry
 
 VIRTUAL_FILES = (".members", ".vmlist", ".version", ".clusterlog", ".debug", ".rrd")
 
@@ -207,9 +207,9 @@ def render_version(
 # ----------------------------------------------------------------- .clusterlog and .debug
 
 
-def render_clusterlog(log: ClusterLog) -> bytes:
-    """`.clusterlog`: the newest 50 entries, newest first."""
-    return render_json(log.to_json(JSON_ENTRIES))
+def render_clusterlog(newest: Sequence[LogEntry]) -> bytes:
+    """`.clusterlog`: the newest entries (50 at most), newest first."""
+    return render_json({"data": [e.to_json() for e in newest[:JSON_ENTRIES]]})
 
 
 def render_debug(enabled: bool) -> bytes:

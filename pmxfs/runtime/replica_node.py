@@ -194,7 +194,7 @@ class ReplicaNode:
             return render_version(self.started_at, self._members_version,
                                   self._vmlist_version, self._counters, self._name)
         if name == ".clusterlog":
-            return render_clusterlog(self.replica.log_buffer)
+            return render_clusterlog(self.replica.status().recent_log)
         if name == ".debug":
             return render_debug(self.debug_enabled)
         if name == ".rrd":
@@ -208,9 +208,10 @@ class ReplicaNode:
     # ------------------------------------------------------------------ ControlNode
 
     def status(self) -> dict[str, Any]:
-        q = self.replica.quorum.status()
+        now = self.replica.status()
+        q = now.quorum
         votes = dict(q.member_votes)
-        ring = self.replica.ring
+        ring = now.ring
         return {
             "cluster": {"name": self.config.cluster_name,
                         "config_version": self.config.config_version,
@@ -223,13 +224,13 @@ class ReplicaNode:
                 "ring_id": f"{ring.rep}.{ring.seq}",
                 "members": [{"nodeid": m, "name": self._names().get(m, str(m)),
                              "votes": votes.get(m, 0), "local": m == self.node_id}
-                            for m in self.replica.members],
+                            for m in now.members],
             },
-            "fs": {"synced": self.replica.synced(), "version": self.memdb.version},
+            "fs": {"synced": now.synced, "version": self.memdb.version},
         }
 
     def nodes(self) -> list[dict[str, Any]]:
-        online = set(self.replica.members)
+        online = set(self.replica.status().members)
         return [{"nodeid": i.nodeid, "votes": i.votes, "name": i.name,
                  "local": i.nodeid == self.node_id, "online": i.nodeid in online}
                 for i in self.infos]
@@ -244,8 +245,9 @@ class ReplicaNode:
         self._flush()
 
     def debug(self, topic: str) -> dict[str, Any]:
+        now = self.replica.status()
         if topic == "ring":
-            st = self.replica.totem.status()
+            st = now.totem
             return {"node_id": st.node_id, "state": st.state.value,
                     "ring_id": f"{st.ring_id.rep}.{st.ring_id.seq}", "members": list(st.members),
                     "seq": st.seq, "aru": st.aru, "pending_messages": st.pending_messages,
@@ -253,7 +255,7 @@ class ReplicaNode:
         if topic == "transport":
             return dict(self.transport.counters)
         if topic == "quorum":
-            return self.replica.quorum.status().to_json()
+            return now.quorum.to_json()
         if topic == "tree":
             return {"entries": [
                 {"path": self.memdb.path_of(e.inode), "type": "dir" if e.is_dir else "file",
@@ -262,9 +264,8 @@ class ReplicaNode:
         if topic == "checksum":
             return {"tree": self.memdb.checksum().hex(),
                     "state": self.replica.state_checksum().hex(),
-                    "version": self.memdb.version, "synced": self.replica.synced(),
-                    "replica": {"mode": self.replica.mode.value,
-                                "counters": dict(self.replica.counters)}}
+                    "version": self.memdb.version, "synced": now.synced,
+                    "replica": {"mode": now.mode.value, "counters": now.counters}}
         if topic == "verify":
             self.replica.verify_now(self.now())
             self._flush()
@@ -416,7 +417,7 @@ class ReplicaNode:
         return ClusterInfo(
             name=self.config.cluster_name, config_version=self.config.config_version,
             nodes=[MemberNode(i.name, i.nodeid, i.addr) for i in self.infos],
-            online=set(self.replica.members), quorate=self.replica.writable())
+            online=set(self.replica.status().members), quorate=self.replica.writable())
 
     def _new_request(self) -> int:
         self._next_request += 1
