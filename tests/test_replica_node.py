@@ -102,7 +102,8 @@ async def test_a_write_beyond_the_pending_limit_waits_for_room_instead_of_failin
     assert reply.errno == 0
     for other in cluster.nodes.values():
         entry = other.memdb.lookup("after")
-        assert entry is not None and entry.data == b"waited"
+        assert entry is not None
+        assert entry.data == b"waited"
 
 
 async def test_back_pressure_is_bounded(cluster: Cluster,
@@ -123,7 +124,8 @@ async def test_an_invalid_name_is_refused_at_once_and_the_node_goes_on(cluster: 
         assert (await node.write(Mkdir("bad\udcffname", 1))).errno == errno.EINVAL
         assert (await node.write(Mkdir("x" * 4097, 1))).errno == errno.ENAMETOOLONG
         reply = await node.set_expected(-1)
-    assert reply.errno == errno.EINVAL and "between 1 and 3" in reply.message
+    assert reply.errno == errno.EINVAL
+    assert "between 1 and 3" in reply.message
     assert (await node.write(Mkdir("good", 1))).errno == 0
     assert all(n.replica.counters.get("bad_messages", 0) == 0 for n in cluster.nodes.values())
 
@@ -147,3 +149,29 @@ async def test_a_commit_that_fails_stops_the_node_and_nothing_after_it_happens(
     with pytest.raises(NodeStopped):
         await node.write(Mkdir("after", 1))
     assert node.memdb.lookup("after") is None
+
+
+async def test_a_write_is_on_every_members_disk_before_its_reply(cluster: Cluster) -> None:
+    reply = await cluster.nodes[2].write(WriteFile("durable", b"on disk", 1, create=True))
+    assert reply.errno == 0
+    for database in cluster.databases:  # what each node would load after a power loss
+        rows = database.load().entries
+        assert any(e.name == "durable" and e.data == b"on disk" for e in rows)
+
+
+async def test_the_writers_cache_is_invalidated_before_its_write_returns(
+        cluster: Cluster) -> None:
+    """`echo new > f; cat f` on the writing node: the kernel's cache of f must be queued for
+    invalidation before the write is answered, and only after the change is on disk."""
+    node = cluster.nodes[1]
+    seen: list[tuple[tuple[str, ...], bool]] = []
+
+    def invalidator(paths: tuple[str, ...], everything: bool) -> None:
+        on_disk = any(e.name == "cached" for e in node.database.load().entries)
+        seen.append((paths, on_disk))
+
+    node.set_invalidator(invalidator)
+    assert (await node.write(WriteFile("cached", b"new", 1, create=True))).errno == 0
+    touching = [on_disk for paths, on_disk in seen if "cached" in paths]
+    assert touching, seen
+    assert all(touching)
