@@ -13,7 +13,8 @@ import pytest
 
 from pmxfs.core import totem
 from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver, Stable
-from pmxfs.core.wire import RingId
+from pmxfs.core.totem_membership import Recovering
+from pmxfs.core.wire import CommitToken, MemberInfo, RingId
 from pmxfs.sim.totem_checker import TotemChecker, Violation
 from pmxfs.sim.totem_sim import TotemCluster, run_chaos, sim_params
 
@@ -162,9 +163,11 @@ def test_simulator_finds_a_sabotaged_recovery(monkeypatch: pytest.MonkeyPatch) -
     simulator must notice within a handful of seeds."""
     original = totem.Totem._enter_recovery
 
-    def no_rebroadcast(self: totem.Totem, now: int, ct: totem.CommitToken) -> None:
-        original(self, now, ct)
-        self.recovery_queue.clear()
+    def no_rebroadcast(self: totem.Totem, now: int, ct: CommitToken,
+                       infos: tuple[MemberInfo, ...]) -> None:
+        original(self, now, ct, infos)
+        assert isinstance(self.phase, Recovering)
+        self.phase.rebroadcast.clear()
 
     monkeypatch.setattr(totem.Totem, "_enter_recovery", no_rebroadcast)
     found = [s for s in range(40) if run_chaos(s, NODES).violation is not None]

@@ -30,7 +30,9 @@ from pmxfs.core.totem import (
     State,
     Totem,
 )
+from pmxfs.core.totem_membership import IllegalTransition, Operational, check_transition
 from pmxfs.core.totem_params import TotemParams, derive_params
+from pmxfs.core.totem_token import Rotation
 from pmxfs.core.wire import (
     Fragment,
     Join,
@@ -391,7 +393,7 @@ def test_reassembly_of_an_endless_message_is_bounded() -> None:
     for index in range(count):
         core._reassemble(ring, index + 1, 2, Fragment(msg_id=7, index=index, count=count,
                                                        data=chunk))
-        assert sum(len(p) for r in core.reassembly.values() for p in r.parts) <= MAX_MESSAGE_BYTES
+        assert core.reassembly.buffered_bytes() <= MAX_MESSAGE_BYTES
     assert core.counters["oversized_messages_dropped"] == 1
     assert not [o for o in core.drain() if isinstance(o, Deliver)]
 
@@ -510,7 +512,7 @@ def test_large_and_boundary_sized_messages(loss: float) -> None:
     c = make_cluster(nodes, seed=31, jitter=1)
     meter = FrameMeter(c)
     c.net.faults.loss = loss
-    fragment = c.core(1).max_fragment
+    fragment = c.core(1).pending.max_fragment
     sizes = [1 << 20, fragment, fragment + 1, 2 * fragment, fragment - 1, 100]
     sent = [send(c, 1 + i % 3, size) for i, size in enumerate(sizes)]
     assert [len(p) for p in sent] == sizes
@@ -900,3 +902,24 @@ def test_fresh_node_has_no_stranded_work() -> None:
     assert c.wait_one_ring([1], timeout=10_000)
     assert c.net.now < c.params.token, f"a one-node ring took {c.net.now} ms to form"
     assert c.core(1).counters.get("token_lost", 0) == 0
+
+
+def test_membership_changes_state_only_along_the_table() -> None:
+    """Every membership transition goes through one check against LEGAL_TRANSITIONS: the ones
+    the protocol has pass, any other raises IllegalTransition and leaves the state as it was."""
+    legal = {(State.GATHER, State.GATHER), (State.GATHER, State.COMMIT),
+             (State.COMMIT, State.RECOVERY), (State.COMMIT, State.GATHER),
+             (State.RECOVERY, State.OPERATIONAL), (State.RECOVERY, State.GATHER),
+             (State.OPERATIONAL, State.GATHER)}
+    for old in State:
+        for new in State:
+            if (old, new) in legal:
+                check_transition(old, new)
+            else:
+                with pytest.raises(IllegalTransition, match=f"{old.value} -> {new.value}"):
+                    check_transition(old, new)
+    lone = Totem(1, [1], sim_params(1), 0)
+    assert lone.state is State.OPERATIONAL
+    with pytest.raises(IllegalTransition):
+        lone._transition(Operational(rotation=Rotation(), merge_at=None))
+    assert lone.state is State.OPERATIONAL

@@ -51,17 +51,54 @@ Membership (states OPERATIONAL, GATHER, COMMIT, RECOVERY):
 
 Inputs are `receive(now, src, frame)`, `on_timer(now)` and `mcast(now, payload)`; outputs are
 drained with `drain()`: `Send` (to one node, or None for every configured node), `Deliver`,
-`ConfChange` and `PersistRingSeq`, in the order they must be carried out. Time is `now` in ms.
+`ConfChange`, `Stable` and `PersistRingSeq`, in the order they must be carried out. Time is `now`
+in ms.
+
+Code: `Totem` (here) runs the membership state machine and the token's visits, and composes the
+parts that each have one job: `totem_membership` (the states, their data and the legal
+transitions), `totem_token` (passing the token on, flow control, what a member keeps between
+visits), `totem_ringlog` (one ring's frames), `totem_packing` (messages into frames and back) and
+`totem_outputs` (what the caller carries out). Everything a caller needs is importable from here.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
+from .totem_membership import (
+    Committing,
+    Gathering,
+    IllegalTransition,
+    Operational,
+    Phase,
+    Recovering,
+    State,
+    check_transition,
+)
+from .totem_outputs import (
+    ConfChange,
+    ConfChangeKind,
+    Counters,
+    Deliver,
+    Output,
+    PersistRingSeq,
+    Send,
+    Stable,
+)
+from .totem_packing import (
+    DEFAULT_SEND_QUEUE_BYTES,
+    DEFAULT_SEND_QUEUE_MESSAGES,
+    MAX_MESSAGE_BYTES,
+    MessageTooLarge,
+    Reassembler,
+    SendQueue,
+)
 from .totem_params import TotemParams
+from .totem_ringlog import RingLog
+from .totem_token import Rotation, TokenRelay, next_aru, retransmissions, retransmit_requests
 from .wire import (
     CommitToken,
     Fragment,
@@ -80,24 +117,24 @@ from .wire import (
     encode,
 )
 
-FRAME_OVERHEAD_BYTES = 128
-FRAGMENT_OVERHEAD_BYTES = 24
-MAX_MESSAGE_BYTES = 16 << 20
-RTR_LIMIT = 64
-DEFAULT_SEND_QUEUE_MESSAGES = 1024
-DEFAULT_SEND_QUEUE_BYTES = 32 << 20
-
-
-class State(Enum):
-    OPERATIONAL = "operational"
-    GATHER = "gather"
-    COMMIT = "commit"
-    RECOVERY = "recovery"
-
-
-class ConfChangeKind(Enum):
-    TRANSITIONAL = "transitional"
-    REGULAR = "regular"
+__all__ = [
+    "DEFAULT_SEND_QUEUE_BYTES",
+    "DEFAULT_SEND_QUEUE_MESSAGES",
+    "MAX_MESSAGE_BYTES",
+    "ConfChange",
+    "ConfChangeKind",
+    "Deliver",
+    "IllegalTransition",
+    "McastResult",
+    "MessageTooLarge",
+    "Output",
+    "PersistRingSeq",
+    "Send",
+    "Stable",
+    "State",
+    "Totem",
+    "TotemStatus",
+]
 
 
 class McastResult(Enum):
@@ -105,124 +142,33 @@ class McastResult(Enum):
     TRY_AGAIN = "try again"
 
 
-class MessageTooLarge(ValueError):
-    """A local caller tried to multicast more than MAX_MESSAGE_BYTES."""
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send `data` to node `to`, or to every configured node when `to` is None."""
-
-    to: int | None
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Deliver:
-    """An application message, in agreed order. `seq` is its last frame's position in `ring_id`."""
-
-    sender: int
-    ring_id: RingId
-    seq: int
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ConfChange:
-    kind: ConfChangeKind
-    ring_id: RingId
-    members: tuple[int, ...]
-    left: tuple[int, ...]
-    joined: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Stable:
-    """Every member of `ring_id` has received every frame up to `seq` (totem's "safe" point):
-    a message delivered with a seq at or below it survives any later partition of the ring,
-    because every transitional configuration that follows holds it."""
-
-    ring_id: RingId
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class PersistRingSeq:
-    """Store the highest ring seq seen; hand it back as `ring_seq` when the node restarts."""
-
-    ring_seq: int
-
-
-Output = Send | Deliver | ConfChange | Stable | PersistRingSeq
-
-
 @dataclass(frozen=True, slots=True)
 class TotemStatus:
+    """A snapshot of one node's totem instance, for status reports."""
+
     node_id: int
     state: State
-    ring_id: RingId
-    members: tuple[int, ...]
-    seq: int
-    aru: int
-    pending_messages: int
+    ring_id: RingId  # the ring it is operational in, or comes from
+    members: tuple[int, ...]  # that ring's members
+    seq: int  # the highest seq received in that ring
+    aru: int  # every frame of that ring up to here has been received
+    pending_messages: int  # messages waiting to be multicast
     counters: dict[str, int]
 
 
-class _RingLog:
-    """The frames of one ring: receive buffer, retransmit store and delivery pointer."""
-
-    __slots__ = ("aru", "delivered", "frames", "freed", "high_seq", "members", "miss_counts",
-                 "ring_id")
-
-    def __init__(self, ring_id: RingId, members: tuple[int, ...]) -> None:
-        self.ring_id = ring_id
-        self.members = members
-        self.frames: dict[int, Mcast] = {}
-        self.aru = 0
-        self.high_seq = 0
-        self.delivered = 0
-        self.freed = 0
-        self.miss_counts: dict[int, int] = {}
-
-    def add(self, frame: Mcast, seq: int) -> bool:
-        if seq <= self.aru or seq in self.frames:
-            return False
-        self.frames[seq] = frame
-        self.miss_counts.pop(seq, None)
-        if seq > self.high_seq:
-            self.high_seq = seq
-        while self.aru + 1 in self.frames:
-            self.aru += 1
-        return True
-
-    def free_upto(self, seq: int) -> None:
-        for s in range(self.freed + 1, seq + 1):
-            self.frames.pop(s, None)
-        self.freed = max(self.freed, seq)
-
-
-class _Outgoing:
-    """An application message waiting to be (fully) multicast."""
-
-    __slots__ = ("count", "msg_id", "next_index", "payload")
-
-    def __init__(self, payload: bytes, msg_id: int, count: int) -> None:
-        self.payload = payload
-        self.msg_id = msg_id
-        self.count = count
-        self.next_index = 0
-
-
-@dataclass(slots=True)
-class _Reassembly:
-    msg_id: int
-    next_index: int
-    size: int = 0
-    parts: list[bytes] = field(default_factory=list)
+def _member_infos(ct: CommitToken) -> tuple[MemberInfo, ...] | None:
+    """Every member's info, once the commit token has been all the way round; else None."""
+    infos = tuple(i for i in ct.infos if i is not None)
+    return infos if len(infos) == len(ct.infos) else None
 
 
 class Totem:
-    """One node's totem instance. See the module comment for the protocol."""
+    """One node's totem instance. See the module comment for the protocol.
+
+    It is always in one membership `phase` (state and the data that state holds) and leaves it
+    only through `_transition`. What lives across states: the ring it is in or came from
+    (`ring`), its view of who is alive (`proc`, `fail`), the ring seqs it has seen, the token
+    relay, the send queue and the reassembly of delivered fragments."""
 
     def __init__(
         self,
@@ -237,84 +183,58 @@ class Totem:
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.node_id = node_id
-        self.on_event = on_event
-        self.nodes = frozenset(nodes)
+        self.on_event = on_event  # told a line of text per membership event (for traces)
+        self.nodes = frozenset(nodes)  # every configured node; frames from others are dropped
         if node_id not in self.nodes:
             raise ValueError(f"node {node_id} is not in the node list")
         self.params = params
-        self.frame_budget = params.netmtu - FRAME_OVERHEAD_BYTES
-        self.max_fragment = self.frame_budget - FRAGMENT_OVERHEAD_BYTES
-        if self.max_fragment < 256:
-            raise ValueError(f"netmtu {params.netmtu} is too small")
-        self.send_queue_messages = send_queue_messages
-        self.send_queue_bytes = send_queue_bytes
+        self.pending = SendQueue(params.netmtu, send_queue_messages, send_queue_bytes)
+        self.counters = Counters()
+        self.reassembly = Reassembler(self.counters)
+        self.outputs: list[Output] = []  # to be drained, in the order they must be carried out
+        self.loopback: deque[Message] = deque()  # tokens passed to myself, handled next
 
-        self.state = State.GATHER
         # The ring we are operational in (or came from). A fresh node's pseudo ring has seq 0,
         # which no real ring has, so nobody mistakes it for a ring with messages.
-        self.ring = _RingLog(RingId(seq=0, rep=node_id), (node_id,))
-        self.highest_ring_seq = ring_seq
-        self.outputs: list[Output] = []
-        self.loopback: deque[Message] = deque()
-        self.counters: dict[str, int] = {}
-
-        # membership
-        self.proc: set[int] = {node_id}
-        self.fail: set[int] = set()
-        self.consensus: set[int] = {node_id}
-        self.commit: CommitToken | None = None
+        self.ring = RingLog(RingId(seq=0, rep=node_id), (node_id,))
+        self.highest_ring_seq = ring_seq  # the highest ring seq seen, persisted or heard of
         self.last_commit_seq = 0  # seq of the last ring we committed to (even if abandoned)
-        self.new_ring: _RingLog | None = None
-        self.trans_members: tuple[int, ...] = ()
-        self.recovery_queue: deque[Mcast] = deque()
-        self.recovery_quiet = 0
-        self.recovery_last_seq = -1
-
-        # token handling
-        self.last_token_seq = 0
-        self.commit_hop = -1
-        self.forwarded: tuple[int, bytes] | None = None
-        self.forwarded_seq = 0
-        self.held_token: Token | None = None
-        self.prev_visit_aru = 0
-        self.stable_seq = 0
-        self.last_seen_aru = -1
-        self.aru_unchanged = 0
-        self.last_visit_seq = -1
-        self.seq_unchanged = 0
-        self.my_fcc = 0
-        self.my_backlog = 0
-
-        # timers (absolute ms, None = off)
-        self.join_at: int | None = None
-        self.consensus_at: int | None = None
-        self.token_loss_at: int | None = None
-        self.token_retransmit_at: int | None = None
-        self.hold_release_at: int | None = None
-        self.merge_at: int | None = None
-
-        # application messages
-        self.pending: deque[_Outgoing] = deque()
-        self.pending_bytes = 0
-        self.next_msg_id = 0
-        self.reassembly: dict[int, _Reassembly] = {}
+        self.proc: set[int] = {node_id}  # who I believe alive
+        self.fail: set[int] = set()  # who I believe failed, in this attempt at forming a ring
+        self.relay = TokenRelay()
+        self.phase: Phase = self._gathering(now)
 
         self._enter_gather(now)
         self._run_loopback(now)
 
     # ------------------------------------------------------------------ public interface
 
+    @property
+    def state(self) -> State:
+        return self.phase.state
+
+    @property
+    def held_token(self) -> Token | None:
+        """The token the representative of an idle ring holds, if it holds one."""
+        return self.phase.held_token if isinstance(self.phase, Operational) else None
+
+    @property
+    def send_queue_messages(self) -> int:
+        return self.pending.max_messages
+
     def drain(self) -> list[Output]:
         out, self.outputs = self.outputs, []
         return out
 
     def next_deadline(self) -> int | None:
-        timers = [
-            t for t in (self.join_at, self.consensus_at, self.token_loss_at,
-                        self.token_retransmit_at, self.hold_release_at, self.merge_at)
-            if t is not None
-        ]
-        return min(timers) if timers else None
+        timers = list(self.relay.deadlines())
+        phase = self.phase
+        if isinstance(phase, Gathering):
+            timers += [phase.join_at, phase.consensus_at]
+        elif isinstance(phase, Operational):
+            timers += [phase.hold_release_at, phase.merge_at]
+        armed = [t for t in timers if t is not None]
+        return min(armed) if armed else None
 
     def status(self) -> TotemStatus:
         return TotemStatus(
@@ -330,20 +250,15 @@ class Totem:
 
     def mcast(self, now: int, payload: bytes) -> McastResult:
         """Queue one application message; TRY_AGAIN when the send queue is full."""
-        if len(payload) > MAX_MESSAGE_BYTES:
-            raise MessageTooLarge(f"message of {len(payload)} bytes > {MAX_MESSAGE_BYTES}")
-        if (len(self.pending) >= self.send_queue_messages
-                or self.pending_bytes + len(payload) > self.send_queue_bytes):
-            self._count("mcast_try_again")
-            return McastResult.TRY_AGAIN
         was_idle = not self.pending
-        count = max(1, -(-len(payload) // self.max_fragment))
-        self.pending.append(_Outgoing(payload, self._new_msg_id(), count))
-        self.pending_bytes += len(payload)
-        if was_idle and self.state is State.OPERATIONAL:
-            if self.held_token is not None:
-                self._release_held_token(now)
-            elif self.seq_unchanged >= self.params.seqno_unchanged_const:
+        if not self.pending.offer(payload):
+            self.counters.add("mcast_try_again")
+            return McastResult.TRY_AGAIN
+        phase = self.phase
+        if was_idle and isinstance(phase, Operational):
+            if phase.held_token is not None:
+                self._release_held_token(now, phase)
+            elif phase.rotation.seq_unchanged >= self.params.seqno_unchanged_const:
                 self._multicast(TokenHoldCancel(sender=self.node_id, ring_id=self.ring.ring_id))
         self._run_loopback(now)
         return McastResult.ACCEPTED
@@ -351,35 +266,38 @@ class Totem:
     def receive(self, now: int, src: int, data: bytes) -> None:
         """Feed one frame that arrived from node `src` (already authenticated by the transport)."""
         if src not in self.nodes:
-            self._count("dropped_unknown_node")
+            self.counters.add("dropped_unknown_node")
             return
         try:
             msg = decode(data)
         except ProtocolError:
-            self._count("dropped_malformed")
+            self.counters.add("dropped_malformed")
             return
         self._dispatch(now, src, msg)
         self._run_loopback(now)
 
     def on_timer(self, now: int) -> None:
-        if self.token_loss_at is not None and now >= self.token_loss_at:
-            self._count("token_lost")
+        if self.relay.loss_at is not None and now >= self.relay.loss_at:
+            self.counters.add("token_lost")
             self._event(f"token lost in {self.state.value}")
             self._enter_gather(now)
-        if self.consensus_at is not None and now >= self.consensus_at:
-            self._consensus_expired(now)
-        if self.join_at is not None and now >= self.join_at:
-            self._send_join(now)
-        if self.token_retransmit_at is not None and now >= self.token_retransmit_at:
-            assert self.forwarded is not None
-            self._count("token_retransmits")
-            self.outputs.append(Send(self.forwarded[0], self.forwarded[1]))
-            self.token_retransmit_at = now + self.params.token_retransmit
-        if self.hold_release_at is not None and now >= self.hold_release_at:
-            self._release_held_token(now)
-        if self.merge_at is not None and now >= self.merge_at:
+        if isinstance(self.phase, Gathering) and now >= self.phase.consensus_at:
+            self._consensus_expired(now, self.phase)
+        if isinstance(self.phase, Gathering) and now >= self.phase.join_at:
+            self._multicast_join()
+            self.phase.join_at = now + self.params.join
+        retransmission = self.relay.retransmission(now, self.params)
+        if retransmission is not None:
+            self.counters.add("token_retransmits")
+            self.outputs.append(retransmission)
+        phase = self.phase
+        if (isinstance(phase, Operational) and phase.hold_release_at is not None
+                and now >= phase.hold_release_at):
+            self._release_held_token(now, phase)
+        phase = self.phase
+        if isinstance(phase, Operational) and phase.merge_at is not None and now >= phase.merge_at:
             self._multicast(MergeDetect(sender=self.node_id, ring_id=self.ring.ring_id))
-            self.merge_at = now + self.params.merge
+            phase.merge_at = now + self.params.merge
         self._run_loopback(now)
 
     # ------------------------------------------------------------------ dispatch
@@ -388,27 +306,28 @@ class Totem:
         match msg:
             case Mcast():
                 if msg.sender not in self.nodes:
-                    self._count("dropped_unknown_node")
+                    self.counters.add("dropped_unknown_node")
                 else:
-                    self._on_mcast(now, msg)
+                    self._on_mcast(msg)
             case Token():
                 self._on_token(now, msg)
             case CommitToken():
                 self._on_commit_token(now, msg)
             case Join() | MergeDetect() | TokenHoldCancel() if msg.sender != src:
-                self._count("dropped_sender_mismatch")
+                self.counters.add("dropped_sender_mismatch")
             case Join():
                 self._on_join(now, msg)
             case MergeDetect():
                 self._on_merge_detect(now, msg)
             case TokenHoldCancel():
-                if msg.ring_id == self.ring.ring_id and self.state is State.OPERATIONAL:
+                phase = self.phase
+                if msg.ring_id == self.ring.ring_id and isinstance(phase, Operational):
                     # Someone has something to send: not idle any more. Resetting the idle
                     # count matters when the cancel arrives while the token is on its way
                     # back: the representative must not hold it again (as corosync).
-                    self.seq_unchanged = 0
-                    if self.held_token is not None:
-                        self._release_held_token(now)
+                    phase.rotation.seq_unchanged = 0
+                    if phase.held_token is not None:
+                        self._release_held_token(now, phase)
 
     def _run_loopback(self, now: int) -> None:
         while self.loopback:
@@ -418,13 +337,6 @@ class Totem:
         if self.on_event is not None:
             self.on_event(text)
 
-    def _count(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
-
-    def _new_msg_id(self) -> int:
-        self.next_msg_id += 1
-        return self.next_msg_id
-
     def _multicast(self, msg: Message) -> None:
         self.outputs.append(Send(None, encode(msg)))
 
@@ -432,42 +344,35 @@ class Totem:
         """Pass a token on; keep it for retransmission until there is evidence it arrived."""
         if to == self.node_id:
             self.loopback.append(msg)
-            self.forwarded = None
-            self.token_retransmit_at = None
+            self.relay.arrived()
             return
-        data = encode(msg)
-        self.outputs.append(Send(to, data))
-        self.forwarded = (to, data)
-        self.forwarded_seq = msg.seq if isinstance(msg, Token) else 0
-        self.token_retransmit_at = now + self.params.token_retransmit
+        seq = msg.seq if isinstance(msg, Token) else 0
+        self.outputs.append(self.relay.passed_on(now, to, encode(msg), seq, self.params))
 
     def _next_member(self, members: tuple[int, ...]) -> int:
         return members[(members.index(self.node_id) + 1) % len(members)]
 
     # ------------------------------------------------------------------ multicast frames
 
-    def _on_mcast(self, now: int, frame: Mcast) -> None:
-        if self.state is State.OPERATIONAL:
+    def _on_mcast(self, frame: Mcast) -> None:
+        phase = self.phase
+        if isinstance(phase, Operational):
             if frame.ring_id != self.ring.ring_id:
                 return
-            if self.forwarded is not None and frame.seq > self.forwarded_seq:
-                self._token_arrived()
+            self.relay.frame_seen(frame.seq)
             if self.ring.add(frame, frame.seq):
                 self._deliver_ready()
-        elif self.state is State.RECOVERY:
-            assert self.new_ring is not None
-            if frame.ring_id != self.new_ring.ring_id:
+        elif isinstance(phase, Recovering):
+            if frame.ring_id != phase.ring.ring_id:
                 return
-            if self.forwarded is not None and frame.seq > self.forwarded_seq:
-                self._token_arrived()
-            if self.new_ring.add(frame, frame.seq):
+            self.relay.frame_seen(frame.seq)
+            if phase.ring.add(frame, frame.seq):
                 self._take_recovered(frame)
-        else:
+        elif frame.ring_id == self.ring.ring_id and frame.origin is None:
             # GATHER / COMMIT: keep collecting frames of the ring we came from.
-            if frame.ring_id == self.ring.ring_id and frame.origin is None:
-                self.ring.add(frame, frame.seq)
-            else:
-                self._take_recovered(frame)
+            self.ring.add(frame, frame.seq)
+        else:
+            self._take_recovered(frame)
 
     def _take_recovered(self, frame: Mcast) -> None:
         """A recovery frame carrying a frame of my old ring: keep the old frame."""
@@ -479,206 +384,146 @@ class Totem:
                   fragments=frame.fragments),
             origin.seq,
         ):
-            self._count("recovered_frames")
+            self.counters.add("recovered_frames")
 
-    def _token_arrived(self) -> None:
-        self.forwarded = None
-        self.token_retransmit_at = None
+    def _send_frame(self, ring: RingLog, frame: Mcast) -> None:
+        self.outputs.append(Send(None, encode(frame)))
+        ring.add(frame, frame.seq)
 
     # ------------------------------------------------------------------ the regular token
 
     def _on_token(self, now: int, token: Token) -> None:
-        if self.state is State.OPERATIONAL:
+        phase = self.phase
+        if isinstance(phase, Operational):
             ring = self.ring
-        elif self.state is State.RECOVERY:
-            assert self.new_ring is not None
-            ring = self.new_ring
+        elif isinstance(phase, Recovering):
+            ring = phase.ring
         else:
             return
         if token.ring_id != ring.ring_id:
-            self._count("dropped_foreign_token")
+            self.counters.add("dropped_foreign_token")
             return
-        if token.token_seq <= self.last_token_seq:
-            self._count("dropped_duplicate_token")
+        if not phase.rotation.fresh(token):
+            self.counters.add("dropped_duplicate_token")
             return
-        self.last_token_seq = token.token_seq
-        self._token_arrived()
-        self.token_loss_at = now + self.params.token
-        self._count("tokens")
-        if (self.state is State.OPERATIONAL and token.phase is TokenPhase.OPERATIONAL
-                and self.node_id == ring.members[0] and not self.pending and not token.rtr
-                and token.backlog == 0 and token.seq == self.last_visit_seq
-                and self.seq_unchanged >= self.params.seqno_unchanged_const):
+        self.relay.arrived()
+        self.relay.expect_token(now, self.params)
+        self.counters.add("tokens")
+        if (isinstance(phase, Operational) and token.phase is TokenPhase.OPERATIONAL
+                and self.node_id == ring.members[0] and not self.pending
+                and phase.rotation.idle(token, self.params)):
             # Idle ring: the representative keeps the token for `hold` ms per rotation.
-            self.held_token = token
-            self.hold_release_at = now + self.params.hold
+            phase.held_token = token
+            phase.hold_release_at = now + self.params.hold
             return
-        self._token_visit(now, ring, token)
+        self._token_visit(now, ring, phase.rotation, token)
 
-    def _release_held_token(self, now: int) -> None:
-        token = self.held_token
-        self.held_token = None
-        self.hold_release_at = None
+    def _release_held_token(self, now: int, phase: Operational) -> None:
+        token = phase.held_token
+        phase.held_token = None
+        phase.hold_release_at = None
         if token is not None:
-            self._token_visit(now, self.ring, token)
+            self._token_visit(now, self.ring, phase.rotation, token)
 
-    def _token_visit(self, now: int, ring: _RingLog, token: Token) -> None:
-        """One visit of the token: retransmit, send, update aru/rtr/fcc, free, deliver, pass on."""
+    def _token_visit(self, now: int, ring: RingLog, rotation: Rotation, token: Token) -> None:
+        """One visit of the token: retransmit, send, update aru/rtr/fcc, free, deliver, pass on.
+        `ring` is the token's ring and `rotation` its bookkeeping (in RECOVERY and after the
+        install this visit may do, the same objects)."""
         phase = token.phase
         retrans_flg = token.retrans_flg
-        if self.state is State.RECOVERY:
+        if isinstance(self.phase, Recovering):
             if self.node_id == ring.members[0]:
-                phase, retrans_flg = self._recovery_progress(token)
+                # The representative starts each rotation's retransmission flag afresh.
+                phase, retrans_flg = self._recovery_progress(self.phase, token), False
             if phase is not TokenPhase.RECOVERY:
-                self._install(now)
-                ring = self.ring
+                self._install(now, self.phase)
         elif self.node_id == ring.members[0] and phase is TokenPhase.INSTALL:
             phase = TokenPhase.OPERATIONAL
-        recovering = self.state is State.RECOVERY
+        recovery = self.phase if isinstance(self.phase, Recovering) else None
 
         # Flow control: the window left by the others during the last rotation.
-        fcc_others = max(0, token.fcc - self.my_fcc)
-        backlog_others = max(0, token.backlog - self.my_backlog)
-        my_backlog = len(self.recovery_queue) if recovering else len(self.pending)
-        allowed = min(self.params.max_messages, max(0, self.params.window_size - fcc_others))
-        total_backlog = backlog_others + my_backlog
-        if my_backlog and total_backlog > self.params.window_size:
-            allowed = min(allowed, max(1, self.params.window_size * my_backlog // total_backlog))
+        my_backlog = len(recovery.rebroadcast) if recovery else len(self.pending)
+        window = rotation.flow_window(token, my_backlog, self.params)
 
         # Retransmit what others asked for and I hold.
-        rtr_left: list[int] = []
-        retransmitted = 0
-        for s in token.rtr:
-            frame = ring.frames.get(s)
-            if frame is not None and retransmitted < self.params.max_messages:
-                self.outputs.append(Send(None, encode(frame)))
-                retransmitted += 1
-            else:
-                rtr_left.append(s)
-        if retransmitted:
-            self._count("retransmitted", retransmitted)
+        resent, rtr_left = retransmissions(ring, token.rtr, self.params.max_messages)
+        for frame in resent:
+            self.outputs.append(Send(None, encode(frame)))
+        if resent:
+            self.counters.add("retransmitted", len(resent))
 
         # New frames.
         seq = token.seq
-        budget = max(0, allowed - retransmitted)
-        if recovering:
-            seq = self._send_recovery_frames(ring, seq, budget)
-            retrans_flg = retrans_flg or bool(self.recovery_queue)
+        budget = max(0, window.allowed - len(resent))
+        if recovery is not None:
+            seq = self._send_recovery_frames(recovery, seq, budget)
+            retrans_flg = retrans_flg or bool(recovery.rebroadcast)
         elif phase is TokenPhase.OPERATIONAL:
             seq = self._send_new_frames(ring, seq, budget)
-        sent = retransmitted + (seq - token.seq)
-        self.my_fcc = sent
-        self.my_backlog = len(self.recovery_queue) if recovering else len(self.pending)
+        sent = len(resent) + (seq - token.seq)
+        rotation.my_fcc = sent
+        rotation.my_backlog = len(recovery.rebroadcast) if recovery else len(self.pending)
 
-        # aru: lower it to mine, or raise it if I was the one who lowered it.
-        aru, aru_addr = token.aru, token.aru_addr
-        if ring.aru < aru or aru_addr in (0, self.node_id):
-            aru = ring.aru
-            aru_addr = 0 if aru == seq else self.node_id
-
-        # Ask for what I keep missing (after miss_count_const visits, as corosync).
-        requested = set(rtr_left)
-        scan_end = min(token.seq, ring.aru + 4 * self.params.window_size)
-        for s in range(ring.aru + 1, scan_end + 1):
-            if len(rtr_left) >= RTR_LIMIT:
-                break
-            if s in ring.frames or s in requested:
-                continue
-            misses = ring.miss_counts.get(s, 0) + 1
-            ring.miss_counts[s] = misses
-            if misses >= self.params.miss_count_const:
-                rtr_left.append(s)
-                self._count("rtr_requested")
+        aru, aru_addr = next_aru(token, ring.aru, seq, self.node_id)
+        rtr = retransmit_requests(ring, token, rtr_left, self.params)
+        if len(rtr) > len(rtr_left):
+            self.counters.add("rtr_requested", len(rtr) - len(rtr_left))
 
         # Free what every member holds (covered by the token's aru on two visits).
-        if not recovering:
-            safe = min(token.aru, self.prev_visit_aru)
+        if recovery is None:
+            safe = rotation.safe_seq(token)
             ring.free_upto(min(safe, ring.delivered))
-            if safe > self.stable_seq:
-                self.stable_seq = safe
+            if safe > rotation.stable_seq:
+                rotation.stable_seq = safe
                 self.outputs.append(Stable(ring.ring_id, safe))
-        self.prev_visit_aru = token.aru
+        rotation.prev_visit_aru = token.aru
 
         # A member that cannot receive: aru stuck below seq for fail_recv_const rotations.
-        if token.aru == self.last_seen_aru and token.aru < token.seq and token.aru_addr != 0:
-            self.aru_unchanged += 1
-        else:
-            self.aru_unchanged = 0
-        self.last_seen_aru = token.aru
-        if (self.aru_unchanged >= self.params.fail_recv_const
-                and token.aru_addr != self.node_id and token.aru_addr in ring.members):
-            self._count("fail_to_receive")
+        if (rotation.aru_stuck(token, self.params) and token.aru_addr != self.node_id
+                and token.aru_addr in ring.members):
+            self.counters.add("fail_to_receive")
             self._enter_gather(now, failed={token.aru_addr})
             return
 
-        if not recovering:
+        if recovery is None:
             self._deliver_ready()
-
-        # Idle detection for token hold and TOKEN_HOLD_CANCEL.
-        if seq == self.last_visit_seq and not rtr_left and token.backlog == 0 and not sent:
-            self.seq_unchanged += 1
-        else:
-            self.seq_unchanged = 0
-        self.last_visit_seq = seq
-
+        rotation.note_visit(seq, rtr, token, sent)
         self._send_token(now, self._next_member(ring.members), Token(
             ring_id=ring.ring_id, token_seq=token.token_seq + 1, seq=seq, aru=aru,
-            aru_addr=aru_addr, fcc=fcc_others + sent, backlog=backlog_others + self.my_backlog,
-            rtr=tuple(rtr_left), retrans_flg=retrans_flg, phase=phase,
+            aru_addr=aru_addr, fcc=window.fcc_others + sent,
+            backlog=window.backlog_others + rotation.my_backlog, rtr=tuple(rtr),
+            retrans_flg=retrans_flg, phase=phase,
         ))
 
-    def _send_new_frames(self, ring: _RingLog, seq: int, budget: int) -> int:
+    def _send_new_frames(self, ring: RingLog, seq: int, budget: int) -> int:
         """Pack pending application messages into at most `budget` frames; returns the new seq."""
-        fragments: list[Fragment] = []
-        size = 0
-        while self.pending and budget > 0:
-            head = self.pending[0]
-            start = head.next_index * self.max_fragment
-            data = head.payload[start:start + self.max_fragment]
-            if fragments and size + len(data) + FRAGMENT_OVERHEAD_BYTES > self.frame_budget:
-                seq = self._emit_frame(ring, seq, fragments)
-                fragments, size = [], 0
-                budget -= 1
-                continue
-            fragments.append(Fragment(head.msg_id, head.next_index, head.count, data))
-            size += len(data) + FRAGMENT_OVERHEAD_BYTES
-            head.next_index += 1
-            if head.next_index == head.count:
-                self.pending.popleft()
-                self.pending_bytes -= len(head.payload)
-        if fragments:
-            seq = self._emit_frame(ring, seq, fragments)
-        return seq
-
-    def _emit_frame(self, ring: _RingLog, seq: int, fragments: list[Fragment]) -> int:
-        seq += 1
-        frame = Mcast(ring_id=ring.ring_id, seq=seq, sender=self.node_id,
-                      fragments=tuple(fragments))
-        self.outputs.append(Send(None, encode(frame)))
-        ring.add(frame, seq)
-        return seq
-
-    def _send_recovery_frames(self, ring: _RingLog, seq: int, budget: int) -> int:
-        while self.recovery_queue and budget > 0:
-            old = self.recovery_queue.popleft()
+        for fragments in self.pending.take_frames(budget):
             seq += 1
-            frame = Mcast(ring_id=ring.ring_id, seq=seq, sender=old.sender,
-                          fragments=old.fragments,
-                          origin=FrameOrigin(ring_id=old.ring_id, seq=old.seq))
-            self.outputs.append(Send(None, encode(frame)))
-            ring.add(frame, seq)
+            self._send_frame(ring, Mcast(ring_id=ring.ring_id, seq=seq, sender=self.node_id,
+                                         fragments=fragments))
+        return seq
+
+    def _send_recovery_frames(self, recovery: Recovering, seq: int, budget: int) -> int:
+        """Re-broadcast at most `budget` old-ring frames as recovery frames; returns the new seq."""
+        while recovery.rebroadcast and budget > 0:
+            old = recovery.rebroadcast.popleft()
+            seq += 1
+            self._send_frame(recovery.ring, Mcast(
+                ring_id=recovery.ring.ring_id, seq=seq, sender=old.sender,
+                fragments=old.fragments, origin=FrameOrigin(ring_id=old.ring_id, seq=old.seq),
+            ))
             budget -= 1
         return seq
 
-    def _recovery_progress(self, token: Token) -> tuple[TokenPhase, bool]:
+    def _recovery_progress(self, recovery: Recovering, token: Token) -> TokenPhase:
         """Representative, in RECOVERY: install after two rotations in which all was quiet."""
         quiet = (not token.retrans_flg and token.aru == token.seq and not token.rtr
-                 and token.seq == self.recovery_last_seq and not self.recovery_queue)
-        self.recovery_quiet = self.recovery_quiet + 1 if quiet else 0
-        self.recovery_last_seq = token.seq
-        if self.recovery_quiet >= 2:
-            return TokenPhase.INSTALL, False
-        return TokenPhase.RECOVERY, False
+                 and token.seq == recovery.last_seq and not recovery.rebroadcast)
+        recovery.quiet_rotations = recovery.quiet_rotations + 1 if quiet else 0
+        recovery.last_seq = token.seq
+        if recovery.quiet_rotations >= 2:
+            return TokenPhase.INSTALL
+        return TokenPhase.RECOVERY
 
     # ------------------------------------------------------------------ delivery
 
@@ -697,50 +542,26 @@ class Totem:
             self._reassemble(ring_id, seq, frame.sender, frag)
 
     def _reassemble(self, ring_id: RingId, seq: int, sender: int, frag: Fragment) -> None:
-        if frag.count == 1:
-            if self.reassembly.pop(sender, None) is not None:
-                self._count("partial_messages_dropped")
-            self._emit_deliver(sender, ring_id, seq, frag.data)
-            return
-        partial = self.reassembly.get(sender)
-        if frag.index == 0:
-            if partial is not None:
-                self._count("partial_messages_dropped")
-            partial = self.reassembly[sender] = _Reassembly(frag.msg_id, 0)
-        elif partial is None or partial.msg_id != frag.msg_id or partial.next_index != frag.index:
-            if self.reassembly.pop(sender, None) is not None:
-                self._count("partial_messages_dropped")
-            return
-        partial.size += len(frag.data)
-        if partial.size > MAX_MESSAGE_BYTES:
-            # Only a broken or hostile member sends this; refuse to buffer without bound.
-            del self.reassembly[sender]
-            self._count("oversized_messages_dropped")
-            return
-        partial.parts.append(frag.data)
-        partial.next_index += 1
-        if partial.next_index == frag.count:
-            del self.reassembly[sender]
-            self._emit_deliver(sender, ring_id, seq, b"".join(partial.parts))
-
-    def _emit_deliver(self, sender: int, ring_id: RingId, seq: int, payload: bytes) -> None:
-        self._count("delivered")
-        self.outputs.append(Deliver(sender=sender, ring_id=ring_id, seq=seq, payload=payload))
+        payload = self.reassembly.add(sender, frag)
+        if payload is not None:
+            self.counters.add("delivered")
+            self.outputs.append(Deliver(sender=sender, ring_id=ring_id, seq=seq, payload=payload))
 
     # ------------------------------------------------------------------ membership
 
-    def _cancel_ring_timers(self) -> None:
-        self.token_loss_at = None
-        self.token_retransmit_at = None
-        self.forwarded = None
-        self.hold_release_at = None
-        self.held_token = None
-        self.merge_at = None
+    def _transition(self, phase: Phase) -> None:
+        """The only way the membership state changes; an illegal transition is a bug."""
+        check_transition(self.phase.state, phase.state)
+        self.phase = phase
+
+    def _gathering(self, now: int) -> Gathering:
+        return Gathering(consensus={self.node_id}, consensus_at=now + self.params.consensus,
+                         join_at=now + self.params.join)
 
     def _enter_gather(self, now: int, failed: set[int] | None = None) -> None:
         """Start (or restart) gathering; `failed` are nodes this very step found failed."""
         if self.state is not State.GATHER:
-            self._count("gather")
+            self.counters.add("gather")
         if self.state in (State.COMMIT, State.RECOVERY):
             # The attempt our fail set belonged to is over; the others drop theirs when they
             # hear of its ring seq. Carrying it into the next attempt revives stale exclusions.
@@ -748,42 +569,31 @@ class Totem:
             self.fail = set()
         if failed:
             self.fail |= failed
-        self.state = State.GATHER
+        self._transition(self._gathering(now))
         self._event(f"gather proc={sorted(self.proc)} fail={sorted(self.fail)}")
-        self._cancel_ring_timers()
-        self.commit = None
-        self.new_ring = None
-        self.recovery_queue.clear()
+        self.relay.stop()
         self.proc.add(self.node_id)
         self.fail.discard(self.node_id)
-        self.consensus = {self.node_id}
-        self.consensus_at = now + self.params.consensus
-        self._send_join(now)
+        self._multicast_join()
         self._check_consensus(now)
 
-    def _send_join(self, now: int) -> None:
+    def _multicast_join(self) -> None:
         self._multicast(Join(sender=self.node_id, ring_seq=self.highest_ring_seq,
                              proc=tuple(sorted(self.proc)), fail=tuple(sorted(self.fail))))
-        self.join_at = now + self.params.join if self.state is State.GATHER else None
 
-    def _current_ring_seq(self) -> int:
-        if self.state in (State.COMMIT, State.RECOVERY):
-            assert self.commit is not None
-            return self.commit.ring_id.seq
-        return self.ring.ring_id.seq
-
-    def _current_members(self) -> tuple[int, ...]:
-        if self.state in (State.COMMIT, State.RECOVERY):
-            assert self.commit is not None
-            return self.commit.members
-        return self.ring.members
+    def _ring_in_progress(self) -> tuple[int, tuple[int, ...]]:
+        """(seq, members) of the ring I am committing to, else of the ring I am in."""
+        match self.phase:
+            case Committing(commit=commit) | Recovering(commit=commit):
+                return commit.ring_id.seq, commit.members
+        return self.ring.ring_id.seq, self.ring.members
 
     def _on_join(self, now: int, join: Join) -> None:
         if join.sender == self.node_id:
             return
         if any(n not in self.nodes for n in join.proc) or any(n not in self.nodes
                                                                 for n in join.fail):
-            self._count("dropped_unknown_node")
+            self.counters.add("dropped_unknown_node")
             return
         forgot_failures = False
         if join.ring_seq > self.highest_ring_seq:
@@ -795,15 +605,16 @@ class Totem:
                 self.fail = set()
                 forgot_failures = True
         if self.state is not State.GATHER:
-            if join.sender in self._current_members() and join.ring_seq < self._current_ring_seq():
+            ring_seq, members = self._ring_in_progress()
+            if join.sender in members and join.ring_seq < ring_seq:
                 return  # sent before the sender joined the ring we are in
             if self.node_id in join.fail:
                 return  # it forms a ring without us; merge detection reunites us later
             if self.state is not State.OPERATIONAL and self.node_id not in join.proc:
                 return  # committing: only a join that wants us interrupts
         proc, fail = set(join.proc), set(join.fail)
-        if self.state is State.GATHER and proc == self.proc and fail == self.fail:
-            self.consensus.add(join.sender)
+        if isinstance(self.phase, Gathering) and proc == self.proc and fail == self.fail:
+            self.phase.consensus.add(join.sender)
             self._check_consensus(now)
             return
         if join.sender in self.fail:
@@ -834,22 +645,23 @@ class Totem:
     def _on_merge_detect(self, now: int, msg: MergeDetect) -> None:
         if (self.state is State.OPERATIONAL and msg.ring_id != self.ring.ring_id
                 and msg.sender not in self.ring.members):
-            self._count("merge_detected")
+            self.counters.add("merge_detected")
             self._event(f"merge detect from {msg.sender} of ring {msg.ring_id}")
             self.proc.add(msg.sender)
             self._enter_gather(now)
 
-    def _consensus_expired(self, now: int) -> None:
+    def _consensus_expired(self, now: int, gathering: Gathering) -> None:
+        consensus = gathering.consensus
         live = self.proc - self.fail
-        if not live <= self.consensus:
-            self.fail |= live - self.consensus
-            self._count("consensus_timeouts")
-            self._event(f"consensus timeout, failing {sorted(live - self.consensus)}")
+        if not live <= consensus:
+            self.fail |= live - consensus
+            self.counters.add("consensus_timeouts")
+            self._event(f"consensus timeout, failing {sorted(live - consensus)}")
         self._enter_gather(now)
 
     def _check_consensus(self, now: int) -> None:
         live = self.proc - self.fail
-        if self.state is not State.GATHER or not live <= self.consensus:
+        if not isinstance(self.phase, Gathering) or not live <= self.phase.consensus:
             return
         members = tuple(sorted(live))
         if members[0] != self.node_id:
@@ -868,14 +680,10 @@ class Totem:
 
     def _enter_commit(self, now: int, commit: CommitToken) -> None:
         self.outputs.append(PersistRingSeq(commit.ring_id.seq))
-        self.state = State.COMMIT
+        self._transition(Committing(commit=commit, hop=commit.hop))
         self.last_commit_seq = commit.ring_id.seq
         self._event(f"commit {commit.ring_id} members={list(commit.members)}")
-        self.join_at = None
-        self.consensus_at = None
-        self.commit = commit
-        self.commit_hop = commit.hop
-        self.token_loss_at = now + self.params.token
+        self.relay.expect_token(now, self.params)
         self._send_token(now, self._next_member(commit.members),
                          CommitToken(commit.ring_id, commit.hop + 1, commit.members,
                                      commit.infos))
@@ -883,7 +691,8 @@ class Totem:
     def _on_commit_token(self, now: int, ct: CommitToken) -> None:
         if self.node_id not in ct.members:
             return
-        if self.state is State.GATHER:
+        phase = self.phase
+        if isinstance(phase, Gathering):
             if set(ct.members) != self.proc - self.fail:
                 return
             if ct.ring_id.seq <= max(self.ring.ring_id.seq, self.last_commit_seq):
@@ -896,62 +705,53 @@ class Totem:
             infos[index] = self._my_member_info()
             self._enter_commit(now, CommitToken(ct.ring_id, ct.hop, ct.members, tuple(infos)))
             return
-        if self.commit is None or ct.ring_id != self.commit.ring_id or ct.hop <= self.commit_hop:
+        if (isinstance(phase, Operational) or ct.ring_id != phase.commit.ring_id
+                or ct.hop <= phase.hop):
             return
-        self.commit_hop = ct.hop
-        self._token_arrived()
-        self.token_loss_at = now + self.params.token
-        if self.state is State.COMMIT and all(i is not None for i in ct.infos):
-            self._enter_recovery(now, ct)
-            self._send_token(now, self._next_member(ct.members),
-                             CommitToken(ct.ring_id, ct.hop + 1, ct.members, ct.infos))
-        elif self.state is State.RECOVERY and self.node_id == ct.members[0]:
+        phase.hop = ct.hop
+        self.relay.arrived()
+        self.relay.expect_token(now, self.params)
+        if isinstance(phase, Committing):
+            complete = _member_infos(ct)
+            if complete is not None:
+                self._enter_recovery(now, ct, complete)
+                self._send_token(now, self._next_member(ct.members),
+                                 CommitToken(ct.ring_id, ct.hop + 1, ct.members, ct.infos))
+        elif self.node_id == ct.members[0]:
             self._send_token(now, self.node_id, Token(
                 ring_id=ct.ring_id, token_seq=1, seq=0, aru=0, aru_addr=0, fcc=0, backlog=0,
                 rtr=(), retrans_flg=False, phase=TokenPhase.RECOVERY,
             ))
 
-    def _enter_recovery(self, now: int, ct: CommitToken) -> None:
-        self.state = State.RECOVERY
-        self._event(f"recovery {ct.ring_id}")
-        self.commit = ct
-        old_id = self.ring.ring_id
+    def _enter_recovery(self, now: int, ct: CommitToken, infos: tuple[MemberInfo, ...]) -> None:
+        """The commit token's second rotation: start the new ring, re-broadcasting every frame of
+        my old ring that a member coming from it may lack (above their lowest aru)."""
+        old = self.ring
         trans = []
-        low_aru = self.ring.aru
-        for member, info in zip(ct.members, ct.infos, strict=True):
-            assert info is not None
-            if info.old_ring_id == old_id:
+        low_aru = old.aru
+        for member, info in zip(ct.members, infos, strict=True):
+            if info.old_ring_id == old.ring_id:
                 trans.append(member)
                 low_aru = min(low_aru, info.aru)
-        self.trans_members = tuple(trans)
-        self.new_ring = _RingLog(ct.ring_id, ct.members)
-        self.recovery_queue = deque(
-            self.ring.frames[s] for s in sorted(self.ring.frames)
-            if s > low_aru and self.ring.frames[s].origin is None
-        )
-        self.last_token_seq = 0
-        self.recovery_quiet = 0
-        self.recovery_last_seq = -1
-        self.my_fcc = 0
-        self.my_backlog = 0
-        self.prev_visit_aru = 0
-        self.stable_seq = 0
-        self.last_seen_aru = -1
-        self.aru_unchanged = 0
-        self.token_loss_at = now + self.params.token
+        self._transition(Recovering(
+            commit=ct, hop=ct.hop, ring=RingLog(ct.ring_id, ct.members),
+            trans_members=tuple(trans),
+            rebroadcast=deque(old.frames[s] for s in sorted(old.frames)
+                              if s > low_aru and old.frames[s].origin is None),
+            rotation=Rotation(),
+        ))
+        self._event(f"recovery {ct.ring_id}")
+        self.relay.expect_token(now, self.params)
 
-    def _install(self, now: int) -> None:
+    def _install(self, now: int, recovery: Recovering) -> None:
         """Recovery is complete: finish the old ring, deliver the configuration changes."""
-        assert self.new_ring is not None
         old = self.ring
-        for s in sorted(self.ring.frames):
+        for s in sorted(old.frames):
             if s > old.delivered:
                 self._deliver_frame(old.ring_id, s, old.frames[s])
-        if self.reassembly:
-            self._count("partial_messages_dropped", len(self.reassembly))
-            self.reassembly.clear()
-        new = self.new_ring
-        trans = self.trans_members
+        self.reassembly.drop_partials()
+        new = recovery.ring
+        trans = recovery.trans_members
         self.outputs.append(ConfChange(
             kind=ConfChangeKind.TRANSITIONAL, ring_id=new.ring_id, members=trans,
             left=tuple(m for m in old.members if m not in trans), joined=(),
@@ -960,18 +760,17 @@ class Totem:
             kind=ConfChangeKind.REGULAR, ring_id=new.ring_id, members=new.members, left=(),
             joined=tuple(m for m in new.members if m not in trans),
         ))
-        self._count("rings_installed")
+        self.counters.add("rings_installed")
         new.delivered = new.aru
         self.ring = new
-        self.new_ring = None
-        self.recovery_queue.clear()
-        self.state = State.OPERATIONAL
+        # Idle detection (token hold) counts from the install on.
+        rotation = recovery.rotation
+        rotation.seq_unchanged = 0
+        rotation.last_visit_seq = -1
+        self._transition(Operational(
+            rotation=rotation,
+            merge_at=now + self.params.merge if self.node_id == new.members[0] else None,
+        ))
         self.proc = set(new.members)
         self.fail = set()
-        self.seq_unchanged = 0
-        self.last_visit_seq = -1
-        # A message that was only partly sent in the old ring is sent again whole.
-        if self.pending and self.pending[0].next_index:
-            self.pending[0].next_index = 0
-            self.pending[0].msg_id = self._new_msg_id()
-        self.merge_at = now + self.params.merge if self.node_id == new.members[0] else None
+        self.pending.restart_partial()
