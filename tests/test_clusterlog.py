@@ -34,14 +34,19 @@ def entry(uid: int = 1, time: int = 100, node: str = "node1", msg: str = "hello"
 # ------------------------------------------------------------------------------- LogEntry
 
 
-@pytest.mark.parametrize("field, value", [
-    ("uid", -1), ("uid", 2**63), ("time", -1), ("time", 2**63), ("pri", -1), ("pri", 8),
-    ("pid", -1), ("pid", 2**32), ("msg", "x" * (MAX_MSG_BYTES + 1)),
-    ("msg", "é" * (MAX_MSG_BYTES // 2) + "x"), ("tag", "t" * (MAX_NAME_BYTES + 1)),
-    ("node", "ü" * 33), ("user", "u" * 65), ("msg", "bad \udcff"),
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("uid", -1, "uid out of range"), ("uid", 2**63, "uid out of range"),
+    ("time", -1, "time out of range"), ("time", 2**63, "time out of range"),
+    ("pri", -1, "priority out of range"), ("pri", 8, "priority out of range"),
+    ("pid", -1, "pid out of range"), ("pid", 2**32, "pid out of range"),
+    ("msg", "x" * (MAX_MSG_BYTES + 1), "msg is longer than"),
+    ("msg", "é" * (MAX_MSG_BYTES // 2) + "x", "msg is longer than"),
+    ("tag", "t" * (MAX_NAME_BYTES + 1), "tag is longer than"),
+    ("node", "ü" * 33, "node is longer than"), ("user", "u" * 65, "user is longer than"),
+    ("msg", "bad \udcff", "msg is not valid unicode"),
 ])
-def test_entry_limits_are_checked(field: str, value: Any) -> None:
-    with pytest.raises(ValueError):
+def test_entry_limits_are_checked(field: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         entry(**{field: value})
 
 
@@ -51,7 +56,7 @@ def test_entry_at_the_limits_is_accepted() -> None:
     assert len(e.msg.encode()) == MAX_MSG_BYTES
 
 
-@pytest.mark.parametrize("text, limit, expected", [
+@pytest.mark.parametrize(("text", "limit", "expected"), [
     ("x" * 5000, MAX_MSG_BYTES, "x" * 4096),
     ("é" * 3000, MAX_MSG_BYTES, "é" * 2048),  # 2-byte characters, cut falls on a boundary
     ("ab" + "€" * 2000, MAX_MSG_BYTES, "ab" + "€" * 1364),  # a 3-byte € would straddle 4096
@@ -88,8 +93,9 @@ def test_log_writer_numbers_from_the_start_it_is_given() -> None:
     assert (first.uid, second.uid, writer.next_uid) == (1000, 1001, 1002)
     assert first.node == second.node == "node2"
     log = ClusterLog()
-    assert log.add(first) and log.add(second)  # same second, different uid: both kept
-    with pytest.raises(ValueError):
+    assert log.add(first)
+    assert log.add(second)
+    with pytest.raises(ValueError, match="uid out of range"):
         LogWriter("node2", -1)
 
 
@@ -119,7 +125,7 @@ def test_entries_are_newest_first_by_time_node_uid() -> None:
     assert log.newest(2) == log.entries()[:2]
     assert log.newest(0) == []
     assert log.newest(99) == log.entries()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must not be negative"):
         log.newest(-1)
 
 
@@ -184,7 +190,8 @@ def test_merge_adopts_a_higher_cutoff() -> None:
 def test_an_entry_larger_than_the_bound_is_not_kept() -> None:
     log = ClusterLog(max_bytes=100)
     assert not log.add(entry(msg="x" * 200))
-    assert len(log) == 0 and log.bytes_used == 0
+    assert len(log) == 0
+    assert log.bytes_used == 0
     assert log.add(entry(time=200))
 
 
@@ -200,7 +207,7 @@ def test_default_bound_is_128_kib() -> None:
 
 
 def test_bound_must_be_positive() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_bytes must be positive"):
         ClusterLog(max_bytes=0)
 
 

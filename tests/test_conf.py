@@ -225,7 +225,8 @@ def test_syntax_errors(source: str, expected: list[str]) -> None:
         conf.parse(source, "corosync.conf")
     assert [f"{e.line}:{e.col}: {e.reason}" for e in info.value.errors] == expected
     result = conf.check(source)
-    assert not result.ok and problems(result) == expected
+    assert not result.ok
+    assert problems(result) == expected
 
 
 def test_error_format_matches_the_issue_example() -> None:
@@ -614,7 +615,8 @@ def test_update_refusals(source: str, marker: str, reason: str) -> None:
     assert f"{located(source, marker)}: {reason}" in [f"{e.line}:{e.col}: {e.reason}"
                                                       for e in result.errors]
     checked = conf.check(source, "new.conf", conf.parse(BASE))
-    assert not checked.ok and checked.config is None
+    assert not checked.ok
+    assert checked.config is None
     assert any(e.reason == reason for e in checked.errors)
 
 
@@ -669,11 +671,13 @@ def test_check_with_current() -> None:
     current = conf.parse(BASE)
     result = conf.check(text(version=4, nodes=[node(1), node(2), node(3), node(4)]), "new",
                         current)
-    assert result.ok and result.update is not None
+    assert result.ok
+    assert result.update is not None
     assert [c.description for c in result.update.changes] == [
         "nodelist: node 4 (pve4) added"]
     invalid = conf.check(text(version=4, totem="transport: knet"), "new", current)
-    assert not invalid.ok and invalid.update is None
+    assert not invalid.ok
+    assert invalid.update is None
 
 
 # ---------------------------------------------------------------------------------------------

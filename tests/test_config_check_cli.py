@@ -207,7 +207,8 @@ def test_garbage_text_has_no_traceback(tmp_path: Path,
     code, out, err = run(capsys, path)
     assert code == 1
     assert out == []
-    assert err and all(line.startswith(f"{path}:") for line in err)
+    assert err
+    assert all(line.startswith(f"{path}:") for line in err)
 
 
 def test_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -138,7 +138,8 @@ def test_multicast_ring_partition_and_heal(lab: Lab, tmp_path: Path) -> None:
     p1, p2, p3 = (ring.procs[n] for n in ("n1", "n2", "n3"))
     for p in (p1, p2, p3):  # `ip netns exec` execs pmxfs: the PID we kill is pmxfs itself
         cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"cpg" in cmdline and cmdline[0] != b"ip", cmdline
+        assert b"cpg" in cmdline, cmdline
+        assert cmdline[0] != b"ip", cmdline
         assert os.readlink(f"/proc/{p.pid}/ns/net") != os.readlink("/proc/self/ns/net")
     _exchange("a", [p1, p2, p3], ring)
     # multicast carried the to-all frames: with `udp` every sealed frame (to-all or token) is one
@@ -158,13 +159,15 @@ def test_multicast_ring_partition_and_heal(lab: Lab, tmp_path: Path) -> None:
     ring.wait_ring(["n3"], bound, since=marks)
     _exchange("b", [p1, p2], ring)
     _exchange("c", [p3], ring)
-    assert not set(p3.delivered_data(prefix="b-")) and not set(p1.delivered_data(prefix="c-"))
+    assert not set(p3.delivered_data(prefix="b-"))
+    assert not set(p1.delivered_data(prefix="c-"))
 
     # heal: the port comes back -> merge detection -> one ring of three
     marks = ring.marks()
     lab.set_port("n3", "up")
     merged = ring.wait_ring(["n1", "n2", "n3"], 30, since=marks)  # fails beyond 30 s
-    assert merged["n3"]["joined"] == [1, 2] and merged["n1"]["joined"] == [3]
+    assert merged["n3"]["joined"] == [1, 2]
+    assert merged["n1"]["joined"] == [3]
     for p in (p1, p2, p3):
         trans = p.find(lambda e: is_confchg(e, "transitional"), marks[p.name])
         assert trans is not None

@@ -105,9 +105,11 @@ def test_ring_order_kill_restart_and_stop(group: ProcessGroup, tmp_path: Path) -
             f"{detect_bound_s:.2f} s = token {params.token} + consensus {params.consensus} ms "
             f"+ {MARGIN_S} s)")
         trans = p.find(lambda e: is_confchg(e, "transitional", [1, 2]), marks[p.name])
-        assert trans is not None and trans[0] < index, "no transitional configuration first"
+        assert trans is not None, "no transitional configuration"
+        assert trans[0] < index, "no transitional configuration first"
         # as corosync: the transitional change lists who left, the regular one who joined
-        assert trans[1].event["left"] == [3] and line.event["joined"] == []
+        assert trans[1].event["left"] == [3]
+        assert line.event["joined"] == []
         assert trans[1].event["ring_id"] == line.event["ring_id"]
     assert p3.wait_exit(10) == -signal.SIGKILL
     second = _messages("b", [p1, p2], 20)
@@ -122,7 +124,8 @@ def test_ring_order_kill_restart_and_stop(group: ProcessGroup, tmp_path: Path) -
     p3 = ring.start("n3")
     rejoined = ring.wait_ring(["n1", "n2", "n3"], 30, since=marks)
     assert ring_seq(rejoined["n1"]["ring_id"]) > seq_before
-    assert rejoined["n1"]["joined"] == [3] and rejoined["n3"]["joined"] == [1, 2]
+    assert rejoined["n1"]["joined"] == [3]
+    assert rejoined["n3"]["joined"] == [1, 2]
     third = _messages("c", [p1, p2, p3], 15)
     _send_and_wait(third, [p1, p2, p3], "messages after the restart")
     _assert_sender_fifo(_assert_same_order([p1, p2, p3], "c-"), third)
@@ -186,7 +189,8 @@ def test_counters_on_sigusr1_and_clean_exit(group: ProcessGroup, tmp_path: Path,
     proc.signal(signum)
     assert proc.wait_exit(15) == 0, proc.describe()
     last = proc.events()[-1]
-    assert last["event"] == "counters" and last["totem"]["delivered"] == 1
+    assert last["event"] == "counters"
+    assert last["totem"]["delivered"] == 1
     assert proc.stderr() == ""
 
 
@@ -222,7 +226,9 @@ def test_unknown_node_and_missing_authkey_are_one_line_errors(tmp_path: Path) ->
         assert result.returncode == 1
         assert result.stdout == ""
         lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("pmxfs: ") and needle in lines[0], lines
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("pmxfs: "), lines
+        assert needle in lines[0], lines
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
@@ -236,7 +242,8 @@ def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
         result = _run_cpg(tmp_path, config, authkey, "n1")
     assert result.returncode == 1
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"pmxfs: {BIND_FAILURE}: "), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"pmxfs: {BIND_FAILURE}: "), lines
     assert PMXFS.exists()
 
 

@@ -47,7 +47,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[s
 def test_generated_config_passes_the_check(tmp_path: Path, count: int) -> None:
     plan = demo.plan_demo(count, tmp_path / "d")
     result = conf.check(plan.config_text)
-    assert result.ok and not result.warnings, [str(e) for e in result.errors + result.warnings]
+    problems = [str(e) for e in result.errors + result.warnings]
+    assert result.ok, problems
+    assert not result.warnings, problems
     config = result.config
     assert config is not None
     assert (config.cluster_name, config.transport, config.config_version) == ("demo", "udpu", 1)
@@ -98,7 +100,8 @@ def test_demo_json_shape(tmp_path: Path) -> None:
         assert set(entry) == NODE_KEYS
         assert (entry["nodeid"], entry["pid"], entry["argv"]) == (i, 10 + i, node.argv())
         for key in ("config", "authkey", "data_dir", "run_dir", "mount"):
-            assert os.path.isabs(entry[key]) and entry[key].startswith(str(plan.root)), key
+            assert os.path.isabs(entry[key]), key
+            assert entry[key].startswith(str(plan.root)), key
         assert entry["mount"] == str(plan.root / f"node{i}" / "mnt")
 
 
@@ -220,7 +223,8 @@ def test_prepare_creates_the_layout(tmp_path: Path) -> None:
         for sub in (node.data_dir, node.run_dir, node.mount):
             assert sub.is_dir()
         assert not any(p.name.endswith(".tmp") for p in node.home.iterdir())
-    assert len(keys) == 1 and len(next(iter(keys))) == 256
+    assert len(keys) == 1
+    assert len(next(iter(keys))) == 256
 
 
 def test_prepare_again_reuses_config_key_and_data(tmp_path: Path) -> None:

@@ -37,7 +37,8 @@ def test_the_file_then_its_directory_are_fsynced(tmp_path: Path,
     monkeypatch.setattr(durable_file.os, "fsync", recording)
     write_file(tmp_path / "f", b"data")
     assert len(synced) == 2
-    assert Path(synced[0]).parent == tmp_path and synced[0] != str(tmp_path / "f")
+    assert Path(synced[0]).parent == tmp_path
+    assert synced[0] != str(tmp_path / "f")
     assert synced[1] == str(tmp_path)
 
 

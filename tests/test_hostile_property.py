@@ -230,7 +230,8 @@ class Worker:
         self.unpacker = msgpack.Unpacker(raw=False)
 
     def call(self, timeout: float = CALL_TIMEOUT_S, **req: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.proc.stdin.write(msgpack.packb(req, use_bin_type=True))
         self.proc.stdin.flush()
         fd = self.proc.stdout.fileno()
@@ -356,7 +357,8 @@ class Hostile:
     def fs(self, node: str, **req: Any) -> dict[str, Any]:
         """One file-system call through `node`'s mount; a hang or a dead daemon fails the test
         (and marks the cluster broken)."""
-        assert self.cluster is not None and self.worker is not None
+        assert self.cluster is not None
+        assert self.worker is not None
         req["mount"] = str(self.cluster[node].mount)
         try:
             reply = self.worker.call(**req)
@@ -1121,10 +1123,12 @@ def exchange(sock_path: Path, data: bytes) -> list[Any]:
         answers.append(msgpack.unpackb(received[4:4 + length], raw=False))
         received = received[4 + length:]
     for answer in answers:
-        assert isinstance(answer, dict) and isinstance(answer.get("ok"), bool), answer
+        assert isinstance(answer, dict), answer
+        assert isinstance(answer.get("ok"), bool), answer
         if not answer["ok"]:
             error = answer.get("error")
-            assert isinstance(error, str) and "\n" not in error, answer
+            assert isinstance(error, str), answer
+            assert "\n" not in error, answer
     return answers
 
 
@@ -1141,20 +1145,23 @@ def cli_expected(h: Hostile, node: str, arg: str) -> list[str]:
                              f"{CALL_TIMEOUT_S:g} s") from None
     took = time.monotonic() - started
     what = f"pmxfs expected {arg!r} -> {done.returncode} in {took:.2f} s: {done.stderr!r}"
-    assert "Traceback" not in done.stderr and "no answer" not in done.stderr, what
+    assert "Traceback" not in done.stderr, what
+    assert "no answer" not in done.stderr, what
     try:
         votes: int | None = int(arg)
     except ValueError:
         votes = None
     lines = done.stderr.splitlines()
     if votes is None:  # argparse refuses it
-        assert done.returncode == 2 and lines, what
+        assert done.returncode == 2, what
+        assert lines, what
         assert lines[-1].startswith("pmxfs expected: error: "), what
     elif votes == 3:  # the only valid value with 3 nodes of 1 vote present: no change
         assert (done.returncode, done.stderr) == (0, ""), what
     else:
         assert done.returncode == 1, what
-        assert len(lines) == 1 and lines[0].startswith("pmxfs: "), what
+        assert len(lines) == 1, what
+        assert lines[0].startswith("pmxfs: "), what
     return [what]
 
 
@@ -1194,7 +1201,8 @@ def test_random_control_requests(hostile: Hostile) -> None:
     cluster = hostile.healthy()
     for name in cluster.daemons:
         quorum = hostile.control(name, "status")["quorum"]
-        assert quorum["expected_votes"] == 3 and quorum["quorate"], (name, quorum)
+        assert quorum["expected_votes"] == 3, (name, quorum)
+        assert quorum["quorate"], (name, quorum)
 
 
 def test_cluster_still_agrees(hostile: Hostile) -> None:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,13 +154,13 @@ def run_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def daemon(run_dir: Path, nursery: trio.Nursery) -> AsyncIterator[Daemon]:
+async def daemon(run_dir: Path, nursery: trio.Nursery) -> Daemon:
     sock = run_dir / "pmxfs.sock"
     node = FakeNode()
     counters = ControlCounters()
     await nursery.start(functools.partial(serve_control, sock, node, www_data_gid=www_data_gid(),
                                           counters=counters))
-    yield Daemon(run_dir, sock, node, counters)
+    return Daemon(run_dir, sock, node, counters)
 
 
 async def call(path: Path, cmd: str, **args: Any) -> Any:
@@ -256,7 +256,8 @@ async def test_refusals_and_bad_requests(daemon: Daemon) -> None:
         with pytest.raises(ControlError) as caught:
             await call(daemon.sock, cmd, **args)
         assert str(caught.value) == message, (cmd, args)
-    assert daemon.node.expected == [] and daemon.node.logged == []
+    assert daemon.node.expected == []
+    assert daemon.node.logged == []
     with pytest.raises(ControlError, match="request too large"):
         await call(daemon.sock, "log", priority=6, tag="t", user="u", pid=1,
                    msg="x" * MAX_REQUEST_BYTES)
@@ -365,7 +366,8 @@ async def test_cli_log(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> No
     assert {(c.user, c.pid) for c in daemon.node.logged} == {(user, os.getpid())}
     proc = await run_cli_process(daemon.run_dir, "log", "--priority", "loud", "x")
     assert proc.returncode == 2
-    assert b"unknown priority 'loud'" in proc.stderr and b"Traceback" not in proc.stderr
+    assert b"unknown priority 'loud'" in proc.stderr
+    assert b"Traceback" not in proc.stderr
     assert len(daemon.node.logged) == 3
 
 
@@ -431,7 +433,8 @@ async def test_socket_file_lifecycle(run_dir: Path) -> None:
         await nursery.start(functools.partial(serve_control, sock, FakeNode(),
                                               www_data_gid=gid))
         info = sock.stat()
-        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660
+        assert stat.S_ISSOCK(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o660
         if gid is not None and os.getuid() == 0:
             assert info.st_gid == gid
         assert await call(sock, "nodes") == NODES
@@ -547,7 +550,8 @@ async def test_www_data_may_only_read(daemon: Daemon, primary: bool) -> None:
         assert await run_cli_as(daemon.run_dir, *argv, **ident) == (
             1, "", f"pmxfs: permission denied: {what} needs root "
                    "(group www-data may only read)\n")
-    assert daemon.node.expected == [] and daemon.node.logged == []
+    assert daemon.node.expected == []
+    assert daemon.node.logged == []
     assert daemon.node.verifications == 0
     assert daemon.counters.refused == 3
 

@@ -63,7 +63,8 @@ def test_force_replaces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["keygen", str(key)]) == 1  # read-only 0400 file: still refused without --force
     assert main(["keygen", "--force", str(key)]) == 0
     second = key.read_bytes()
-    assert len(second) == 256 and second != first
+    assert len(second) == 256
+    assert second != first
     assert mode(key) == 0o400
     out, _ = capsys.readouterr()
     assert out == f"{key}\n{key}\n"
@@ -115,7 +116,8 @@ def test_unwritable_directory_is_one_line(tmp_path: Path,
     blocker.write_text("not a directory")
     assert main(["keygen", str(blocker / "authkey")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("pmxfs: cannot ") and err.count("\n") == 1
+    assert err.startswith("pmxfs: cannot ")
+    assert err.count("\n") == 1
     assert "Traceback" not in err
 
 
@@ -167,7 +169,8 @@ def test_console_script(tmp_path: Path) -> None:
                           timeout=60, cwd=REPO)
     assert (done.returncode, done.stdout) == (0, f"{key}\n")
     assert done.stderr == f"pmxfs keygen: created directory {key.parent} (mode 0700)\n"
-    assert len(key.read_bytes()) == 256 and mode(key) == 0o400
+    assert len(key.read_bytes()) == 256
+    assert mode(key) == 0o400
     again = subprocess.run([str(script), "keygen", str(key)], capture_output=True, text=True,
                            timeout=60, cwd=REPO)
     assert (again.returncode, again.stdout) == (1, "")

@@ -421,7 +421,8 @@ def test_apply_rule(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
         assert Snapshot.of(db) == before
         assert result == ApplyResult(case.errno, before.version, (), (), ())
     else:
-        assert result.ok and result.version == db.version == before.version + 1
+        assert result.ok
+        assert result.version == db.version == before.version + 1
         assert result.upserts[0] == db.lookup("")
         monkeypatch.undo()  # a tree over patched limits is still a valid tree
         assert check_tree(db.entries(), db.version) == []
@@ -447,11 +448,13 @@ def test_versions_writers_and_root_row() -> None:
     a_before = db.lookup("a")
     result = db.apply(WriteFile("a/f", b"new", 77), writer=3)
     f, root = db.lookup("a/f"), db.lookup("")
-    assert f is not None and root is not None
+    assert f is not None
+    assert root is not None
     assert (f.version, f.writer, f.mtime, f.inode) == (6, 3, 77, 2)
     assert db.lookup("a") == a_before  # parents are not modified
     assert (root.version, root.writer, root.mtime) == (db.version, 3, 77) == (6, 3, 77)
-    assert result.upserts == (root, f) and result.removed == ()
+    assert result.upserts == (root, f)
+    assert result.removed == ()
     assert result.paths == ("", "a", "a/f")
     assert db.apply(Unlink("g"), writer=4).upserts[0].mtime == 77  # no mtime in the op: kept
 
@@ -459,7 +462,8 @@ def test_versions_writers_and_root_row() -> None:
 def test_rename_result_lists_both_places_and_the_replaced_inode() -> None:
     db = build(BASE)
     moved, replaced = db.lookup("a/f"), db.lookup("g")
-    assert moved is not None and replaced is not None
+    assert moved is not None
+    assert replaced is not None
     result = db.apply(Rename("a/f", "g", 50), writer=2)
     after = db.lookup("g")
     assert after == replace(moved, parent=ROOT_INODE, name="g", version=6, writer=2, mtime=50)
@@ -471,11 +475,14 @@ def test_rename_result_lists_both_places_and_the_replaced_inode() -> None:
 def test_queries() -> None:
     db = build(BASE)
     a = db.lookup("a")
-    assert a is not None and db.get(a.inode) == a
+    assert a is not None
+    assert db.get(a.inode) == a
     assert [e.name for e in db.children(a.inode)] == ["d", "f"]
     assert [e.name for e in db.children(ROOT_INODE)] == ["a", "e", "g"]
-    assert db.children(must(db, "g").inode) == [] and db.children(999) == []
-    assert db.path_of(must(db, "a/d").inode) == "a/d" and db.path_of(ROOT_INODE) == ""
+    assert db.children(must(db, "g").inode) == []
+    assert db.children(999) == []
+    assert db.path_of(must(db, "a/d").inode) == "a/d"
+    assert db.path_of(ROOT_INODE) == ""
     with pytest.raises(KeyError):
         db.path_of(999)
     assert [db.lookup(p) for p in ("a//f", "/a", "a/", "x", "a/f/x")] == [None] * 5
@@ -488,7 +495,9 @@ def test_queries() -> None:
 def test_empty_and_rootless_construction() -> None:
     assert MemDB().entries() == [Entry(0, 0, 0, 0, 0, EntryType.DIR, "")]
     db = MemDB([Entry(3, 0, 2, 1, 9, EntryType.FILE, "f", b"abc")], version=5)
-    assert db.version == 5 and db.lookup("f") is not None and db.total_bytes == 3
+    assert db.version == 5
+    assert db.lookup("f") is not None
+    assert db.total_bytes == 3
     assert db.apply(Mkdir("d", 1), writer=1).upserts[1].inode == 6
 
 
@@ -504,7 +513,8 @@ def test_vmlist_reports_node_kind_and_entry_version() -> None:
 
 def test_checksum_follows_changes_and_equal_histories_agree() -> None:
     one, two = build(BASE), build(BASE)
-    assert one.checksum() == two.checksum() and len(one.checksum()) == 32
+    assert one.checksum() == two.checksum()
+    assert len(one.checksum()) == 32
     before = one.checksum()
     assert one.apply(SetMtime("g", 5), writer=1).ok
     assert one.checksum() != before
@@ -512,7 +522,7 @@ def test_checksum_follows_changes_and_equal_histories_agree() -> None:
 
 
 def test_writer_must_be_a_node_id() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not a node id"):
         MemDB().apply(Mkdir("a", 1), writer=-1)
 
 
@@ -587,7 +597,8 @@ def test_unlock_removes_a_lock_of_any_depth() -> None:
         path += "/d"
         assert db.apply(Mkdir(path, T), writer=1).ok
     result = db.apply(Unlock("priv/lock/x", db.lock_checksum("priv/lock/x") or b""), writer=1)
-    assert len(result.removed) == 1101 and db.entry_count == 2
+    assert len(result.removed) == 1101
+    assert db.entry_count == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,7 +707,8 @@ def test_replace_all_is_all_or_nothing() -> None:
     assert Snapshot.of(db) == Snapshot.of(other)
     assert content(db) == content(other)
     result = db.apply(Mkdir("z", T), writer=1)
-    assert result.version == other.version + 1 and must(db, "z").inode == result.version
+    assert result.version == other.version + 1
+    assert must(db, "z").inode == result.version
 
 
 # ---------------------------------------------------------------------------------------------

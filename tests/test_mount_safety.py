@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,28 +65,28 @@ def fill(path: Path) -> None:
     """Write `path` until its file system is full."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     chunk = b"\0" * FILL_CHUNK_BYTES
-    try:
+
+    def write_forever() -> None:
         while True:
             os.write(fd, chunk)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
+
+    try:
+        fails_with(errno.ENOSPC, write_forever)
     finally:
         os.close(fd)
 
 
-def errno_of(action: object) -> int:
-    assert callable(action)
-    with pytest.raises(OSError) as info:
+def fails_with(code: int, action: Callable[[], object]) -> None:
+    with pytest.raises(OSError, match=re.escape(os.strerror(code))) as caught:
         action()
-    assert info.value.errno is not None
-    return info.value.errno
+    assert caught.value.errno == code
 
 
 def assert_dead(mount: Path) -> None:
     """The mount is still in the mount table and every access fails with ENOTCONN."""
     assert is_mounted(mount)
-    assert errno_of(lambda: (mount / "f").write_text("x\n")) == errno.ENOTCONN
-    assert errno_of(lambda: os.listdir(mount)) == errno.ENOTCONN
+    fails_with(errno.ENOTCONN, lambda: (mount / "f").write_text("x\n"))
+    fails_with(errno.ENOTCONN, lambda: os.listdir(mount))
 
 
 def restart_and_stop(cluster: DaemonCluster, name: str) -> None:
@@ -118,7 +119,8 @@ def test_a_daemon_that_dies_of_an_error_leaves_a_dead_mount(
         assert d2.proc is not None
         assert d2.proc.wait(EXIT_TIMEOUT_S) == 1, d2.log_tail()
         log = d2.log.read_text()
-        assert "stopped by an error: DatabaseError" in log and "cannot commit" in log, log
+        assert "stopped by an error: DatabaseError" in log, log
+        assert "cannot commit" in log, log
         assert f"leaving {d2.mount} mounted but dead" in log
         assert_dead(d2.mount)
         (d2.data_dir / "filler").unlink()

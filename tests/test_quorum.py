@@ -315,7 +315,8 @@ def test_expected_refusal_reasons() -> None:
     sim.ring([1, 2])
     result = sim.nodes[1].set_expected(7)
     assert not result.accepted
-    assert result.reason is not None and "lose quorum" in result.reason
+    assert result.reason is not None
+    assert "lose quorum" in result.reason
     for outside in (-1, 0, 8, 1 << 40):
         result = sim.nodes[1].set_expected(outside)
         assert not result.accepted
@@ -346,7 +347,8 @@ def test_two_members_with_the_same_inputs_agree() -> None:
     s2 = two.on_membership(200, members, ann)
     assert s1 == s2
     assert one.state == two.state
-    assert s1.quorate and s1.expected_votes == 3
+    assert s1.quorate
+    assert s1.expected_votes == 3
 
 
 def test_compute_is_a_pure_function() -> None:
@@ -358,7 +360,8 @@ def test_compute_is_a_pure_function() -> None:
     a = compute(config, [2, 1], announced, waiting_for_all=False)
     b = compute(config, (1, 2), dict(reversed(list(announced.items()))), waiting_for_all=False)
     assert a == b
-    assert a.quorate and a.tie_breaker
+    assert a.quorate
+    assert a.tie_breaker
 
 
 def test_compute_needs_every_announcement() -> None:
@@ -437,7 +440,8 @@ totem {
 def test_quorum_config_from_cluster_config() -> None:
     config = QuorumConfig.from_config(conf.parse(PVE))
     assert config.node_votes == {1: 1, 2: 1}
-    assert config.two_node_active and config.wfa
+    assert config.two_node_active
+    assert config.wfa
     assert config.configured_expected == 2
     device = conf.parse(PVE.replace("  two_node: 1\n", "  device {\n    model: net\n  }\n"))
     assert QuorumConfig.from_config(device).device_votes == 1

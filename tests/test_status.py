@@ -40,7 +40,7 @@ def test_virtual_files() -> None:
 # ------------------------------------------------------------------------------- layout
 
 
-@pytest.mark.parametrize("value, text", [
+@pytest.mark.parametrize(("value", "text"), [
     ({}, "{}\n"),
     ({"a": 1}, '{\n  "a": 1\n}\n'),
     ({"a": [], "b": {}}, '{\n  "a": [],\n  "b": {}\n}\n'),
@@ -64,7 +64,7 @@ LAB = ClusterInfo(
 )
 
 
-@pytest.mark.parametrize("nodename, version, cluster, text, doc", [
+@pytest.mark.parametrize(("nodename", "version", "cluster", "text", "doc"), [
     ("node1", 7, None,
      '{\n  "nodename": "node1",\n  "version": 7\n}\n',
      {"nodename": "node1", "version": 7}),
@@ -122,7 +122,7 @@ def test_members_nodes_are_sorted_by_node_id_not_name() -> None:
 
 def test_members_refuses_duplicate_names() -> None:
     cluster = ClusterInfo("c", 1, (MemberNode("n", 1), MemberNode("n", 2)), {1}, True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="duplicate node name"):
         render_members("n", 1, cluster)
 
 
@@ -136,7 +136,7 @@ class Guest:
     version: int
 
 
-@pytest.mark.parametrize("version, guests, text, doc", [
+@pytest.mark.parametrize(("version", "guests", "text", "doc"), [
     (0, {}, '{\n  "version": 0,\n  "ids": {}\n}\n', {"version": 0, "ids": {}}),
     (12, {1000: Guest("node2", "lxc", 9), 100: Guest("node1", "qemu", 3),
           200: Guest("node1", "openvz", 5)},
@@ -293,7 +293,7 @@ def test_version_shows_counters() -> None:
     assert sum(doc[p] for p in WATCHED_PATHS) == 3
 
 
-@pytest.mark.parametrize("paths, moved", [
+@pytest.mark.parametrize(("paths", "moved"), [
     ([], set()),
     (["storage.cfg"], {"storage.cfg"}),
     (["storage.cfg.tmp.123", "nodes/node1/qemu-server/100.conf", "/storage.cfg"], set()),
@@ -378,7 +378,7 @@ def test_render_debug() -> None:
     assert (render_debug(False), render_debug(True)) == (b"0\n", b"1\n")
 
 
-@pytest.mark.parametrize("data, expected", [
+@pytest.mark.parametrize(("data", "expected"), [
     (b"1\n", True), (b"0\n", False), (b"1", True), (b"0", False), (b" 1 \r\n", True),
     (b"\t0\n\n", False), (b"", None), (b"\n", None), (b"2\n", None), (b"10\n", None),
     (b"01\n", None), (b"true\n", None), (b"1\n1\n", None), (b"\xff", None), (b"1\x00", None),

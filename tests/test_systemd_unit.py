@@ -65,7 +65,9 @@ def test_exec_start_is_the_daemon_with_default_paths() -> None:
     assert (args.config, args.authkey, args.mount, args.data_dir, args.run_dir) == (
         "/etc/pmxfs/corosync.conf", "/etc/pmxfs/authkey", "/etc/pve", "/var/lib/pmxfs",
         "/run/pmxfs")
-    assert not args.local and not args.debug and args.node is None  # the node is the host name
+    assert not args.local
+    assert not args.debug
+    assert args.node is None
     defaults = build_parser().parse_args(["daemon"])  # the unit spells out the daemon's defaults
     assert (defaults.config, defaults.authkey, defaults.mount, defaults.data_dir) == (
         args.config, args.authkey, args.mount, args.data_dir)

@@ -109,7 +109,8 @@ async def test_killed_node_is_noticed_within_token_plus_consensus(
     assert elapsed_ms <= cluster.params.token + cluster.params.consensus + 500
     trans = [e for e in cluster.events[1]
              if isinstance(e, ConfChange) and e.kind is ConfChangeKind.TRANSITIONAL]
-    assert trans[-1].members == (1, 2) and trans[-1].left == (3,)
+    assert trans[-1].members == (1, 2)
+    assert trans[-1].left == (3,)
 
 
 async def test_ring_seq_is_persisted_before_use(

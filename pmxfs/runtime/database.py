@@ -353,7 +353,9 @@ def _entry_of(row: tuple[int, int, int, int, int, int, bytes, bytes | None],
 
 def _row_of(entry: Entry) -> _Row:
     if entry.inode == ROOT_INODE:
-        assert entry.is_dir and entry.name == "" and not entry.data, entry
+        assert entry.is_dir, entry
+        assert entry.name == "", entry
+        assert not entry.data, entry
         return (ROOT_INODE, entry.parent, entry.version, entry.writer, entry.mtime,
                 int(EntryType.FILE), PMXCFS_VERSION_NAME, None)
     return (entry.inode, entry.parent, entry.version, entry.writer, entry.mtime,

@@ -193,7 +193,8 @@ class Network:
                 _, _, src, dst, data = heapq.heappop(self._packets)
                 self._deliver_packet(src, dst, data)
                 continue
-            assert timer_node is not None and timer_node.core is not None
+            assert timer_node is not None
+            assert timer_node.core is not None
             if timer_node.paused_until is not None:
                 self._resume(timer_node)
             else:
