@@ -77,13 +77,13 @@ class LogEntry:
     """One cluster log entry. The constructor checks the limits (ValueError); `make` cuts the
     texts to them instead."""
 
-    uid: int
+    uid: int  # the writing node's running number for its entries
     time: int  # seconds since the epoch
     pri: int  # syslog priority 0..7
-    tag: str
-    pid: int
-    node: str
-    user: str
+    tag: str  # the program that logged it, as syslog's tag
+    pid: int  # its process id
+    node: str  # the name of the node that wrote it
+    user: str  # who the program acted for
     msg: str
 
     def __post_init__(self) -> None:
@@ -133,8 +133,8 @@ class LogWriter:
 
     def __init__(self, node: str, first_uid: int) -> None:
         _check_int(first_uid, MAX_UID, "uid")
-        self.node = node
-        self._next_uid = first_uid
+        self.node = node  # this node's name, put in every entry
+        self._next_uid = first_uid  # the uid of the next entry
 
     @property
     def next_uid(self) -> int:
@@ -153,10 +153,10 @@ class ClusterLog:
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes  # the bound on the entries' `size`, summed
         self._keys: list[Key] = []  # ascending: oldest first
         self._by_key: dict[Key, LogEntry] = {}
-        self._bytes = 0
+        self._bytes = 0  # the entries' `size`, summed
         self._cutoff: Key | None = None  # key of the newest entry dropped for the bound
 
     def __len__(self) -> int:

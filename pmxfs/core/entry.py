@@ -27,20 +27,25 @@ _VMID_FILE = re.compile(r"([1-9][0-9]{2,8})\.conf")
 
 
 class EntryType(IntEnum):
+    """A row's kind, with the dirent type numbers pmxcfs stores."""
+
     DIR = 4  # DT_DIR
     FILE = 8  # DT_REG
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    inode: int
-    parent: int
-    version: int
-    writer: int
-    mtime: int
+    """One file or directory: a row of the tree. Rows are immutable; a change makes a new row
+    with the tree's next global version, so equal versions mean equal rows across nodes."""
+
+    inode: int  # unique in the tree; ROOT_INODE for the root
+    parent: int  # the directory's inode (the root is its own parent)
+    version: int  # the global version of the change that last wrote the row
+    writer: int  # the node id that made that change
+    mtime: int  # modification time, seconds
     type: EntryType
-    name: str
-    data: bytes = b""
+    name: str  # the name in the parent directory ("" for the root)
+    data: bytes = b""  # a file's content; empty for a directory
 
     @property
     def is_dir(self) -> bool:
@@ -58,7 +63,9 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class GuestConfig:
-    node: str
+    """What a guest config path names: which node's guest, of what kind, with which VMID."""
+
+    node: str  # the node directory it is under
     kind: str  # "qemu", "lxc" or "openvz", as .vmlist shows it
     vmid: int
 

@@ -15,8 +15,10 @@ from pmxfs.core.entry import Entry
 
 @dataclass(frozen=True, slots=True)
 class Persist:
-    version: int
-    upserts: tuple[Entry, ...] = ()
-    removed: tuple[int, ...] = ()
+    """One batch to commit atomically: the rows changed by the deliveries before it."""
+
+    version: int  # the tree's global version after the batch (stored on the root row)
+    upserts: tuple[Entry, ...] = ()  # rows written (inserted or replaced), by inode
+    removed: tuple[int, ...] = ()  # inodes of rows deleted
     replace_all: bool = False  # `upserts` is the whole tree: every other row is deleted
-    meta: tuple[tuple[str, bytes], ...] = ()
+    meta: tuple[tuple[str, bytes], ...] = ()  # side state to store, (key, value)

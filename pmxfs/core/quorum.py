@@ -63,15 +63,15 @@ FLAG_ORDER = ("TwoNode", "Quorate", "WaitForAll", "LastManStanding", "AutoTieBre
 class QuorumConfig:
     """The votequorum part of a cluster config (see `from_config`)."""
 
-    node_votes: Mapping[int, int]
-    expected_votes: int | None = None
+    node_votes: Mapping[int, int]  # node id -> quorum_votes, for every node of the nodelist
+    expected_votes: int | None = None  # explicit expected_votes, else derived from the votes
     two_node: bool = False
-    wait_for_all: bool | None = None
+    wait_for_all: bool | None = None  # None: as two_node implies
     last_man_standing: bool = False
-    last_man_standing_window: int = DEFAULT_LMS_WINDOW_MS
+    last_man_standing_window: int = DEFAULT_LMS_WINDOW_MS  # ms
     auto_tie_breaker: bool = False
-    auto_tie_breaker_node: AtbMode = "lowest"
-    device_votes: int | None = None
+    auto_tie_breaker_node: AtbMode = "lowest"  # "lowest", "highest" or a list of node ids
+    device_votes: int | None = None  # the quorum device's votes; None: no device configured
 
     @classmethod
     def from_config(cls, config: ClusterConfig) -> QuorumConfig:
@@ -137,16 +137,16 @@ class QuorumStatus:
     """The result for a ring: the same on every member given the same inputs."""
 
     quorate: bool
-    expected_votes: int
-    highest_expected: int
-    total_votes: int
-    quorum: int
-    flags: tuple[str, ...]
-    members: tuple[int, ...]
-    member_votes: tuple[tuple[int, int], ...] = ()
-    qdevice_votes: int = 0
-    waiting_for_all: bool = False
-    tie_breaker: bool = False
+    expected_votes: int  # E
+    highest_expected: int  # H
+    total_votes: int  # V, the device's votes included
+    quorum: int  # the votes needed
+    flags: tuple[str, ...]  # votequorum's flag names in force, in FLAG_ORDER
+    members: tuple[int, ...]  # sorted
+    member_votes: tuple[tuple[int, int], ...] = ()  # (node id, votes) per member
+    qdevice_votes: int = 0  # the device's votes counted in V
+    waiting_for_all: bool = False  # wait_for_all still keeps the ring from being quorate
+    tie_breaker: bool = False  # quorate only through auto_tie_breaker
 
     def to_json(self) -> dict[str, object]:
         """The `quorum` object of `pmxfs status --json`."""
@@ -164,11 +164,11 @@ class QuorumStatus:
 class QuorumState:
     """What a node carries from ring to ring (equal on all members after each agreed input)."""
 
-    expected_votes: int
-    quorate: bool = False
-    waiting_for_all: bool = False
-    members: tuple[int, ...] = ()
-    lms_deadline: int | None = None
+    expected_votes: int  # E as it stands
+    quorate: bool = False  # in the current (or last) ring
+    waiting_for_all: bool = False  # wait_for_all is (re-)armed
+    members: tuple[int, ...] = ()  # of the current ring
+    lms_deadline: int | None = None  # when the last-man-standing window ends (ms), if running
 
 
 @dataclass(frozen=True)
@@ -296,11 +296,11 @@ class Quorum:
     def __init__(self, config: QuorumConfig, nodeid: int) -> None:
         self.config = config
         self.nodeid = nodeid
-        self._qdevice_vote = False
+        self._qdevice_vote = False  # this node's device client holds the device's vote
         self._state = QuorumState(expected_votes=config.configured_expected,
                                   waiting_for_all=config.wfa)
         own = {nodeid: self.announcement()}
-        self._announced: dict[int, Announcement] = own
+        self._announced: dict[int, Announcement] = own  # the current ring's, by member
         self._status = compute(config, (nodeid,), own, waiting_for_all=config.wfa)
         self._state = replace(self._state, quorate=self._status.quorate,
                               waiting_for_all=self._status.waiting_for_all)
@@ -454,7 +454,7 @@ class MemberInfo:
 
     nodeid: int
     votes: int
-    name: str
+    name: str  # the node's name, or its id when unknown
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class MemberNode:
 
     name: str
     nodeid: int
-    ip: str | None = None
+    ip: str | None = None  # the address it is reached at
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +101,10 @@ class ClusterInfo:
     """What `.members` shows about the cluster: from the configuration (name, config_version,
     nodelist) and from the current membership (online node ids, quorate)."""
 
-    name: str
-    config_version: int
-    nodes: Sequence[MemberNode]
-    online: Set[int]
+    name: str  # cluster_name
+    config_version: int  # corosync.conf's config_version
+    nodes: Sequence[MemberNode]  # the nodelist
+    online: Set[int]  # node ids in the current membership
     quorate: bool
 
 
@@ -163,7 +163,7 @@ class ChangeCounters:
     """A change counter per watched path, all starting at 0."""
 
     def __init__(self) -> None:
-        self._counters = dict.fromkeys(WATCHED_PATHS, 0)
+        self._counters = dict.fromkeys(WATCHED_PATHS, 0)  # watched path -> changes seen
 
     def note_changed(self, paths: Iterable[str]) -> bool:
         """Count a change of each watched path among `paths` (relative, no leading '/'; a rename

@@ -138,6 +138,9 @@ __all__ = [
 
 
 class McastResult(Enum):
+    """ACCEPTED: queued, and delivered to every member (this one included) in agreed order
+    unless this node fails first. TRY_AGAIN: the send queue is full; nothing was queued."""
+
     ACCEPTED = "accepted"
     TRY_AGAIN = "try again"
 
@@ -147,13 +150,13 @@ class TotemStatus:
     """A snapshot of one node's totem instance, for status reports."""
 
     node_id: int
-    state: State
+    state: State  # membership state
     ring_id: RingId  # the ring it is operational in, or comes from
     members: tuple[int, ...]  # that ring's members
     seq: int  # the highest seq received in that ring
     aru: int  # every frame of that ring up to here has been received
     pending_messages: int  # messages waiting to be multicast
-    counters: dict[str, int]
+    counters: dict[str, int]  # what happened how often (see `Counters`)
 
 
 def _member_infos(ct: CommitToken) -> tuple[MemberInfo, ...] | None:

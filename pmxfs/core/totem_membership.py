@@ -29,6 +29,8 @@ from .wire import CommitToken, Mcast, Token
 
 
 class State(Enum):
+    """The membership state alone (without its data), as status reports show it."""
+
     OPERATIONAL = "operational"
     GATHER = "gather"
     COMMIT = "commit"

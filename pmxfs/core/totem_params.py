@@ -34,22 +34,24 @@ DEFAULT_NETMTU = 1500
 
 @dataclass(frozen=True)
 class TotemParams:
-    """The complete, derived parameter set a totem instance runs with."""
+    """The complete, derived parameter set a totem instance runs with (durations in ms).
+    The defaults are corosync's for two nodes; `derive_params` scales them to a cluster."""
 
-    token: int = DEFAULT_TOKEN_MS
-    token_retransmit: int = 714
+    token: int = DEFAULT_TOKEN_MS  # no token for this long: the ring is lost
+    token_retransmit: int = 714  # a token passed on is sent again after this long unseen
+    # token retransmissions that fit into `token`; only used to derive token_retransmit
     token_retransmits_before_loss_const: int = DEFAULT_TOKEN_RETRANSMITS_BEFORE_LOSS
-    hold: int = 561
-    consensus: int = int(1.2 * DEFAULT_TOKEN_MS)
-    join: int = DEFAULT_JOIN_MS
-    merge: int = DEFAULT_MERGE_MS
-    downcheck: int = DEFAULT_DOWNCHECK_MS
-    fail_recv_const: int = DEFAULT_FAIL_RECV_CONST
-    seqno_unchanged_const: int = DEFAULT_SEQNO_UNCHANGED_CONST
-    window_size: int = DEFAULT_WINDOW_SIZE
-    max_messages: int = DEFAULT_MAX_MESSAGES
-    miss_count_const: int = DEFAULT_MISS_COUNT_CONST
-    netmtu: int = DEFAULT_NETMTU
+    hold: int = 561  # how long the representative holds the token of an idle ring
+    consensus: int = int(1.2 * DEFAULT_TOKEN_MS)  # gathering: members not agreeing by then fail
+    join: int = DEFAULT_JOIN_MS  # gathering: a join is multicast again this often
+    merge: int = DEFAULT_MERGE_MS  # the representative multicasts MERGE_DETECT this often
+    downcheck: int = DEFAULT_DOWNCHECK_MS  # corosync's interface check; accepted, not used
+    fail_recv_const: int = DEFAULT_FAIL_RECV_CONST  # visits with a stuck aru: member fails
+    seqno_unchanged_const: int = DEFAULT_SEQNO_UNCHANGED_CONST  # idle visits before a hold
+    window_size: int = DEFAULT_WINDOW_SIZE  # frames per token rotation, all members together
+    max_messages: int = DEFAULT_MAX_MESSAGES  # frames one member sends per visit
+    miss_count_const: int = DEFAULT_MISS_COUNT_CONST  # visits a frame is missed before rtr
+    netmtu: int = DEFAULT_NETMTU  # bytes; a frame with its headers and sealing fits into it
 
 
 def derive_params(

@@ -91,7 +91,7 @@ class FlowWindow:
 
     allowed: int  # frames this member may send now, retransmissions included
     fcc_others: int  # frames the other members sent during the last rotation
-    backlog_others: int  # frames the other members have waiting
+    backlog_others: int  # messages (RECOVERY: old-ring frames) the others have waiting
 
 
 @dataclass(slots=True)
@@ -100,7 +100,7 @@ class Rotation:
 
     last_token_seq: int = 0  # the newest token_seq seen; older or equal ones are duplicates
     my_fcc: int = 0  # frames I sent on my last visit (my share of the token's fcc)
-    my_backlog: int = 0  # frames I had waiting after my last visit (my share of its backlog)
+    my_backlog: int = 0  # what I had waiting after my last visit (my share of its backlog)
     prev_visit_aru: int = 0  # the token's aru on my previous visit
     stable_seq: int = 0  # the highest seq reported stable
     last_seen_aru: int = -1  # the token's aru on my previous visit, for failure detection

@@ -45,6 +45,8 @@ class ProtocolError(Exception):
 
 
 class MessageType(IntEnum):
+    """The second element of every frame: which message the rest of the array is."""
+
     MCAST = 1
     TOKEN = 2
     JOIN = 3
@@ -97,33 +99,39 @@ class FrameOrigin:
 
 @dataclass(frozen=True, slots=True)
 class Mcast:
+    """An ordered frame: position `seq` of ring `ring_id`, stamped by the token holder."""
+
     ring_id: RingId
-    seq: int
-    sender: int
+    seq: int  # 1, 2, ... within the ring; the agreed order
+    sender: int  # whose application messages the fragments belong to
     fragments: tuple[Fragment, ...]
-    origin: FrameOrigin | None = None
+    origin: FrameOrigin | None = None  # set on a recovery frame: where the carried frame stood
 
 
 @dataclass(frozen=True, slots=True)
 class Token:
+    """The regular token of ring `ring_id`; `pmxfs.core.totem` explains each field's use."""
+
     ring_id: RingId
-    token_seq: int
-    seq: int
-    aru: int
-    aru_addr: int
-    fcc: int
-    backlog: int
-    rtr: tuple[int, ...]
-    retrans_flg: bool
+    token_seq: int  # counts hops, so a retransmitted duplicate is recognised
+    seq: int  # the highest seq stamped in the ring
+    aru: int  # the lowest "all received up to" seen this rotation
+    aru_addr: int  # who set `aru` (0: nobody is behind)
+    fcc: int  # frames sent during the last rotation
+    backlog: int  # messages waiting to be sent (RECOVERY: old-ring frames), over all members
+    rtr: tuple[int, ...]  # seqs some member asks to be retransmitted
+    retrans_flg: bool  # RECOVERY: some member still has old-ring frames to re-broadcast
     phase: TokenPhase
 
 
 @dataclass(frozen=True, slots=True)
 class Join:
+    """A gathering member's view of the membership."""
+
     sender: int
-    ring_seq: int
-    proc: tuple[int, ...]
-    fail: tuple[int, ...]
+    ring_seq: int  # the highest ring seq the sender has seen: how current its view is
+    proc: tuple[int, ...]  # who it believes alive, sorted
+    fail: tuple[int, ...]  # who it believes failed, sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,27 +139,34 @@ class MemberInfo:
     """What a member reports on the commit token about the ring it comes from."""
 
     node_id: int
-    old_ring_id: RingId
-    aru: int
-    high_seq: int
+    old_ring_id: RingId  # the ring it was operational in (or came from)
+    aru: int  # all of that ring's frames up to here it has
+    high_seq: int  # the highest seq of that ring it has
 
 
 @dataclass(frozen=True, slots=True)
 class CommitToken:
-    ring_id: RingId
-    hop: int
-    members: tuple[int, ...]
-    infos: tuple[MemberInfo | None, ...]
+    """The token that commits the members to new ring `ring_id`."""
+
+    ring_id: RingId  # the new ring: the representative's id and a seq higher than any seen
+    hop: int  # counts hops, so a duplicate is recognised
+    members: tuple[int, ...]  # the new ring's members, sorted; the first is the representative
+    infos: tuple[MemberInfo | None, ...]  # per member, filled in on its first visit
 
 
 @dataclass(frozen=True, slots=True)
 class MergeDetect:
+    """The representative of ring `ring_id` announcing it, for other partitions to find."""
+
     sender: int
     ring_id: RingId
 
 
 @dataclass(frozen=True, slots=True)
 class TokenHoldCancel:
+    """A member of ring `ring_id` with something to send: the representative must not hold
+    the token."""
+
     sender: int
     ring_id: RingId
 

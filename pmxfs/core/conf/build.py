@@ -75,13 +75,15 @@ _IgnoredCheck: TypeAlias = "frozenset[str] | Literal['bool']"
 
 @dataclass
 class _Spec:
-    path: str
-    values: Mapping[str, _Kind]
-    sections: Mapping[str, Callable[[RawSection], Any]] = field(default_factory=dict)
-    ignored: frozenset[str] = frozenset()
-    ignored_prefixes: tuple[str, ...] = ()
-    ignored_checks: Mapping[str, _IgnoredCheck] = field(default_factory=dict)
-    unknown_warning: Callable[[RawItem], str] | None = None
+    """What one section may contain and how each part is read."""
+
+    path: str  # the section's dotted path, for messages ("quorum.device")
+    values: Mapping[str, _Kind]  # known keys and how their values read
+    sections: Mapping[str, Callable[[RawSection], Any]] = field(default_factory=dict)  # builders
+    ignored: frozenset[str] = frozenset()  # known, unused keys/sections: kept without a warning
+    ignored_prefixes: tuple[str, ...] = ()  # the same, by name prefix
+    ignored_checks: Mapping[str, _IgnoredCheck] = field(default_factory=dict)  # values they allow
+    unknown_warning: Callable[[RawItem], str] | None = None  # the warning for anything else
 
 
 def _item_pos(item: RawItem) -> Pos | None:
@@ -89,6 +91,9 @@ def _item_pos(item: RawItem) -> Pos | None:
 
 
 class _Builder:
+    """Builds the typed sections from the raw tree, one `_Spec` per section, reporting every
+    problem to `rep` and carrying on, so one pass finds them all."""
+
     def __init__(self, rep: Reporter) -> None:
         self.rep = rep
 

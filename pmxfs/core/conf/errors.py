@@ -28,9 +28,9 @@ class ConfigError:
     """One problem in a config file: `FILE:LINE:COL: reason` (warnings say `warning:` first)."""
 
     filename: str
-    line: int
-    col: int
-    reason: str
+    line: int  # 1-based
+    col: int  # 1-based
+    reason: str  # what is wrong, for a human
     severity: Severity = "error"
 
     def __str__(self) -> str:
@@ -50,9 +50,9 @@ class Reporter:
     """Collects the errors and warnings of one file; a missing position means line 1, column 1."""
 
     def __init__(self, filename: str) -> None:
-        self.filename = filename
-        self.errors: list[ConfigError] = []
-        self.warnings: list[ConfigError] = []
+        self.filename = filename  # put in every problem
+        self.errors: list[ConfigError] = []  # in the order reported
+        self.warnings: list[ConfigError] = []  # in the order reported
 
     def error(self, pos: Pos | None, reason: str) -> None:
         p = pos or Pos(1, 1)

@@ -41,8 +41,8 @@ class SectionMeta:
     `@N` for nodes[N] (nodelist only). Never part of equality.
     """
 
-    pos: Pos | None = None
-    keys: Mapping[str, Pos] = field(default_factory=dict)
+    pos: Pos | None = None  # where the section opens (None: not in the file, or made by code)
+    keys: Mapping[str, Pos] = field(default_factory=dict)  # where each known key stands
     layout: tuple[str, ...] = ()
 
 
@@ -60,7 +60,8 @@ def key_pos(meta: SectionMeta, *keys: str) -> Pos | None:
 
 @dataclass(frozen=True)
 class TotemSection:
-    """`totem {}`: identity, transport and the timers (None = not set, default applies)."""
+    """`totem {}`: identity, transport and the timers (None = not set, default applies).
+    Fields are the file's keys; the timers mean what `TotemParams` says."""
 
     cluster_name: str | None = None
     config_version: int | None = None
@@ -82,7 +83,7 @@ class TotemSection:
     window_size: int | None = None
     max_messages: int | None = None
     miss_count_const: int | None = None
-    extras: tuple[RawItem, ...] = ()
+    extras: tuple[RawItem, ...] = ()  # unknown or unused items, kept as written
     meta: SectionMeta = field(default_factory=_meta, compare=False)
 
 
@@ -94,7 +95,7 @@ class NodeEntry:
     nodeid: int | None = None
     ring0_addr: str | None = None
     quorum_votes: int | None = None
-    extras: tuple[RawItem, ...] = ()
+    extras: tuple[RawItem, ...] = ()  # unknown or unused items, kept as written
     meta: SectionMeta = field(default_factory=_meta, compare=False)
 
     @property
@@ -111,7 +112,7 @@ class DeviceNetSection:
     port: int | None = None
     algorithm: str | None = None
     tie_breaker: str | None = None
-    extras: tuple[RawItem, ...] = ()
+    extras: tuple[RawItem, ...] = ()  # unknown or unused items, kept as written
     meta: SectionMeta = field(default_factory=_meta, compare=False)
 
 
@@ -122,7 +123,7 @@ class DeviceSection:
     model: str | None = None
     votes: int | None = None
     net: DeviceNetSection | None = None
-    extras: tuple[RawItem, ...] = ()
+    extras: tuple[RawItem, ...] = ()  # unknown or unused items, kept as written
     meta: SectionMeta = field(default_factory=_meta, compare=False)
 
 
@@ -139,7 +140,7 @@ class QuorumSection:
     auto_tie_breaker: bool | None = None
     auto_tie_breaker_node: AtbNode | None = None
     device: DeviceSection | None = None
-    extras: tuple[RawItem, ...] = ()
+    extras: tuple[RawItem, ...] = ()  # unknown or unused items, kept as written
     meta: SectionMeta = field(default_factory=_meta, compare=False)
 
 
@@ -147,7 +148,7 @@ class QuorumSection:
 class LoggingSection:
     """`logging {}`: accepted and kept as written (logging is the daemon's business)."""
 
-    items: tuple[RawItem, ...] = ()
+    items: tuple[RawItem, ...] = ()  # the whole section, as written
     meta: SectionMeta = field(default_factory=_meta, compare=False)
 
 
@@ -157,8 +158,8 @@ class NodeInfo:
 
     nodeid: int
     name: str
-    addr: str
-    votes: int
+    addr: str  # ring0_addr
+    votes: int  # quorum_votes, default applied
 
 
 @dataclass(frozen=True)
@@ -169,12 +170,12 @@ class ClusterConfig:
     nodes: tuple[NodeEntry, ...] = ()
     quorum: QuorumSection = QuorumSection()
     logging: LoggingSection = LoggingSection()
-    nodelist_extras: tuple[RawItem, ...] = ()
-    extras: tuple[RawItem, ...] = ()
+    nodelist_extras: tuple[RawItem, ...] = ()  # items of `nodelist {}` other than nodes
+    extras: tuple[RawItem, ...] = ()  # unknown top-level items, kept as written
     nodelist_meta: SectionMeta = field(default_factory=_meta, compare=False)
-    meta: SectionMeta = field(default_factory=_meta, compare=False)
-    filename: str = field(default=DEFAULT_FILENAME, compare=False)
-    warnings: tuple[ConfigError, ...] = field(default=(), compare=False)
+    meta: SectionMeta = field(default_factory=_meta, compare=False)  # the file's top level
+    filename: str = field(default=DEFAULT_FILENAME, compare=False)  # for messages
+    warnings: tuple[ConfigError, ...] = field(default=(), compare=False)  # found by `parse`
 
     @property
     def cluster_name(self) -> str:

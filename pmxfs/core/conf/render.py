@@ -39,9 +39,11 @@ def format_value(value: object) -> str:
 
 @dataclass(frozen=True)
 class _Item:
-    name: str
-    token: str
-    lines: tuple[str, ...]
+    """One key or subsection, rendered, with what places it among its siblings."""
+
+    name: str  # the key or section name (the order for items not from the file)
+    token: str  # its name in the section's layout: the key, or "+N" for the N-th kept extra
+    lines: tuple[str, ...]  # its text, unindented
 
 
 def _entry(key: str, value: object) -> _Item:

@@ -50,11 +50,13 @@ _CTRL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _Open:
+    """A section whose closing brace has not been read yet."""
+
     def __init__(self, name: str, pos: Pos, valid: bool) -> None:
         self.name = name
-        self.pos = pos
-        self.valid = valid
-        self.items: list[RawItem] = []
+        self.pos = pos  # where it opened, for an "unclosed" error
+        self.valid = valid  # False: a bad name was reported; the section is read but dropped
+        self.items: list[RawItem] = []  # what it holds so far
 
 
 def lex(text: str, rep: Reporter) -> list[RawItem]:

@@ -18,16 +18,16 @@ from pmxfs.core.conf.render import format_value
 class Change:
     """One difference between the running config and a new one."""
 
-    key: str
-    description: str
-    runtime: bool
+    key: str  # the dotted key or section that differs ("totem.token", "nodelist")
+    description: str  # "key: old -> new", for a human
+    runtime: bool  # applies while running; False: needs a restart of pmxfs on every node
 
 
 @dataclass(frozen=True)
 class UpdateResult:
     """What `validate_update` found: refusals, and the changes sorted by when they apply."""
 
-    errors: tuple[ConfigError, ...]
+    errors: tuple[ConfigError, ...]  # why the new config is refused (empty: accepted)
     changes: tuple[Change, ...]
 
     @property

@@ -58,8 +58,11 @@ def parse_address(text: str) -> Address | None:
 
 
 class _Validator:
+    """Runs every rule of `validate` over one config, section by section, and reports each
+    violation to `rep` at the offending key, so one run finds them all."""
+
     def __init__(self, config: ClusterConfig) -> None:
-        self.c = config
+        self.c = config  # the config being validated
         self.rep = Reporter(config.filename)
 
     def run(self) -> None:
@@ -392,10 +395,10 @@ def validate(config: ClusterConfig) -> list[ConfigError]:
 class CheckResult:
     """Outcome of `check`: the config when it is valid, every error and warning otherwise."""
 
-    config: ClusterConfig | None
+    config: ClusterConfig | None  # None when there is any error
     errors: tuple[ConfigError, ...]
     warnings: tuple[ConfigError, ...]
-    update: UpdateResult | None = None
+    update: UpdateResult | None = None  # what replacing the running config would do, if given
 
     @property
     def ok(self) -> bool:
