@@ -56,7 +56,8 @@ def test_same_seed_same_trace() -> None:
     second = run_chaos(7, NODES, keep_trace=True)
     assert first.trace_hash == second.trace_hash
     assert first.trace == second.trace
-    assert first.delivered > 0 and first.confchgs > 0
+    assert first.delivered > 0
+    assert first.confchgs > 0
 
 
 def test_different_seeds_differ() -> None:

@@ -311,7 +311,8 @@ def test_all_or_none_when_a_node_is_isolated(cut: str) -> None:
     if cut == "third":
         assert all(outcomes)
     else:
-        assert outcomes[0] is False and True in outcomes
+        assert outcomes[0] is False
+        assert True in outcomes
 
 
 def _frame_reaches_only_some(dropped_for: set[int], seed: int) -> bool:
@@ -730,7 +731,8 @@ def test_queue_filled_during_a_short_cut_drains_in_the_same_ring() -> None:
         queued.append(payload)
     assert len(queued) == DEFAULT_SEND_QUEUE_MESSAGES
     c.run_for(c.params.token_retransmit + 10)
-    assert c.net.nodes[3].core is not None and not c.has(3, queued[0])
+    assert c.net.nodes[3].core is not None
+    assert not c.has(3, queued[0])
     c.net.heal()
     c.wait(lambda: c.all_have(nodes, queued), 10_000, "the queue to drain")
     for n in nodes:
@@ -785,7 +787,8 @@ def test_foreign_and_garbage_frames_change_nothing() -> None:
             c.net.send(src, Send(None, data))
     c.run_for(3 * c.params.token)
     assert c.checker.confchg_count == confchgs
-    assert c.one_ring(nodes) and c.ring_of(1) == ring
+    assert c.one_ring(nodes)
+    assert c.ring_of(1) == ring
     payload = send(c, 2)
     c.wait(lambda: c.all_have(nodes, [payload]), 1_000, "a message after the garbage")
 
@@ -874,7 +877,8 @@ def test_deadlines_are_never_in_the_past_and_idle_between_them() -> None:
     sends = 0
     for _ in range(200):
         deadline = lone.next_deadline()
-        assert deadline is not None and deadline > now
+        assert deadline is not None
+        assert deadline > now
         for t in range(now + 1, deadline):
             lone.on_timer(t)
             assert lone.drain() == [], f"lone node acted at {t} before its deadline {deadline}"
