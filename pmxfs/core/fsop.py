@@ -62,6 +62,8 @@ class WriteRange:
 
 @dataclass(frozen=True, slots=True)
 class Truncate:
+    """truncate(path, size): cut a file to `size` bytes, or extend it with zero bytes."""
+
     path: str
     size: int
     mtime: int
@@ -69,22 +71,30 @@ class Truncate:
 
 @dataclass(frozen=True, slots=True)
 class Mkdir:
+    """mkdir(path). Inside priv/lock this takes a lock; the writer becomes its holder."""
+
     path: str
     mtime: int
 
 
 @dataclass(frozen=True, slots=True)
 class Rmdir:
+    """rmdir(path) of an empty directory."""
+
     path: str
 
 
 @dataclass(frozen=True, slots=True)
 class Unlink:
+    """unlink(path) of a file."""
+
     path: str
 
 
 @dataclass(frozen=True, slots=True)
 class Rename:
+    """rename(src, dst), replacing `dst` as POSIX allows."""
+
     src: str
     dst: str
     mtime: int
@@ -111,7 +121,7 @@ class Unlock:
     delete it if it still has `checksum` (nobody refreshed it meanwhile)."""
 
     path: str
-    checksum: bytes
+    checksum: bytes  # `MemDB.lock_checksum` of the lock when it was seen to expire
 
 
 FsOp: TypeAlias = (CreateFile | WriteFile | WriteRange | Truncate | Mkdir | Rmdir | Unlink

@@ -114,11 +114,13 @@ class CorruptTree(Exception):
 
 @dataclass(frozen=True)
 class ApplyResult:
-    errno: int
-    version: int
-    upserts: tuple[Entry, ...]
-    removed: tuple[int, ...]
-    paths: tuple[str, ...]
+    """What `MemDB.apply` did: nothing (errno set) or one change of the global version."""
+
+    errno: int  # 0 on success
+    version: int  # the global version afterwards
+    upserts: tuple[Entry, ...]  # rows written: the root first, then by inode
+    removed: tuple[int, ...]  # inodes deleted, ascending
+    paths: tuple[str, ...]  # paths to invalidate (see the module header), sorted
 
     @property
     def ok(self) -> bool:
@@ -127,8 +129,10 @@ class ApplyResult:
 
 @dataclass(frozen=True)
 class VmInfo:
+    """One guest of `.vmlist`: where its config is and the config row's version."""
+
     node: str
-    kind: str
+    kind: str  # "qemu", "lxc" or "openvz"
     version: int
 
 
@@ -210,12 +214,12 @@ def _lock_checksum(row: Entry) -> bytes:
 class _Index:
     """Every row plus what makes queries cheap; `put` and `drop` keep it all consistent."""
 
-    rows: dict[int, Entry]
+    rows: dict[int, Entry]  # inode -> row, the root included
     kids: dict[int, dict[str, int]]  # directory inode -> name -> child inode
-    digests: dict[int, bytes]
+    digests: dict[int, bytes]  # inode -> `Entry.digest()`
     vms: dict[int, int]  # VMID -> inode of its config file
     guests: dict[int, GuestConfig]  # config file inode -> what its path configures
-    total_bytes: int
+    total_bytes: int  # file content bytes, summed
 
     @classmethod
     def build(cls, rows: Iterable[Entry]) -> _Index:
@@ -297,7 +301,7 @@ class _Change:
 
     writes: tuple[tuple[str, Entry], ...] = ()
     removes: tuple[tuple[str, Entry], ...] = ()
-    moved_from: tuple[str, ...] = ()
+    moved_from: tuple[str, ...] = ()  # a rename's source: invalidated, though no row is there
 
     @property
     def empty(self) -> bool:
@@ -408,8 +412,8 @@ class MemDB:
 
     def __init__(self, entries: Iterable[Entry] = (), version: int = 0) -> None:
         self._index = _checked_index(entries, version)
-        self._checksum: bytes | None = None
-        self._locks: dict[str, tuple[bytes, int]] = {}
+        self._checksum: bytes | None = None  # `checksum()`, until the next change
+        self._locks: dict[str, tuple[bytes, int]] = {}  # lock path -> (checksum, first seen ms)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -761,8 +765,8 @@ class _Rows:
     """Rows under inspection, with the paths of those reachable from the root."""
 
     def __init__(self, rows: dict[int, Entry]) -> None:
-        self.rows = rows
-        self.paths = self._reachable()
+        self.rows = rows  # inode -> row
+        self.paths = self._reachable()  # inode -> path, for rows reachable from the root
 
     def _reachable(self) -> dict[int, str]:
         below: dict[int, list[Entry]] = defaultdict(list)

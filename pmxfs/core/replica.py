@@ -118,11 +118,16 @@ META_APPLIED = "applied/"  # + node id
 
 
 class Mode(Enum):
+    """SYNCING from a REGULAR configuration change (or a new epoch) until the sync completes;
+    SYNCED while operations are applied as they are delivered."""
+
     SYNCING = "syncing"
     SYNCED = "synced"
 
 
 class PendingState(Enum):
+    """Where one of this node's proposals stands, until it is answered."""
+
     IN_FLIGHT = "in flight"  # handed to totem, not delivered yet
     DECIDED = "decided"  # decided here, waiting for the decision to be stable
     DOUBTFUL = "doubtful"  # the ring ended first: maybe decided elsewhere, maybe nowhere
@@ -130,13 +135,15 @@ class PendingState(Enum):
 
 @dataclass
 class _Pending:
-    request_id: int
+    """One of this node's proposals that has not been answered yet."""
+
+    request_id: int  # the caller's id, put in the `Reply`
     op: FsOp
     state: PendingState
     since: int  # when it entered `state`: the bound on its wait counts from here
-    ring: RingId | None = None
-    seq: int = 0
-    errno: int = 0
+    ring: RingId | None = None  # DECIDED: the ring it was delivered in
+    seq: int = 0  # DECIDED: its position in that ring
+    errno: int = 0  # DECIDED: the outcome
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -169,6 +176,8 @@ class Invalidate:
 
 @dataclass(frozen=True, slots=True)
 class QuorumChanged:
+    """The agreed quorum changed (membership, `expected`, last man standing)."""
+
     status: QuorumStatus
 
 
@@ -189,9 +198,11 @@ Output = (Send | PersistRingSeq | ConfChange | Persist | Reply | SaveLost | Inva
 
 @dataclass(frozen=True, slots=True)
 class OpDecided:
+    """An operation was decided here at its place in the order."""
+
     op_id: OpId
     op: FsOp
-    writer: int
+    writer: int  # the node that proposed it
     errno: int
     applied: bool  # went through memdb.apply (False: refused for lack of quorum)
     version: int
@@ -199,17 +210,21 @@ class OpDecided:
 
 @dataclass(frozen=True, slots=True)
 class StateTaken:
+    """A sync started: this node's state was captured for its `StateMsg`."""
+
     ring: RingId
-    epoch: int
+    epoch: int  # the sync's number within the ring (a failed or diverged sync starts the next)
 
 
 @dataclass(frozen=True, slots=True)
 class SyncCompleted:
+    """A sync completed here."""
+
     ring: RingId
     epoch: int
-    leader: int
-    adopted: bool
-    checksum: bytes
+    leader: int  # whose tree every member now holds
+    adopted: bool  # this node swapped its tree for the leader's
+    checksum: bytes  # the state checksum afterwards
 
 
 ReplicaEvent = OpDecided | StateTaken | SyncCompleted
@@ -237,9 +252,9 @@ class ReplicaStatus:
 class StoredState:
     """What the database held at start."""
 
-    entries: tuple[Entry, ...] = ()
-    version: int = 0
-    meta: dict[str, bytes] = field(default_factory=dict)
+    entries: tuple[Entry, ...] = ()  # the tree's rows
+    version: int = 0  # the tree's global version
+    meta: dict[str, bytes] = field(default_factory=dict)  # side state, as `Persist.meta` wrote it
 
 
 class Replica:

@@ -43,9 +43,9 @@ MAX_LIST = 1 << 20
 class OpId:
     """Unique per operation: boot ids are ordered, so (incarnation, counter) only grows."""
 
-    node: int
-    incarnation: int
-    counter: int
+    node: int  # the proposer
+    incarnation: int  # the proposer's boot id
+    counter: int  # the proposer's running number within the boot
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,42 +59,54 @@ class HistorySpan:
 
 @dataclass(frozen=True, slots=True)
 class OpMsg:
+    """A proposed file-system operation; applied by every member where it is delivered."""
+
     op_id: OpId
     op: FsOp
 
 
 @dataclass(frozen=True, slots=True)
 class ExpectedMsg:
+    """`pmxfs expected N`, proposed like an operation."""
+
     op_id: OpId
-    expected: int
+    expected: int  # N
 
 
 @dataclass(frozen=True, slots=True)
 class LmsMsg:
+    """A last-man-standing step: while the members are `members`, E becomes `expected`."""
+
     members: tuple[int, ...]
     expected: int
 
 
 @dataclass(frozen=True, slots=True)
 class LogMsg:
+    """One cluster log entry, for every member's log."""
+
     entry: LogEntry
 
 
 @dataclass(frozen=True, slots=True)
 class StateMsg:
+    """A member's state at the start of sync `epoch` of `ring`."""
+
     ring: RingId
     epoch: int
-    announcement: Announcement
-    version: int
+    announcement: Announcement  # its quorum inputs
+    version: int  # its tree's global version
     checksum: bytes  # of the whole state: tree, history, applied table
     last_ring_seq: int  # ring seq of the newest history span (0 for none)
-    digests: tuple[tuple[int, bytes], ...]
-    log: tuple[LogEntry, ...]
+    digests: tuple[tuple[int, bytes], ...]  # (inode, `Entry.digest()`) of every row
+    log: tuple[LogEntry, ...]  # its cluster log
     log_cutoff: Key | None  # the newest entry its bounded log has dropped
 
 
 @dataclass(frozen=True, slots=True)
 class EntriesMsg:
+    """A chunk of the sync leader's rows that some member lacks."""
+
     ring: RingId
     epoch: int
     entries: tuple[Entry, ...]
@@ -102,30 +114,39 @@ class EntriesMsg:
 
 @dataclass(frozen=True, slots=True)
 class DoneMsg:
+    """The end of the sync leader's transfer: what every member adopts with its rows."""
+
     ring: RingId
     epoch: int
-    version: int
+    version: int  # the leader's tree version
     history: tuple[HistorySpan, ...]
-    applied: tuple[tuple[OpId, int], ...]
+    applied: tuple[tuple[OpId, int], ...]  # the applied table: (operation id, errno)
 
 
 @dataclass(frozen=True, slots=True)
 class VerifyMsg:
+    """Periodic verification: a request opens round `round`, every member answers with its
+    state checksum at that point of the order."""
+
     ring: RingId
     epoch: int
     round: int
-    request: bool
+    request: bool  # True: opens the round (and carries no checksum)
     checksum: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class ResyncMsg:
+    """Start sync number `epoch` of `ring`: the previous one failed, or a verification differed."""
+
     ring: RingId
     epoch: int
 
 
 @dataclass(frozen=True, slots=True)
 class PersistedMsg:
+    """The sender has applied and persisted everything of `ring` up to totem seq `seq`."""
+
     ring: RingId
     seq: int
 
