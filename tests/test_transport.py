@@ -79,9 +79,9 @@ async def cluster(nodes: Mapping[int, str], *, listening: tuple[int, ...] | None
     pytest.fail("no free port found in 30 attempts")
 
 
-async def collect(t: UdpTransport, count: int, timeout: float = 5.0) -> list[tuple[int, bytes]]:
+async def collect(t: UdpTransport, count: int, seconds: float = 5.0) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
-    with trio.fail_after(timeout):
+    with trio.fail_after(seconds):
         for _ in range(count):
             out.append(await t.recv())
     return out

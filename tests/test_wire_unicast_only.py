@@ -38,8 +38,9 @@ def test_every_message_kind(msg: Message) -> None:
 def test_other_encodings_of_the_same_integers() -> None:
     """msgpack has several encodings of one integer and of an array header; decode accepts all,
     so unicast_only must too."""
-    for prefix in (b"\x92\x01\x02", b"\x92\xcc\x01\xcc\x02",
-                   b"\x92\xd0\x01\xd3" + bytes(7) + b"\x04", b"\xdc\x00\x02\x01\x02",
+    for prefix in (b"\x92\x01\x02", b"\x92\xcc\x01\xcc\x02", b"\x92\x01\xcc\x02",
+                   b"\x9c\x01\xd0\x04", b"\x92\xd0\x01\xd3" + bytes(7) + b"\x04",
+                   b"\xdc\x00\x02\x01\x02",
                    b"\xdd\x00\x00\x00\x02\xcf" + bytes(7) + b"\x01\x04"):
         assert unicast_only(prefix), prefix
     for other in (b"", b"\x90", b"\x91\x01", b"\x92\x01\x03", b"\x92\x02\x02", b"\x92\xc3\x02",

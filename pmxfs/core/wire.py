@@ -363,7 +363,11 @@ def unicast_only(data: bytes) -> bool:
     Reads just the array header and the first two elements, the way `decode` reads them (when
     they are integers they fit in the first `_KIND_PREFIX_BYTES`), so every frame that decodes
     to a `Token` or `CommitToken` answers True; anything else (other kinds, garbage) answers
-    False and is left to `decode`."""
+    False and is left to `decode`. The shortest encodings, which `encode` writes, are read
+    from the first three bytes directly; any other goes through msgpack's own reader."""
+    if len(data) >= 3 and 0x92 <= data[0] <= 0x9F and data[1] == PROTOCOL_VERSION \
+            and data[2] < 0x80:  # fixarray, then two positive fixints: what `encode` writes
+        return data[2] in UNICAST_ONLY
     unpacker = msgpack.Unpacker(raw=False)
     try:
         unpacker.feed(data[:_KIND_PREFIX_BYTES])

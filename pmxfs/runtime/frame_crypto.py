@@ -288,28 +288,17 @@ class FrameCrypto:
         sender in the nodelist, receiver this node or all). Raises `FrameDropped` (counted)
         otherwise. The claim is not authenticated yet: the transport uses it to compare the
         source address before `open`."""
-        if len(data) >= 2 and data[:2] != MAGIC:
-            self._drop(BAD_MAGIC)
-        if len(data) >= 3 and data[2] != VERSION:
-            self._drop(BAD_VERSION)
-        if len(data) < OVERHEAD_BYTES:
-            self._drop(SHORT)
-        sender, receiver, _boot_id, _counter = _ROUTE.unpack_from(data, 3)
-        if sender == self.node_id:
-            self._drop(SELF_SENDER)
-        if sender not in self._nodes:
-            self._drop(UNKNOWN_SENDER)
-        if receiver not in (self.node_id, EVERY_NODE):
-            self._drop(WRONG_RECEIVER)
-        return int(sender)
+        sender: int = self._route(data)[0]
+        return sender
 
     def open(self, data: bytes,
              unicast_only: Callable[[bytes], bool] = _any_payload) -> tuple[int, bytes]:
         """(sender node id, payload) of an authentic, fresh frame for this node; `FrameDropped`
         otherwise. A payload for which `unicast_only` is true must name this node, not 0."""
-        sender = self.claimed_sender(data)
-        _sender, receiver, boot_id, counter = _ROUTE.unpack_from(data, 3)
-        peer = self._peers.setdefault(sender, _Peer())
+        sender, receiver, boot_id, counter = self._route(data)
+        peer = self._peers.get(sender)
+        if peer is None:
+            peer = self._peers[sender] = _Peer()
         if peer.window is not None and boot_id < peer.window.boot_id:
             self._drop(REPLAY)  # an earlier run: no key is derived for it
         key = self._key_for(peer, sender, boot_id)
@@ -331,6 +320,25 @@ class FrameCrypto:
             peer.key, peer.candidate = key, None
         self.counters[OPENED] += 1
         return sender, payload
+
+    def _route(self, data: bytes) -> tuple[int, int, int, int]:
+        """(sender, receiver, boot id, counter) of a frame that passes the checks that need no
+        key (`claimed_sender`); counted `FrameDropped` otherwise."""
+        if len(data) >= 2 and data[:2] != MAGIC:
+            self._drop(BAD_MAGIC)
+        if len(data) >= 3 and data[2] != VERSION:
+            self._drop(BAD_VERSION)
+        if len(data) < OVERHEAD_BYTES:
+            self._drop(SHORT)
+        route: tuple[int, int, int, int] = _ROUTE.unpack_from(data, 3)
+        sender, receiver = route[0], route[1]
+        if sender == self.node_id:
+            self._drop(SELF_SENDER)
+        if sender not in self._nodes:
+            self._drop(UNKNOWN_SENDER)
+        if receiver != self.node_id and receiver != EVERY_NODE:
+            self._drop(WRONG_RECEIVER)
+        return route
 
     def _key_for(self, peer: _Peer, sender: int, boot_id: int) -> _RunKey:
         """The run key of (sender, boot_id): the current one, or the candidate (derived and
