@@ -10,9 +10,10 @@ import sys
 from collections.abc import Sequence
 
 from pmxfs import config_check, control_cli, daemon, db_tools, debug_cpg, demo, keygen
+from pmxfs.core.errors import LocalError
 
 
-class UsageError(Exception):
+class UsageError(LocalError):
     """A mistake in what the user asked for: reported as one line, exit status 2."""
 
 

@@ -20,13 +20,14 @@ import sys
 from pathlib import Path
 
 from pmxfs.core import conf
+from pmxfs.core.errors import LocalError
 from pmxfs.core.quorum import QuorumConfig
 
 MAX_CONFIG_BYTES = 1024 * 1024  # a file in the tree is at most 1 MiB
 
 
-class _Unreadable(Exception):
-    pass
+class _Unreadable(LocalError):
+    """The file to check cannot be read."""
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -54,6 +54,7 @@ from typing import Any
 
 from pmxfs import keygen
 from pmxfs.core import conf
+from pmxfs.core.errors import LocalError
 from pmxfs.daemon import answers, mount_table, unmount
 
 DEFAULT_NODES = 3
@@ -77,7 +78,7 @@ LOG_TAIL_LINES = 20
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-class DemoError(Exception):
+class DemoError(LocalError):
     """Why the demo cannot run: one line."""
 
 
@@ -514,7 +515,7 @@ class _Daemon:
         return f"exited with status {rc}"
 
 
-class _StartFailed(Exception):
+class _StartFailed(LocalError):
     """Nodes that did not come up; the message is the first line of the report."""
 
     def __init__(self, message: str, nodes: Sequence[DemoNode]) -> None:

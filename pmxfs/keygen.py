@@ -22,13 +22,14 @@ import os
 import secrets
 import sys
 
+from pmxfs.core.errors import LocalError
 from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.frame_crypto import AUTHKEY_BYTES
 
 DEFAULT_AUTHKEY_PATH = "/etc/pmxfs/authkey"
 
 
-class KeygenError(Exception):
+class KeygenError(LocalError):
     """Why the key was not written; one line."""
 
 

@@ -23,7 +23,7 @@ from pmxfs.core.clusterlog import (
     encode_cutoff,
     encode_entries,
 )
-from pmxfs.core.wire import ProtocolError
+from pmxfs.core.errors import ProtocolError
 
 
 def entry(uid: int = 1, time: int = 100, node: str = "node1", msg: str = "hello",

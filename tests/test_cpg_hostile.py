@@ -50,12 +50,12 @@ from cpg_harness import (
     wait_until,
 )
 
+from pmxfs.core.errors import ProtocolError
 from pmxfs.core.wire import (
     Fragment,
     Join,
     Mcast,
     MergeDetect,
-    ProtocolError,
     RingId,
     Token,
     TokenHoldCancel,

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pmxfs.core.errors import ProtocolError
 from pmxfs.core.wire import (
     MAX_FRAGMENT_BYTES,
     MAX_FRAGMENTS_PER_FRAME,
@@ -34,7 +35,6 @@ from pmxfs.core.wire import (
     MergeDetect,
     Message,
     MessageType,
-    ProtocolError,
     RingId,
     Token,
     TokenHoldCancel,

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_wire import frame_like, messages, structures
 
+from pmxfs.core.errors import ProtocolError
 from pmxfs.core.wire import (
     CommitToken,
     Message,
-    ProtocolError,
     Token,
     decode,
     encode,

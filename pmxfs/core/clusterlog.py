@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from pmxfs.core.wire import ProtocolError
+from pmxfs.core.errors import ProtocolError
 
 MAX_MSG_BYTES = 4096
 MAX_NAME_BYTES = 64  # tag, node and user

@@ -21,7 +21,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from pmxfs.core.wire import ProtocolError
+from pmxfs.core.errors import ProtocolError
 
 MAX_PATH_BYTES = 4096  # PATH_MAX; a component's limit (255, NAME_MAX) is memdb's rule
 MAX_DATA_BYTES = 1 << 20  # a file's limit; memdb answers EFBIG beyond it

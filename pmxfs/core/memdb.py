@@ -76,6 +76,7 @@ from typing import NamedTuple
 
 from pmxfs.core import conf
 from pmxfs.core.entry import ROOT_INODE, Entry, EntryType, GuestConfig, guest_config
+from pmxfs.core.errors import PmxfsError
 from pmxfs.core.fsop import (
     MAX_MTIME,
     MAX_PATH_BYTES,
@@ -108,8 +109,10 @@ COROSYNC_CONF = "corosync.conf"
 _MAX_U64 = 2**64 - 1
 
 
-class CorruptTree(Exception):
-    """Rows that do not form a valid tree; the message lists every problem, one per line."""
+class CorruptTree(PmxfsError):
+    """Rows that do not form a valid tree; the message lists every problem, one per line. The
+    caller knows whose rows they were: this node's database (refused at start) or a sync
+    leader's (the sync starts again)."""
 
 
 @dataclass(frozen=True)

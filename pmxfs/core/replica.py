@@ -68,6 +68,7 @@ from pmxfs.core.clusterlog import ClusterLog, LogEntry, LogWriter
 from pmxfs.core.conf import ClusterConfig
 from pmxfs.core.conf import check as check_config
 from pmxfs.core.entry import Entry, EntryType
+from pmxfs.core.errors import ProtocolError
 from pmxfs.core.fsop import FsOp, Unlock, UnlockRequest, op_errno, op_paths
 from pmxfs.core.memdb import COROSYNC_CONF, CorruptTree, MemDB, valid_path
 from pmxfs.core.persist import Persist
@@ -104,7 +105,7 @@ from pmxfs.core.totem import (
     TotemStatus,
 )
 from pmxfs.core.totem_params import TotemParams
-from pmxfs.core.wire import ProtocolError, RingId
+from pmxfs.core.wire import RingId
 
 HISTORY_SPANS = 64
 APPLIED_PER_NODE = 256

@@ -31,9 +31,10 @@ from pmxfs.core.clusterlog import (
     encode_entries,
 )
 from pmxfs.core.entry import DIGEST_BYTES, Entry, EntryType
+from pmxfs.core.errors import ProtocolError
 from pmxfs.core.fsop import FsOp, decode_op, encode_op
 from pmxfs.core.quorum import Announcement
-from pmxfs.core.wire import MAX_NODE_ID, MAX_SEQ, ProtocolError, RingId
+from pmxfs.core.wire import MAX_NODE_ID, MAX_SEQ, RingId
 
 REPLICA_PROTOCOL = 1
 MAX_LIST = 1 << 20

@@ -68,6 +68,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
+from pmxfs.core.errors import ProtocolError
+
 from .totem_membership import (
     Committing,
     Gathering,
@@ -108,7 +110,6 @@ from .wire import (
     MemberInfo,
     MergeDetect,
     Message,
-    ProtocolError,
     RingId,
     Token,
     TokenHoldCancel,

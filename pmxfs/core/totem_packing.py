@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from pmxfs.core.errors import LocalError
+
 from .totem_outputs import Counters
 from .wire import Fragment
 
@@ -28,7 +30,7 @@ DEFAULT_SEND_QUEUE_BYTES = 32 << 20
 MIN_FRAGMENT_BYTES = 256
 
 
-class MessageTooLarge(ValueError):
+class MessageTooLarge(LocalError, ValueError):
     """A local caller tried to multicast more than MAX_MESSAGE_BYTES."""
 
 

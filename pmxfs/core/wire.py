@@ -30,6 +30,8 @@ from typing import Any
 
 import msgpack
 
+from pmxfs.core.errors import ProtocolError
+
 PROTOCOL_VERSION = 1
 MAX_NODE_ID = 2**32 - 1
 MAX_SEQ = 2**63 - 1
@@ -38,10 +40,6 @@ MAX_FRAGMENT_BYTES = 1 << 20
 MAX_RTR_ENTRIES = 1024
 MAX_MEMBERS = 1024
 MAX_FRAME_BYTES = 4 << 20
-
-
-class ProtocolError(Exception):
-    """Raised by `decode` for anything that is not a well-formed message of this protocol."""
 
 
 class MessageType(IntEnum):

@@ -43,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pmxfs.core.entry import ROOT_INODE, Entry, EntryType
+from pmxfs.core.errors import StoredStateError
 from pmxfs.core.memdb import check_tree
 from pmxfs.core.persist import Persist
 
@@ -89,7 +90,7 @@ _UPSERT_META = "INSERT OR REPLACE INTO pmxfs_meta (key, value) VALUES (?, ?)"
 _Row = tuple[int, int, int, int, int, int, str, bytes | None]
 
 
-class DatabaseError(Exception):
+class DatabaseError(StoredStateError):
     """A database that cannot be used, or a commit that did not happen.
 
     `str()` is the one line shown to users: the file, then the problem (the first few and a count

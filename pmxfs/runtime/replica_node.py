@@ -36,6 +36,7 @@ import trio
 from pmxfs.core.conf import ClusterConfig
 from pmxfs.core.conf import check as check_config
 from pmxfs.core.entry import guest_config
+from pmxfs.core.errors import LocalError
 from pmxfs.core.fsop import FsOp, Mkdir, Rename, WriteFile, op_paths
 from pmxfs.core.memdb import COROSYNC_CONF, MemDB
 from pmxfs.core.persist import Persist
@@ -77,7 +78,7 @@ NODE_DIRS = ("qemu-server", "lxc", "priv")
 ROOM_TIMEOUT_S = 30.0
 
 
-class NodeStopped(Exception):
+class NodeStopped(LocalError):
     """The node could not carry out an output of its replica and stopped (module header)."""
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pmxfs.core.errors import StoredStateError
 from pmxfs.runtime.durable_file import write_file
 
 
-class RingSeqFileError(Exception):
+class RingSeqFileError(StoredStateError):
     """The persisted ring seq file exists but cannot be read or trusted."""
 
 

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+from pmxfs.core.errors import LocalError
+
 Severity: TypeAlias = Literal["error", "warning"]
 
 
@@ -38,7 +40,7 @@ class ConfigError:
         return f"{self.filename}:{self.line}:{self.col}: {prefix}{self.reason}"
 
 
-class ConfigSyntaxError(ValueError):
+class ConfigSyntaxError(LocalError, ValueError):
     """`parse` found errors; `errors` holds every one of them (never empty)."""
 
     def __init__(self, errors: Sequence[ConfigError]) -> None:
