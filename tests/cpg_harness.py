@@ -296,11 +296,17 @@ class CpgProcess:
         self._join_readers(5)
 
     def _join_readers(self, timeout: float) -> None:
+        """Wait for the reader threads, then close the pipes (those a reader still uses stay
+        open: it ends at EOF on its own)."""
         for thread in self._threads:
             thread.join(timeout)
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
+        pipes = [self.proc.stdin]
+        pipes += [s for s, t in zip((self.proc.stdout, self.proc.stderr), self._threads,
+                                    strict=True) if not t.is_alive()]
+        for pipe in pipes:
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
     @property
     def killed(self) -> bool:

@@ -105,19 +105,18 @@ def _attack(lab: Lab, ring: Ring, p2: CpgProcess) -> list[bytes]:
     _ip("-n", lab.switch, "addr", "add", f"{subnet}.100/24", "dev", "br0")  # its own address
     cfg = {"n1": addr["n1"], "n2": addr["n2"], "n3": addr["n3"], "port": ring.port,
            "n1_port": lab.port["n1"], "capture_s": CAPTURE_S}
-    attacker = subprocess.Popen(["ip", "netns", "exec", lab.switch, sys.executable, "-c",
-                                 ATTACKER, json.dumps(cfg)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert attacker.stdout is not None
-        assert attacker.stdout.readline().strip() == "ready", attacker.stderr
-        p2.signal(signal.SIGSTOP)
-        out, err = attacker.communicate(timeout=CAPTURE_S + 30)
-    finally:
-        p2.signal(signal.SIGCONT)
-        if attacker.poll() is None:
-            attacker.kill()
-            attacker.wait()
+    with subprocess.Popen(["ip", "netns", "exec", lab.switch, sys.executable, "-c", ATTACKER,
+                           json.dumps(cfg)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as attacker:
+        try:
+            assert attacker.stdout is not None
+            assert attacker.stdout.readline().strip() == "ready"
+            p2.signal(signal.SIGSTOP)
+            out, err = attacker.communicate(timeout=CAPTURE_S + 30)
+        finally:
+            p2.signal(signal.SIGCONT)
+            if attacker.poll() is None:
+                attacker.kill()
     assert attacker.returncode == 0, err
     result = json.loads(out)
     injected = [bytes.fromhex(t) for t in result["injected"]]
