@@ -26,7 +26,8 @@ Receiving (`recv`) drops every datagram that is not an authentic, fresh frame fo
 the nodelist address of the node it claims to come from, and counts why. The checks run cheapest
 first: header (magic, version, length), claimed sender in the nodelist, receiver this node or
 all, source IP equal to that sender's nodelist address (the source port is not compared), then
-authentication, the token-for-all check and the replay window. The address check runs before
+a run older than the sender's current one (`replay`, before any key is derived), authentication,
+the token-for-all check and the replay window. The address check runs before
 authentication on purpose: a copy of a real frame re-sent from elsewhere must not consume the
 counter in the replay window, or the genuine frame arriving a moment later would be refused as a
 replay.
