@@ -3,7 +3,9 @@ before use, and runs started from one rolled-back state still get different ones
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -106,9 +108,9 @@ def test_file_and_directory_are_fsynced_before_the_id_is_returned(
     monkeypatch.setattr(boot_id.os, "replace", replace)
     data_dir = tmp_path / "data"
     run(data_dir)
-    assert steps == [("fsync", str(data_dir / "bootid_1.tmp")),
-                     ("replace", str(data_dir / "bootid_1")),
-                     ("fsync", str(data_dir))]
+    assert [step for step, _ in steps] == ["fsync", "replace", "fsync"]
+    assert re.fullmatch(re.escape(str(data_dir)) + r"/\.bootid_1\.[0-9a-f]+\.tmp", steps[0][1])
+    assert steps[1:] == [("replace", str(data_dir / "bootid_1")), ("fsync", str(data_dir))]
 
 
 def test_garbage_file_is_refused(tmp_path: Path) -> None:
@@ -124,8 +126,12 @@ def test_exhausted_ids_are_refused(tmp_path: Path) -> None:
         next_boot_id(tmp_path, 1)
 
 
-def test_a_failed_store_is_a_boot_id_error(tmp_path: Path) -> None:
-    (tmp_path / "bootid_1.tmp").mkdir()  # the temporary file cannot be created
-    with pytest.raises(BootIdFileError, match="cannot store the boot id"):
+def test_a_failed_store_is_a_boot_id_error(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(path: object, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(boot_id, "write_file", full)
+    with pytest.raises(BootIdFileError, match=r"cannot store the boot id .*No space left"):
         next_boot_id(tmp_path, 1)
     assert not (tmp_path / "bootid_1").exists()

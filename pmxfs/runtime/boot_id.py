@@ -13,9 +13,9 @@ How one is chosen: the 64-bit id is split into a high part, a clock in units of 
     high    = max(high(last) + 1, high(wall clock in µs))
     boot id = high << 20 | 20 random bits
 
-`last` is the id stored in `<data dir>/bootid_<nodeid>`; the new id is written to a temporary
-file, fsynced, renamed over it and the directory fsynced, all before the id is returned (and so
-before any frame uses it).
+`last` is the id stored in `<data dir>/bootid_<nodeid>`; the new id replaces it through
+`durable_file.write_file` (a temporary file, fsynced, renamed over it, the directory fsynced),
+all before the id is returned (and so before any frame uses it).
 
 Why that orders runs: high(new) > high(last), so the new id is greater than the last id whatever
 the random bits are, and a clock set back does not matter. If the file was lost, the clock alone
@@ -45,12 +45,15 @@ import secrets
 import time
 from pathlib import Path
 
+from pmxfs.core.errors import StoredStateError
+from pmxfs.runtime.durable_file import write_file
+
 BOOT_ID_BYTES = 8
 RANDOM_BITS = 20
 MAX_BOOT_ID = (1 << (8 * BOOT_ID_BYTES)) - 1
 
 
-class BootIdFileError(Exception):
+class BootIdFileError(StoredStateError):
     """The boot id file exists but cannot be read, trusted or replaced."""
 
 
@@ -70,7 +73,8 @@ def next_boot_id(data_dir: str | os.PathLike[str], node_id: int) -> bytes:
     if boot_id > MAX_BOOT_ID:
         raise BootIdFileError(f"{path}: boot ids are exhausted")
     try:
-        _store(path, boot_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(path, f"{boot_id}\n".encode("ascii"))
     except OSError as exc:
         raise BootIdFileError(f"cannot store the boot id in {path}: "
                               f"{exc.strerror or exc}") from None
@@ -88,19 +92,3 @@ def _read_last(path: Path) -> int:
     if not text.isdigit() or int(text) > MAX_BOOT_ID:
         raise BootIdFileError(f"{path} does not hold a boot id: {text[:40]!r}")
     return int(text)
-
-
-def _store(path: Path, boot_id: int) -> None:
-    """Replace the file at `path` with `boot_id` durably: the file's data, then the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{boot_id}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
