@@ -102,6 +102,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from pmxfs.core.errors import LocalError, RemoteError
+
 MAGIC: Final = b"PX"
 VERSION: Final = 2
 BOOT_ID_BYTES: Final = 8
@@ -141,7 +143,7 @@ SEALED: Final = "frames_sealed"
 OPENED: Final = "frames_opened"
 
 
-class FrameDropped(Exception):
+class FrameDropped(RemoteError):
     """A received frame was refused; `reason` is one of `DROP_REASONS` (already counted)."""
 
     def __init__(self, reason: str) -> None:
@@ -149,7 +151,7 @@ class FrameDropped(Exception):
         self.reason = reason
 
 
-class FrameTooLarge(ValueError):
+class FrameTooLarge(LocalError, ValueError):
     """A local caller tried to seal more than `MAX_PAYLOAD_BYTES`."""
 
 

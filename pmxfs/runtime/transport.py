@@ -71,6 +71,7 @@ from typing import Any, Final, Literal
 
 import trio
 
+from pmxfs.core.errors import StoredStateError
 from pmxfs.core.wire import unicast_only
 from pmxfs.runtime.frame_crypto import (
     AUTHKEY_BYTES,
@@ -131,7 +132,7 @@ class TransportError(OSError):
         self.errno = errno
 
 
-class AuthkeyError(Exception):
+class AuthkeyError(StoredStateError):
     """The authkey file is missing, unreadable or of the wrong size; one-line message."""
 
 
