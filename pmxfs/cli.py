@@ -9,7 +9,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pmxfs import config_check, control_cli, daemon, db_tools, debug_cpg, demo, keygen
+from pmxfs import daemon
+from pmxfs.commands import (
+    config_check,
+    control,
+    db,
+    debug,
+    debug_cpg,
+    demo,
+    expected,
+    keygen,
+    log,
+    nodes,
+    status,
+)
 from pmxfs.core.errors import LocalError
 
 
@@ -49,23 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmxfs", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", dest="global_run_dir", metavar="DIR",
-                        default=control_cli.default_run_dir(),
+                        default=control.default_run_dir(),
                         help="where the daemon's control socket pmxfs.sock is "
-                             f"(default: $PMXFS_RUN_DIR or {control_cli.DEFAULT_RUN_DIR})")
+                             f"(default: $PMXFS_RUN_DIR or {control.DEFAULT_RUN_DIR})")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     config_check.register(subparsers)
     keygen.register(subparsers)
-    db_tools.register(subparsers)
+    db.register(subparsers)
     daemon.register(subparsers)
     demo.register(subparsers)
-    control_cli.register(subparsers)
-    debug = subparsers.add_parser("debug", help="inspect a ring or a running node",
+    for command in (status, nodes, expected, log):
+        command.register(subparsers)
+    debug_parser = subparsers.add_parser("debug", help="inspect a ring or a running node",
                                   description=DEBUG_DESCRIPTION, epilog=DEBUG_EXAMPLES,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    debug_commands = debug.add_subparsers(dest="debug_command", metavar="SUBCOMMAND",
+    debug_commands = debug_parser.add_subparsers(dest="debug_command", metavar="SUBCOMMAND",
                                           required=True)
     debug_cpg.register(debug_commands)
-    control_cli.register_debug(debug_commands)
+    debug.register(debug_commands)
     return parser
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from pmxfs import config_check, control_cli
+from pmxfs.commands import config_check, control
 from pmxfs.core import conf
 from pmxfs.core.replica import DEFAULT_VERIFY_INTERVAL_MS
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
@@ -108,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "(default: %(default)s)")
     p.add_argument("--run-dir", default=None, metavar="DIR",
                    help="where the control socket pmxfs.sock is made (default: the global "
-                        f"--run-dir: $PMXFS_RUN_DIR, else {control_cli.DEFAULT_RUN_DIR})")
+                        f"--run-dir: $PMXFS_RUN_DIR, else {control.DEFAULT_RUN_DIR})")
     p.add_argument("--local", action="store_true",
                    help="run as a one-node cluster without network, always quorate; --config "
                         "and --authkey are not read")

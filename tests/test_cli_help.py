@@ -8,14 +8,28 @@ import sys
 
 import pytest
 
-from pmxfs import cli, config_check, control_cli, daemon, db_tools, debug_cpg, demo, keygen
+from pmxfs import cli, daemon
 from pmxfs.cli import main
+from pmxfs.commands import (
+    config_check,
+    control,
+    db,
+    debug,
+    debug_cpg,
+    demo,
+    expected,
+    keygen,
+    log,
+    nodes,
+    status,
+)
 
 COMMANDS = [(), ("daemon",), ("demo",), ("status",), ("nodes",), ("expected",), ("log",),
             ("keygen",), ("config",), ("config", "check"), ("db",), ("db", "check"),
             ("db", "dump"), ("db", "backup"), ("debug",), ("debug", "cpg"),
-            *(("debug", topic) for topic in control_cli.DEBUG_TOPICS)]
-MODULES = [cli, config_check, control_cli, daemon, db_tools, debug_cpg, demo, keygen]
+            *(("debug", topic) for topic in debug.DEBUG_TOPICS)]
+MODULES = [cli, config_check, control, daemon, db, debug, debug_cpg, demo, expected, keygen, log,
+           nodes, status]
 DAEMON_DEFAULTS = ["/etc/pmxfs/corosync.conf", "/etc/pmxfs/authkey", "/etc/pve",
                    "/var/lib/pmxfs", "/run/pmxfs"]
 

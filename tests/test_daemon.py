@@ -16,7 +16,7 @@ import pytest
 from cpg_harness import wait_until
 from daemon_harness import DaemonCluster, fuse_unavailable, is_mounted
 
-from pmxfs.control_cli import check_status_shape
+from pmxfs.commands.status import check_status_shape
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 

@@ -1,6 +1,6 @@
-"""pmxfs.runtime.ipc and pmxfs.control_cli: the control socket served in-process for a fake node,
-used through the blocking client (from a worker thread), the CLI in-process, the CLI as a
-subprocess (also as an unprivileged user) and raw frames."""
+"""pmxfs.runtime.ipc and the control commands (pmxfs/commands/): the control socket served
+in-process for a fake node, used through the blocking client (from a worker thread), the CLI
+in-process, the CLI as a subprocess (also as an unprivileged user) and raw frames."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import trio
 import trio.testing
 
 from pmxfs import cli
-from pmxfs.control_cli import check_status_shape
+from pmxfs.commands.status import check_status_shape
 from pmxfs.core.replica import Reply
 from pmxfs.runtime.ipc import (
     MAX_CONNECTIONS,

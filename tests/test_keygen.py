@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pmxfs import keygen
 from pmxfs.cli import main
+from pmxfs.commands import keygen
 from pmxfs.runtime import durable_file
 from pmxfs.runtime.transport import load_authkey
 

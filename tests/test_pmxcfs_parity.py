@@ -27,7 +27,7 @@ import trio
 import trio.testing
 from test_fuse_ops import NOW, Mount, fails_with, link_refused, mnt, perm, sh
 
-from pmxfs.control_cli import check_status_shape
+from pmxfs.commands.status import check_status_shape
 from pmxfs.core import conf
 from pmxfs.core.fsop import Mkdir, SetMtime, UnlockRequest, WriteFile
 from pmxfs.runtime.database import Database

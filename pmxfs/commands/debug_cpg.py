@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from pmxfs import config_check
+from pmxfs.commands import config_check
 from pmxfs.core import conf
 from pmxfs.core.totem import ConfChange, Deliver, Stable
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id

@@ -52,7 +52,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pmxfs import keygen
+from pmxfs.commands import keygen
 from pmxfs.core import conf
 from pmxfs.core.errors import LocalError
 from pmxfs.daemon import answers, mount_table, unmount
