@@ -124,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
                         level=logging.DEBUG if args.debug else logging.INFO)
     run_dir = Path(args.run_dir or args.global_run_dir)
     try:
-        return trio.run(_serve, args, run_dir)
+        data_dir = Path(args.data_dir).absolute()
+        mount = Path(os.path.realpath(args.mount))  # as the mount table names it
+        config_path = None if args.local else Path(args.config).absolute()
+        return trio.run(_serve, args, run_dir, data_dir, mount, config_path)
     except StartupError as exc:
         print(f"pmxfs: {exc}", file=sys.stderr)
         return 1
@@ -323,9 +326,9 @@ async def _transport(config: conf.ClusterConfig, node_id: int, args: argparse.Na
         raise StartupError(f"cannot open the cluster network: {exc}") from None
 
 
-async def _serve(args: argparse.Namespace, run_dir: Path) -> int:
-    data_dir = Path(args.data_dir).absolute()
-    mount = Path(os.path.realpath(args.mount))  # as the mount table names it
+async def _serve(args: argparse.Namespace, run_dir: Path, data_dir: Path, mount: Path,
+                 config_path: Path | None) -> int:
+    """The daemon, from its checks to the end of its mount; the paths are absolute."""
     name = args.node or socket.gethostname().split(".")[0]
     for path, what in ((data_dir, "data directory"), (run_dir, "run directory"),
                        (mount, "mount point")):
@@ -348,7 +351,7 @@ async def _serve(args: argparse.Namespace, run_dir: Path) -> int:
             incarnation = int.from_bytes(boot_id, "big")
             node = ReplicaNode(
                 node_id=node_id, config=config,
-                config_path=None if args.local else Path(args.config).absolute(),
+                config_path=config_path,
                 params=conf.totem_params(config), transport=transport, database=database,
                 ring_seq_store=store, incarnation=incarnation, data_dir=data_dir,
                 verify_interval=args.verify_interval * 1000)

@@ -18,7 +18,7 @@ from pmxfs.core.replica import MAX_PENDING
 from pmxfs.runtime import replica_node
 from pmxfs.runtime.database import Database, DatabaseError
 from pmxfs.runtime.memory_transport import MemoryHub
-from pmxfs.runtime.replica_node import ROOM_TIMEOUT_S, NodeStopped, ReplicaNode
+from pmxfs.runtime.replica_node import NODE_DIRS, ROOM_TIMEOUT_S, NodeStopped, ReplicaNode
 from pmxfs.runtime.ring_seq import RingSeqStore
 
 CONFIG = """totem {
@@ -48,6 +48,7 @@ class Cluster:
         self.nodes: dict[int, ReplicaNode] = {}
         self.databases: list[Database] = []
         self.failures: dict[int, BaseException] = {}  # what a node's run() raised
+        self.failed = trio.Event()  # set when a node's run() raised
         for node_id in range(1, count + 1):
             data_dir = tmp_path / f"node{node_id}"
             data_dir.mkdir()
@@ -66,12 +67,19 @@ class Cluster:
             await node.run()
         except Exception as exc:
             self.failures[node_id] = exc
+            self.failed.set()
+
+    def is_settled(self) -> bool:
+        setup = [f"nodes/{n.node_name}/{d}" for n in self.nodes.values() for d in NODE_DIRS]
+        return all(n.quorate() and n.replica.synced() and len(n.replica.members) == len(self.nodes)
+                   and all(n.memdb.lookup(path) is not None for path in setup)
+                   for n in self.nodes.values())
 
     async def settled(self) -> None:
-        """Until every node is in one synced, quorate ring (bounded by the caller's clock)."""
-        while not all(n.quorate() and n.replica.synced()
-                      and len(n.replica.members) == len(self.nodes)
-                      for n in self.nodes.values()):
+        """Until every node is in one synced, quorate ring and every node's first-start
+        directories are committed everywhere, so a test's writes are the only ones in flight
+        (bounded by the caller's clock)."""
+        while not self.is_settled():  # noqa: ASYNC110 polls state that has no event; bounded by fail_after
             await trio.sleep(0.05)
 
     def close(self) -> None:
@@ -143,8 +151,7 @@ async def test_a_commit_that_fails_stops_the_node_and_nothing_after_it_happens(
     with pytest.raises(NodeStopped):
         await node.write(Mkdir("unwritten", 1))
     with trio.fail_after(5):
-        while 1 not in cluster.failures:
-            await trio.sleep(0.05)
+        await cluster.failed.wait()
     assert isinstance(cluster.failures.pop(1), DatabaseError)
     with pytest.raises(NodeStopped):
         await node.write(Mkdir("after", 1))

@@ -21,6 +21,7 @@ from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
 from pmxfs.runtime.totem_node import TotemNode
 
 NODES = (1, 2, 3)
+WAIT_S = 60.0
 
 
 class Cluster:
@@ -67,10 +68,11 @@ class Cluster:
         return [e.payload for e in self.events[node_id] if isinstance(e, Deliver)]
 
 
-async def wait_for(condition: object, timeout: float = 60.0) -> None:
+async def wait_for(condition: object) -> None:
+    """Until `condition()` holds, at most WAIT_S of the (usually autojumping) clock."""
     assert callable(condition)
-    with trio.fail_after(timeout):
-        while not condition():
+    with trio.fail_after(WAIT_S):
+        while not condition():  # noqa: ASYNC110 polls state that has no event; bounded by fail_after
             await trio.sleep(0.01)
 
 

@@ -59,6 +59,7 @@ class Worker:
         self.latency_sent: dict[bytes, float] = {}
         self.latencies: list[float] = []
         self.ready = trio.Event()
+        self.counted = trio.Event()  # set (and replaced) when own_delivered or latencies grows
 
     async def consume(self) -> None:
         own = self.node.totem.node_id
@@ -78,9 +79,15 @@ class Worker:
                 self.delivered += 1
             if event.sender == own:
                 self.own_delivered += 1
+                self._counted()
         sent_at = self.latency_sent.pop(event.payload[:16], None)
         if sent_at is not None:
             self.latencies.append(now - sent_at)
+            self._counted()
+
+    def _counted(self) -> None:
+        self.counted.set()
+        self.counted = trio.Event()
 
     async def load(self, size: int, start_at: float, seconds: float) -> dict[str, Any]:
         """Send as fast as back-pressure allows during the window; count this phase's
@@ -97,7 +104,7 @@ class Worker:
             sent += 1
         with trio.move_on_after(300):
             while self.own_delivered < sent:
-                await trio.sleep(0.05)
+                await self.counted.wait()
         status = self.node.status()
         return {"sent": sent, "delivered": self.delivered, "totem": status.totem.counters,
                 "transport": status.transport_counters}
@@ -111,7 +118,7 @@ class Worker:
             await trio.sleep(interval)
         with trio.move_on_after(5):
             while len(self.latencies) < count:
-                await trio.sleep(0.05)
+                await self.counted.wait()
         return {"latencies": self.latencies}
 
 
@@ -122,7 +129,7 @@ def answer(obj: dict[str, Any]) -> None:
 
 async def worker_main(node_id: int, port: int, token: int | None, authkey_path: str,
                       data_dir: str) -> None:
-    authkey = Path(authkey_path).read_bytes()
+    authkey = await trio.Path(authkey_path).read_bytes()
     crypto = FrameCrypto(authkey, "bench", node_id, NODES,
                          boot_id=next_boot_id(data_dir, node_id))
     transport = await UdpTransport.open(node_id=node_id, addresses=ADDRESSES, port=port,

@@ -120,11 +120,17 @@ async def serve_control(path: Path, node: ControlNode, *, www_data_gid: int | No
             await nursery.start(trio.serve_listeners, server.handle, [listener])
             task_status.started()
     finally:
-        try:
-            if os.stat(path).st_ino == inode:  # not replaced by someone else meanwhile
-                path.unlink()
-        except OSError:
-            pass  # already gone, or not ours to remove
+        _remove_socket(path, inode)
+
+
+def _remove_socket(path: Path, inode: int) -> None:
+    """Remove the socket file `path` unless someone else replaced it meanwhile. Not async: it runs
+    when the server is cancelled, where an await would be cancelled too."""
+    try:
+        if os.stat(path).st_ino == inode:
+            path.unlink()
+    except OSError:
+        pass  # already gone, or not ours to remove
 
 
 async def _bind(path: Path, www_data_gid: int | None) -> tuple[trio.socket.SocketType, int]:
@@ -148,7 +154,7 @@ async def _bind(path: Path, www_data_gid: int | None) -> tuple[trio.socket.Socke
 
 async def _remove_stale(path: Path) -> None:
     try:
-        mode = os.lstat(path).st_mode
+        mode = (await trio.Path(path).lstat()).st_mode
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -160,7 +166,7 @@ async def _remove_stale(path: Path) -> None:
             await probe.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
             try:
-                path.unlink(missing_ok=True)
+                await trio.Path(path).unlink(missing_ok=True)
             except OSError as exc:
                 raise ControlError(f"cannot remove the stale socket {path}: "
                                    f"{exc.strerror or exc}") from None

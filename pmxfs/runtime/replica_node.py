@@ -126,6 +126,9 @@ class ReplicaNode:
         self._vmlist_version = 0
         self._counters = ChangeCounters()
         self.synced_once = trio.Event()
+        # set (and replaced) whenever quorate() or the replica's synced() changes
+        self._writable_changed = trio.Event()
+        self._writable_state = (False, False)
         loaded = database.load()
         self.replica = Replica(
             node_id, config, params, 0, incarnation=incarnation,
@@ -300,7 +303,7 @@ class ReplicaNode:
         wanted = ["nodes", f"nodes/{self._name}",
                   *(f"nodes/{self._name}/{d}" for d in NODE_DIRS)]
         while not (self.quorate() and self.replica.synced()):
-            await trio.sleep(1)  # a poll of the quorum, not a synchronisation
+            await self._writable_changed.wait()
         for path in wanted:
             if self.memdb.lookup(path) is None:
                 reply = await self.write(Mkdir(path, self.wall_seconds()))
@@ -308,7 +311,7 @@ class ReplicaNode:
                     log.warning("cannot create %s: %s", path, os.strerror(reply.errno))
                     return
         if self.config_path is not None and self.memdb.lookup(COROSYNC_CONF) is None:
-            text = self.config_path.read_bytes()
+            text = await trio.Path(self.config_path).read_bytes()
             reply = await self.write(WriteFile(COROSYNC_CONF, text, self.wall_seconds(),
                                                create=True))
             if reply.errno not in (0, E.EEXIST):
@@ -326,8 +329,14 @@ class ReplicaNode:
             self._failure = exc
             self._failed.set()
             raise NodeStopped(f"the node stopped: {exc}") from exc
-        if self.replica.synced():
+        synced = self.replica.synced()
+        if synced:
             self.synced_once.set()
+        state = (self.quorate(), synced)
+        if state != self._writable_state:
+            self._writable_state = state
+            self._writable_changed.set()
+            self._writable_changed = trio.Event()
         self.loop.deadline_changed(self.replica.next_deadline())
 
     def _carry_out(self, outputs: list[Output]) -> None:
