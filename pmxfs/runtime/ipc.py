@@ -425,7 +425,10 @@ def request(path: Path, cmd: str, **args: Any) -> Any:
         sock.settimeout(timeout)
         _connect(sock, path)
         try:
-            sock.sendall(frame)
+            try:
+                sock.sendall(frame)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a daemon that refuses the connection may answer and close unread
             header = _recv_exactly(sock, _HEADER.size)
             if len(header) < _HEADER.size:
                 raise ControlError(f"the daemon at {path} closed the connection without an "
