@@ -9,10 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pmxfs import daemon
 from pmxfs.commands import (
     config_check,
     control,
+    daemon,
     db,
     debug,
     debug_cpg,

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
-from pmxfs import cli, daemon
+from pmxfs import cli
 from pmxfs.cli import main
 from pmxfs.commands import (
     config_check,
     control,
+    daemon,
     db,
     debug,
     debug_cpg,

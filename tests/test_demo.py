@@ -26,9 +26,8 @@ from typing import Any
 import pytest
 from cpg_harness import PORT_RANGE, random_port, wait_until
 
-from pmxfs import daemon
 from pmxfs.cli import build_parser, main
-from pmxfs.commands import demo
+from pmxfs.commands import daemon, demo
 from pmxfs.core import conf
 
 NODE_KEYS = {"name", "nodeid", "pid", "argv", "config", "authkey", "data_dir", "run_dir", "mount"}

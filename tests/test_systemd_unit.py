@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pmxfs import daemon
 from pmxfs.cli import build_parser
+from pmxfs.commands import daemon
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "pmxfs.service"
 INSTALLED_PMXFS = "/usr/local/bin/pmxfs"

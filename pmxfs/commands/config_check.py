@@ -17,17 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pmxfs.core import conf
-from pmxfs.core.errors import LocalError
 from pmxfs.core.quorum import QuorumConfig
-
-MAX_CONFIG_BYTES = 1024 * 1024  # a file in the tree is at most 1 MiB
-
-
-class _Unreadable(LocalError):
-    """The file to check cannot be read."""
+from pmxfs.runtime.config_file import ConfigUnreadable, load, report
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,50 +55,6 @@ examples:
     check.set_defaults(handler=run_check)
 
 
-def _decode(data: bytes, filename: str) -> tuple[str | None, conf.ConfigError | None]:
-    """Text of a file, or the one error that says why it is not text."""
-
-    def where(offset: int) -> tuple[int, int]:
-        line = data.count(b"\n", 0, offset) + 1
-        col = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
-        return line, col
-
-    if len(data) > MAX_CONFIG_BYTES:
-        return None, conf.ConfigError(filename, 1, 1, f"file is too large ({len(data)} bytes; "
-                                                      f"at most {MAX_CONFIG_BYTES})")
-    nul = data.find(b"\0")
-    if nul >= 0:
-        line, col = where(nul)
-        return None, conf.ConfigError(filename, line, col, "binary data (NUL byte): not a text "
-                                                           "file")
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError as exc:
-        line, col = where(exc.start)
-        return None, conf.ConfigError(filename, line, col, f"not UTF-8 text (byte "
-                                                           f"0x{data[exc.start]:02x})")
-
-
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise _Unreadable(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _load(path: str, current: conf.ClusterConfig | None) -> conf.CheckResult:
-    text, error = _decode(_read(path), path)
-    if text is None:
-        assert error is not None
-        return conf.CheckResult(None, (error,), ())
-    return conf.check(text, path, current)
-
-
-def _report(problems: tuple[conf.ConfigError, ...]) -> None:
-    for problem in sorted(problems, key=lambda p: (p.filename, p.line, p.col)):
-        print(problem, file=sys.stderr)
-
-
 def summary(config: conf.ClusterConfig, update: conf.UpdateResult | None,
             current: conf.ClusterConfig | None) -> str:
     """The one-line description of a valid config (and of the update, with `current`)."""
@@ -128,31 +77,19 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         current: conf.ClusterConfig | None = None
         if args.against is not None:
-            base = _load(args.against, None)
+            base = load(args.against, None)
             if base.config is None:
-                _report(base.errors + base.warnings)
+                report(base.errors + base.warnings)
                 print(f"pmxfs: the current config {args.against} is not valid", file=sys.stderr)
                 return 1
             current = base.config
-        result = _load(args.file, current)
-    except _Unreadable as exc:
+        result = load(args.file, current)
+    except ConfigUnreadable as exc:
         print(f"pmxfs: {exc}", file=sys.stderr)
         return 2
     if result.config is None:
-        _report(result.errors + result.warnings)
+        report(result.errors + result.warnings)
         return 1
-    _report(result.warnings)
+    report(result.warnings)
     print(summary(result.config, result.update, current))
     return 0
-
-
-def load_checked(path: str) -> conf.ClusterConfig | None:
-    """Read and check the corosync.conf a command runs from, reporting problems exactly as
-    `pmxfs config check` does (warnings included); None when it cannot be used."""
-    try:
-        result = _load(path, None)
-    except _Unreadable as exc:
-        print(f"pmxfs: {exc}", file=sys.stderr)
-        return None
-    _report(result.errors + result.warnings)
-    return result.config

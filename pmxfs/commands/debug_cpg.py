@@ -25,10 +25,10 @@ from typing import Any
 
 import trio
 
-from pmxfs.commands import config_check
 from pmxfs.core import conf
 from pmxfs.core.totem import ConfChange, Deliver, Stable
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
+from pmxfs.runtime.config_file import load_checked
 from pmxfs.runtime.frame_crypto import FrameCrypto
 from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
 from pmxfs.runtime.totem_node import TotemNode
@@ -86,7 +86,7 @@ def event_json(event: Deliver | ConfChange) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_check.load_checked(args.config)
+    config = load_checked(args.config)
     if config is None:
         return 1
     me = config.node_by_name(args.node)

@@ -55,7 +55,7 @@ from typing import Any
 from pmxfs.commands import keygen
 from pmxfs.core import conf
 from pmxfs.core.errors import LocalError
-from pmxfs.daemon import answers, mount_table, unmount
+from pmxfs.runtime.daemon import answers, mount_table, unmount
 
 DEFAULT_NODES = 3
 MAX_NODES = 16
@@ -454,7 +454,7 @@ def _create(path: Path, data: bytes, mode: int) -> None:
 
 
 def mount_points() -> set[str]:
-    """Every mount point of this mount namespace (see `pmxfs.daemon.mount_table`)."""
+    """Every mount point of this mount namespace (see `pmxfs.runtime.daemon.mount_table`)."""
     return set(mount_table())
 
 

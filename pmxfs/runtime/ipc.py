@@ -43,6 +43,7 @@ is `NoDaemonError`, "no daemon at <path> (is pmxfs running?)".
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -425,10 +426,9 @@ def request(path: Path, cmd: str, **args: Any) -> Any:
         sock.settimeout(timeout)
         _connect(sock, path)
         try:
-            try:
+            # A daemon that refuses the connection may answer and close without reading.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(frame)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # a daemon that refuses the connection may answer and close unread
             header = _recv_exactly(sock, _HEADER.size)
             if len(header) < _HEADER.size:
                 raise ControlError(f"the daemon at {path} closed the connection without an "

@@ -1,4 +1,5 @@
-"""`pmxfs daemon`: one node — the ring, the replicated tree, the FUSE mount, the control socket.
+"""One node assembled and run: the ring, the replicated tree, the FUSE mount, the control socket
+(what `pmxfs daemon` starts, from the settings commands/daemon.py makes of its options).
 
 Start-up, in an order where every failure is one clear line and leaves nothing behind:
 1. the data and run directories (created, and logged, when missing -- their parents never are: a
@@ -21,7 +22,6 @@ The mount point never shows the plain directory underneath while the daemon is m
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import functools
@@ -34,15 +34,16 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from pmxfs.commands import config_check, control
 from pmxfs.core import conf
-from pmxfs.core.replica import DEFAULT_VERIFY_INTERVAL_MS
+from pmxfs.core.errors import LocalError
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
+from pmxfs.runtime.config_file import load_checked
 from pmxfs.runtime.core_loop import FrameTransport
 from pmxfs.runtime.database import Database, DatabaseError
 from pmxfs.runtime.frame_crypto import FrameCrypto
@@ -56,78 +57,33 @@ from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
 log = logging.getLogger("pmxfs")
 
 
-DEFAULT_CONFIG = "/etc/pmxfs/corosync.conf"
-DEFAULT_AUTHKEY = "/etc/pmxfs/authkey"
-DEFAULT_MOUNT = "/etc/pve"
-DEFAULT_DATA_DIR = "/var/lib/pmxfs"
 FSNAME = next(o.split("=", 1)[1] for o in MOUNT_OPTIONS if o.startswith("fsname="))
 DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 SHOWN_ENTRIES = 3  # how many entries a refusal to mount over a non-empty directory names
 
-DESCRIPTION = """\
-Run this node of the cluster in the foreground: join the ring described by --config, keep the
-replicated tree in DATA_DIR/config.db and mount it with FUSE at --mount. The client commands
-(`pmxfs status`, `nodes`, `expected`, `log`, `debug`) talk to it over RUN_DIR/pmxfs.sock. It
-logs to stderr. systemd/pmxfs.service runs it with the default paths.
-
---data-dir, --run-dir and the mount point are created when missing, and the log says so; their
-parent directories are not (a mistyped path is refused). The mount point must be an empty
-directory: the daemon refuses to hide files under its mount and names them.
-
-SIGTERM or SIGINT unmounts and exits 0. Any other end (an error, which exits 1, or SIGKILL)
-leaves the mount dead, answering "Transport endpoint is not connected", so nothing is written
-into the directory underneath; the next start takes the dead mount away and mounts again.
-Exit 1 with one line `pmxfs: reason` when it cannot start."""
-
-EXAMPLES = f"""\
-examples:
-  pmxfs daemon                      # as systemd/pmxfs.service: {DEFAULT_CONFIG}, {DEFAULT_MOUNT}
-  pmxfs daemon --node pve1 --debug  # this host is pve1 in the nodelist; log debug messages
-  pmxfs daemon --local --mount /tmp/pve --data-dir /tmp/pmxfs-data --run-dir /tmp/pmxfs-run"""
-
-
-class StartupError(Exception):
+class StartupError(LocalError):
     """Why the daemon cannot start: printed as one line."""
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `daemon` to the `pmxfs` parser."""
-    p = subparsers.add_parser("daemon", help="run this node: ring, replicated tree, mount",
-                              description=DESCRIPTION, epilog=EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
-                   help="the cluster's corosync.conf (default: %(default)s)")
-    p.add_argument("--authkey", default=DEFAULT_AUTHKEY, metavar="FILE",
-                   help="the cluster's authkey, see `pmxfs keygen` (default: %(default)s)")
-    p.add_argument("--node", metavar="NAME",
-                   help="this node's name in the nodelist (default: the host name)")
-    p.add_argument("--mount", default=DEFAULT_MOUNT, metavar="DIR",
-                   help="where the tree is mounted (default: %(default)s)")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
-                   help="the node's database config.db, ring state and lost+found "
-                        "(default: %(default)s)")
-    p.add_argument("--run-dir", default=None, metavar="DIR",
-                   help="where the control socket pmxfs.sock is made (default: the global "
-                        f"--run-dir: $PMXFS_RUN_DIR, else {control.DEFAULT_RUN_DIR})")
-    p.add_argument("--local", action="store_true",
-                   help="run as a one-node cluster without network, always quorate; --config "
-                        "and --authkey are not read")
-    p.add_argument("--debug", action="store_true", help="log debug messages")
-    p.add_argument("--verify-interval", type=int, default=DEFAULT_VERIFY_INTERVAL_MS // 1000,
-                   metavar="SECONDS", help=argparse.SUPPRESS)
-    p.set_defaults(handler=run)
+@dataclass(frozen=True)
+class DaemonSettings:
+    """What `pmxfs daemon` was told (commands/daemon.py); paths absolute."""
+
+    config: Path  # the cluster's corosync.conf (not read with `local`)
+    authkey: Path
+    node: str | None  # this node's name in the nodelist; None: the host name
+    mount: Path  # as the mount table names it (symlinks resolved)
+    data_dir: Path
+    run_dir: Path
+    local: bool  # a one-node cluster without network, always quorate
+    verify_interval_ms: int
 
 
-def run(args: argparse.Namespace) -> int:
-    """Handler of `pmxfs daemon`; returns the exit status."""
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s pmxfs[%(process)d]: %(message)s",
-                        level=logging.DEBUG if args.debug else logging.INFO)
-    run_dir = Path(args.run_dir or args.global_run_dir)
+def serve(settings: DaemonSettings) -> int:
+    """Run the node until SIGTERM or SIGINT (0); 1 with one line on stderr when it cannot start,
+    1 after logging the error when it stops on one (module header)."""
     try:
-        data_dir = Path(args.data_dir).absolute()
-        mount = Path(os.path.realpath(args.mount))  # as the mount table names it
-        config_path = None if args.local else Path(args.config).absolute()
-        return trio.run(_serve, args, run_dir, data_dir, mount, config_path)
+        return trio.run(_serve, settings)
     except StartupError as exc:
         print(f"pmxfs: {exc}", file=sys.stderr)
         return 1
@@ -188,15 +144,15 @@ def _local_config(name: str) -> conf.ClusterConfig:
     return conf.parse(text)
 
 
-def _load_config(args: argparse.Namespace, name: str) -> tuple[conf.ClusterConfig, int]:
-    if args.local:
+def _load_config(settings: DaemonSettings, name: str) -> tuple[conf.ClusterConfig, int]:
+    if settings.local:
         return _local_config(name), 1
-    config = config_check.load_checked(args.config)
+    config = load_checked(str(settings.config))
     if config is None:
-        raise StartupError(f"cannot start without a valid {args.config}")
+        raise StartupError(f"cannot start without a valid {settings.config}")
     me = config.node_by_name(name)
     if me is None or me.nodeid is None:
-        raise StartupError(f"node {name!r} is not in the nodelist of {args.config} "
+        raise StartupError(f"node {name!r} is not in the nodelist of {settings.config} "
                            "(use --node NAME)")
     return config, me.nodeid
 
@@ -306,12 +262,12 @@ def _notify_systemd(message: str) -> None:
         sock.sendall(message.encode())
 
 
-async def _transport(config: conf.ClusterConfig, node_id: int, args: argparse.Namespace,
+async def _transport(config: conf.ClusterConfig, node_id: int, settings: DaemonSettings,
                      boot_id: bytes) -> FrameTransport:
-    if args.local:
+    if settings.local:
         return MemoryHub().transport(node_id)
     try:
-        authkey = load_authkey(args.authkey)
+        authkey = load_authkey(settings.authkey)
     except AuthkeyError as exc:
         raise StartupError(str(exc)) from None
     infos = config.node_infos()
@@ -326,10 +282,10 @@ async def _transport(config: conf.ClusterConfig, node_id: int, args: argparse.Na
         raise StartupError(f"cannot open the cluster network: {exc}") from None
 
 
-async def _serve(args: argparse.Namespace, run_dir: Path, data_dir: Path, mount: Path,
-                 config_path: Path | None) -> int:
-    """The daemon, from its checks to the end of its mount; the paths are absolute."""
-    name = args.node or socket.gethostname().split(".")[0]
+async def _serve(settings: DaemonSettings) -> int:
+    """The daemon, from its checks to the end of its mount."""
+    data_dir, run_dir, mount = settings.data_dir, settings.run_dir, settings.mount
+    name = settings.node or socket.gethostname().split(".")[0]
     for path, what in ((data_dir, "data directory"), (run_dir, "run directory"),
                        (mount, "mount point")):
         _check_parent(path, what)
@@ -338,7 +294,7 @@ async def _serve(args: argparse.Namespace, run_dir: Path, data_dir: Path, mount:
     lock_fd = _lock_data_dir(data_dir)
     try:
         _check_mount_point(mount)
-        config, node_id = _load_config(args, name)
+        config, node_id = _load_config(settings, name)
         store = RingSeqStore(data_dir, node_id)
         try:
             store.load()
@@ -346,15 +302,15 @@ async def _serve(args: argparse.Namespace, run_dir: Path, data_dir: Path, mount:
             database = Database.open(data_dir)
         except (RingSeqFileError, BootIdFileError, DatabaseError) as exc:
             raise StartupError(str(exc)) from None
-        transport = await _transport(config, node_id, args, boot_id)
+        transport = await _transport(config, node_id, settings, boot_id)
         try:
             incarnation = int.from_bytes(boot_id, "big")
             node = ReplicaNode(
                 node_id=node_id, config=config,
-                config_path=config_path,
+                config_path=None if settings.local else settings.config,
                 params=conf.totem_params(config), transport=transport, database=database,
                 ring_seq_store=store, incarnation=incarnation, data_dir=data_dir,
-                verify_interval=args.verify_interval * 1000)
+                verify_interval=settings.verify_interval_ms)
         except DatabaseError as exc:
             raise StartupError(str(exc)) from None
         try:
