@@ -163,18 +163,18 @@ def test_a_shell_redirect_shows_the_old_content_until_the_command_is_done(
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
     command = f"sh -c 'read line < {fifo}; echo new content' > atom.cfg"
-    proc = subprocess.Popen(["sh", "-c", command], cwd=mnt.root, stderr=subprocess.PIPE)
-    try:
-        go = _open_fifo_writer(fifo)  # the redirect is in place: the inner shell reads
-        assert tree_content(mnt, "atom.cfg") == b"old content\n"
-        assert (mnt / "atom.cfg").read_bytes() == b"old content\n"
-        os.write(go, b"go\n")
-        os.close(go)
-        assert proc.wait(DEADLINE_S) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(DEADLINE_S)
+    with subprocess.Popen(["sh", "-c", command], cwd=mnt.root, stderr=subprocess.PIPE) as proc:
+        try:
+            go = _open_fifo_writer(fifo)  # the redirect is in place: the inner shell reads
+            assert tree_content(mnt, "atom.cfg") == b"old content\n"
+            assert (mnt / "atom.cfg").read_bytes() == b"old content\n"
+            os.write(go, b"go\n")
+            os.close(go)
+            assert proc.wait(DEADLINE_S) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(DEADLINE_S)
     assert tree_content(mnt, "atom.cfg") == b"new content\n"
     assert (mnt / "atom.cfg").read_bytes() == b"new content\n"
 
