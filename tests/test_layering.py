@@ -74,3 +74,23 @@ def test_checker_catches_forbidden_imports(tmp_path: Path) -> None:
     )
     found = violations(bad)
     assert len(found) == 6, found
+
+
+def _imports_of(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module is not None:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((CORE.parent / "runtime").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_the_runtime_does_not_import_the_commands(path: Path) -> None:
+    """Layers: commands -> runtime -> core. A runtime module that needs something of a command
+    shows that the something belongs in the runtime."""
+    assert not {name for name in _imports_of(path)
+                if name == "pmxfs.commands" or name.startswith("pmxfs.commands.")
+                or name == "pmxfs.cli"}
