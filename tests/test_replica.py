@@ -113,12 +113,7 @@ def test_expected_one_in_a_split_and_lost_and_found_after_healing() -> None:
     c.wait(lambda: not c.replica(1).writable(), 10_000, "n1 to lose quorum")
     c.wait(lambda: c.replica(2).synced() and c.replica(2).members == (2, 3), 10_000,
            "the majority's ring")
-    request = 900_001
-    c.requests[c.key(1)][request] = None
-    c.replica(1).propose_expected(c.net.now, request, 1)
-    c.net.flush(c.net.nodes[1])
-    c.wait(lambda: request in c.replies, 5_000, "the expected reply")
-    assert c.replies[request].errno == 0
+    assert c.expected(1, 1).errno == 0
     assert c.write(1, WriteFile("f", b"lonely", 4, create=True)).errno == 0
     assert c.write(2, WriteFile("f", b"majority", 4, create=True)).errno == 0
     c.net.heal()
@@ -135,12 +130,7 @@ def test_expected_one_in_a_split_and_lost_and_found_after_healing() -> None:
 
 def test_expected_below_the_votes_present_is_refused_with_a_reason() -> None:
     c = make()
-    request = 900_002
-    c.requests[c.key(1)][request] = None
-    c.replica(1).propose_expected(c.net.now, request, 2)
-    c.net.flush(c.net.nodes[1])
-    c.wait(lambda: request in c.replies, 5_000, "the expected reply")
-    reply = c.replies[request]
+    reply = c.expected(1, 2)
     assert reply.errno == E.EINVAL
     assert "lower than the 3 votes" in reply.message
 
@@ -169,11 +159,8 @@ def test_an_operation_no_member_would_accept_is_answered_at_once_and_never_sent(
 @pytest.mark.parametrize("expected", [-1, 0, 4, 1 << 40])
 def test_expected_outside_the_votes_that_exist_is_refused_at_once(expected: int) -> None:
     c = make()
-    request = 900_003
-    c.requests[c.key(1)][request] = None
-    c.replica(1).propose_expected(c.net.now, request, expected)
-    c.net.flush(c.net.nodes[1])
-    assert c.replies[request].errno == E.EINVAL
+    request = c.propose_expected(1, expected)
+    assert c.replies[request].errno == E.EINVAL  # before the network ran at all
     assert c.replies[request].message == (f"expected votes must be between 1 and 3 (the votes "
                                           f"that exist), not {expected}")
     c.run_for(1000)

@@ -300,6 +300,22 @@ class ReplicaCluster:
         self.net.flush(node)
         return request
 
+    def propose_expected(self, node_id: int, expected: int) -> int:
+        """`pmxfs expected N` on a node; returns the request id (its Reply lands in
+        `replies`, at once when it is refused before anything is sent)."""
+        self.next_request += 1
+        request = self.next_request
+        self.requests[self.key(node_id)][request] = None
+        self.replica(node_id).propose_expected(self.net.now, request, expected)
+        self.net.flush(self.net.nodes[node_id])
+        return request
+
+    def expected(self, node_id: int, expected: int, timeout: int = 5_000) -> Reply:
+        """`pmxfs expected N` on a node, and wait for the answer."""
+        request = self.propose_expected(node_id, expected)
+        self.wait(lambda: request in self.replies, timeout, "the reply to expected")
+        return self.replies[request]
+
     def wait(self, condition: Callable[[], bool], timeout: int, what: str) -> None:
         """Run until `condition()` holds; Violation naming `what` after `timeout` ms."""
         if not self.net.run_while(lambda: not condition(), self.net.now + timeout):
