@@ -160,7 +160,8 @@ class CpgProcess:
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.pid = self.proc.pid
-        assert self.proc.stdout is not None and self.proc.stderr is not None
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
         self._threads = [
             threading.Thread(target=self._read_stdout, args=(self.proc.stdout,), daemon=True,
                              name=f"{name}-stdout"),

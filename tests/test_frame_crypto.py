@@ -90,7 +90,8 @@ def test_payload_is_encrypted_under_the_run_key_with_the_counter_as_nonce() -> N
     sender, _ = pair()
     payload = b"secret corosync.conf contents" * 4
     frames = [sender.seal(payload, 2) for _ in range(3)]
-    assert payload not in frames[2] and b"secret" not in frames[2]
+    assert payload not in frames[2]
+    assert b"secret" not in frames[2]
     # key: HKDF(cluster key, sender || boot id); nonce: 4 zero bytes || counter
     boot = int.from_bytes(b"\x01" * 8, "big")
     aead = ChaCha20Poly1305(derive_run_key(derive_key(KEY, "lab"), 1, boot))
@@ -306,8 +307,10 @@ def test_made_up_boot_ids_keep_two_keys_per_sender(monkeypatch: pytest.MonkeyPat
         assert dropped(receiver, forged) == AUTH_FAILED
     assert derived == list(range(101, 1101))
     peer = receiver._peers[1]  # white box: what is kept is the current key and one candidate
-    assert peer.key is not None and peer.key.boot_id == 100
-    assert peer.candidate is not None and peer.candidate.boot_id == 1100
+    assert peer.key is not None
+    assert peer.key.boot_id == 100
+    assert peer.candidate is not None
+    assert peer.candidate.boot_id == 1100
     assert receiver.open(current.seal(b"b", 2)) == (1, b"b")
     assert len(derived) == 1000
 
@@ -318,7 +321,9 @@ def test_a_new_run_becomes_current_once_authentic() -> None:
     assert receiver.open(first.seal(b"1", 2)) == (1, b"1")
     assert receiver.open(second.seal(b"2", 2)) == (1, b"2")
     peer = receiver._peers[1]
-    assert peer.key is not None and peer.key.boot_id == 20 and peer.candidate is None
+    assert peer.key is not None
+    assert peer.key.boot_id == 20
+    assert peer.candidate is None
     assert dropped(receiver, first.seal(b"late", 2)) == REPLAY
 
 
