@@ -15,8 +15,9 @@ their order:
 An output that cannot be carried out (a database that cannot commit, above all) stops the node:
 acknowledging writes that are not on disk would break the one promise the node makes. Whoever
 drove the core at that moment -- the core loop, or a FUSE or control request that flushed --
-gets `NodeStopped`, every later call too, and `run()` raises the original error, so the daemon
-stops (leaving its mount dead) instead of answering from a replica that went on without it.
+gets `NodeStopped`, so does every call waiting for a reply and every later call, and `run()`
+raises the original error, so the daemon stops (leaving its mount dead) instead of answering
+from a replica that went on without it.
 
 The node also answers the FUSE layer (`FsNode`) and the control socket (`ControlNode`).
 """
@@ -166,6 +167,7 @@ class ReplicaNode:
         with trio.move_on_after(ROOM_TIMEOUT_S):
             while self.replica.full():
                 await self._room.wait()
+                self._check_running()
         request = self._new_request()
         self.replica.propose(self.now(), request, op)
         reply = await self._wait(request)
@@ -328,6 +330,9 @@ class ReplicaNode:
             log.exception("cannot carry out the replica's outputs; stopping the node")
             self._failure = exc
             self._failed.set()
+            for waiter in self._waiters.values():  # no reply will come: they raise NodeStopped
+                waiter.done.set()
+            self._room.set()
             raise NodeStopped(f"the node stopped: {exc}") from exc
         synced = self.replica.synced()
         if synced:
@@ -441,5 +446,7 @@ class ReplicaNode:
             await waiter.done.wait()
         finally:
             del self._waiters[request]
+        if waiter.reply is None:  # woken by the node stopping
+            self._check_running()
         assert waiter.reply is not None
         return waiter.reply
