@@ -227,16 +227,7 @@ def test_the_lost_and_found_log_line_names_the_directory_made(tmp_path: Path) ->
     c = ReplicaCluster([1, 2, 3], sim_params(3), random.Random(1))
     c.net.faults.min_delay = 1
     c.wait(c.settled, 20_000, "the first sync")
-    c.checker.majority_required = False
-    c.net.partition([[1], [2, 3]])
-    c.wait(lambda: not c.replica(1).writable(), 10_000, "n1 to lose quorum")
-    c.wait(lambda: c.replica(2).synced() and c.replica(2).members == (2, 3), 10_000,
-           "the majority's ring")
-    assert c.expected(1, 1).errno == 0
-    assert c.write(1, WriteFile("f", b"lonely", 4, create=True)).errno == 0
-    assert c.write(2, WriteFile("f", b"majority", 4, create=True)).errno == 0
-    c.net.heal()
-    c.wait(c.settled, 30_000, "one synced ring after healing")
+    c.both_sides_write_while_apart("f", b"lonely", b"majority")
     assert c.lost
     messages = [e.msg for e in c.replica(2).log_buffer.entries() if "lost+found" in e.msg]
     for node_id, lost in c.lost:

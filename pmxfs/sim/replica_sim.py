@@ -316,6 +316,22 @@ class ReplicaCluster:
         self.wait(lambda: request in self.replies, timeout, "the reply to expected")
         return self.replies[request]
 
+    def both_sides_write_while_apart(self, path: str, lonely: bytes, majority: bytes) -> None:
+        """The lost+found scenario: node 1 is cut off from the others, an operator runs
+        `expected 1` on it, both sides write `path`, and the network heals into one synced ring.
+        Writes of the lone node are its own, so the majority checker is told so."""
+        first, *rest = self.node_ids
+        self.checker.majority_required = False
+        self.net.partition([[first], rest])
+        self.wait(lambda: not self.replica(first).writable(), 10_000, "the lone node alone")
+        self.wait(lambda: self.replica(rest[0]).synced() and self.replica(rest[0]).members
+                  == tuple(rest), 10_000, "the majority's ring")
+        assert self.expected(first, 1).errno == 0
+        assert self.write(first, WriteFile(path, lonely, 4, create=True)).errno == 0
+        assert self.write(rest[0], WriteFile(path, majority, 4, create=True)).errno == 0
+        self.net.heal()
+        self.wait(self.settled, 30_000, "one synced ring after healing")
+
     def wait(self, condition: Callable[[], bool], timeout: int, what: str) -> None:
         """Run until `condition()` holds; Violation naming `what` after `timeout` ms."""
         if not self.net.run_while(lambda: not condition(), self.net.now + timeout):
