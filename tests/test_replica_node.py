@@ -1,6 +1,6 @@
 """The trio runtime of the replica (`ReplicaNode`): several nodes in one process over the memory
-transport, each with its own SQLite database, under trio's autojump clock (time jumps to the next
-deadline whenever every task sleeps, so timeouts cost no real time)."""
+transport, each with its own SQLite database, on trio's real clock (the ring's timers are the
+demo's short ones; every wait is bounded with fail_after)."""
 
 from __future__ import annotations
 
@@ -88,8 +88,7 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, nursery: trio.Nursery,
-                  autojump_clock: trio.testing.MockClock) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Cluster]:
     c = Cluster(tmp_path, nursery, 3)
     with trio.fail_after(60):
         await c.settled()
