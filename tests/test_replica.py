@@ -175,10 +175,9 @@ def test_a_proposal_nobody_decides_is_answered_etimedout_within_the_bound(
 def test_a_duplicate_delivered_in_a_later_batch_keeps_the_answer_where_it_was_announced(
         ) -> None:
     """A copy of a decided, unanswered operation delivered again in a later batch (as a copy
-    re-sent after a ring change can be): the answer must stay tied to the first position,
-    which every member announces, and the duplicate's batch announces too -- before, the answer
-    moved to the duplicate's position, which nothing announced, and waited for an unrelated
-    later write (or for ever)."""
+    re-sent after a ring change can be): the answer must stay tied to the first position
+    (once the answer moved to the duplicate's position, which nothing announced, and waited for
+    an unrelated later write, or for ever)."""
     c = make()
     r = c.replica(1)
     request = c.propose(1, Mkdir("twice", 1))
@@ -191,8 +190,7 @@ def test_a_duplicate_delivered_in_a_later_batch_keeps_the_answer_where_it_was_an
     r._deliver_at = (r.ring, first + 1)  # the duplicate's place in a later batch
     r._decide(1, OpMsg(op_id, Mkdir("twice", 1)))
     assert r.pending[op_id].seq == first
-    assert r._decided_in_batch
-    r._deliver_at, r._decided_in_batch = delivered_at, False  # nothing was really delivered
+    r._deliver_at = delivered_at  # nothing was really delivered
     c.wait(lambda: request in c.replies, 2_000, "the answer")
     assert c.replies[request].errno == 0
 
@@ -380,3 +378,36 @@ def test_fs_chaos_sweep() -> None:
 
 def test_fs_simulation_is_deterministic() -> None:
     assert run_fs_chaos(11, (3, 5)).trace_hash == run_fs_chaos(11, (3, 5)).trace_hash
+
+
+def test_the_checker_catches_a_durability_claim_made_before_the_disk(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulated disks are slow, and the checker looks at every member's disk when a write
+    is acknowledged: a replica that reports its deliveries durable as soon as it has them (not
+    when its Persists completed) is caught."""
+
+    def too_early(self: Replica) -> None:
+        if self._deliver_at != self._durable_told:
+            self._durable_told = self._deliver_at
+            self.totem.set_durable(self._now, *self._deliver_at)
+
+    monkeypatch.setattr(Replica, "_tell_durable", too_early)
+    result = run_fs_chaos(25, (3, 5))
+    assert result.violation is not None
+    assert "before it was on the disk of ring member" in result.violation
+
+
+def test_persistence_completes_later_than_delivery_and_in_order() -> None:
+    """A write is applied in memory at delivery, persisted later (the simulated disk takes
+    50-60 ms here), and acknowledged only once every member's disk holds it."""
+    c = make()
+    c.disk_delay = (50, 60)
+    request = c.propose(1, Mkdir("slow", 1))
+    assert request is not None
+    c.wait(lambda: all(c.replica(n).memdb.lookup("slow") is not None for n in c.node_ids),
+           2_000, "delivery everywhere")
+    assert request not in c.replies
+    assert not any(e.name == "slow" for n in c.node_ids for e in c.disks[n].rows.values())
+    c.wait(lambda: request in c.replies, 2_000, "the answer")
+    assert c.replies[request].errno == 0
+    assert all(any(e.name == "slow" for e in c.disks[n].rows.values()) for n in c.node_ids)

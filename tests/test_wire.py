@@ -175,7 +175,7 @@ def test_round_trip_extremes() -> None:
             MAX_FRAGMENTS_PER_FRAME))),
         Token(big_ring, MAX_SEQ, MAX_SEQ, MAX_SEQ, MAX_NODE_ID, MAX_SEQ, MAX_SEQ,
               tuple(range(MAX_SEQ - MAX_RTR_ENTRIES + 1, MAX_SEQ + 1)), True,
-              TokenPhase.OPERATIONAL),
+              TokenPhase.OPERATIONAL, (MAX_SEQ,) * MAX_MEMBERS),
         Token(RingId(0, 1), 0, 0, 0, 0, 0, 0, (), False, TokenPhase.RECOVERY),
         Join(MAX_NODE_ID, MAX_SEQ, tuple(range(1, MAX_MEMBERS + 1)), ()),
         CommitToken(big_ring, MAX_SEQ, tuple(range(1, MAX_MEMBERS + 1)),
@@ -297,7 +297,7 @@ def _frame(*fields: Any) -> bytes:
 
 
 RING = [4, 1]
-GOOD_TOKEN = [RING, 1, 5, 3, 2, 0, 0, [4], False, 2]
+GOOD_TOKEN = [RING, 1, 5, 3, 2, 0, 0, [4], False, 2, [5, 3]]
 GOOD_FRAG = [1, 0, 1, b"x"]
 
 NASTIES: dict[str, bytes] = {
@@ -337,37 +337,47 @@ NASTIES: dict[str, bytes] = {
     "sender str": _frame(PROTOCOL_VERSION, MessageType.MERGE_DETECT, "1", RING),
     "sender None": _frame(PROTOCOL_VERSION, MessageType.TOKEN_HOLD_CANCEL, None, RING),
     "token negative seq": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, -5, 0, 0, 0, 0,
-                                 [], False, 2),
+                                 [], False, 2, []),
     "token seq bool": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, True, 0, 0, 0, 0,
-                             [], False, 2),
+                             [], False, 2, []),
     "token aru > seq": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 6, 0, 0, 0,
-                              [], False, 2),
+                              [], False, 2, []),
     "token aru bool": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, True, 0, 0, 0,
-                             [], False, 2),
+                             [], False, 2, []),
     "token negative fcc": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, -1, 0,
-                                 [], False, 2),
+                                 [], False, 2, []),
     "token rtr above seq": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
-                                  [6], False, 2),
+                                  [6], False, 2, []),
     "token rtr zero": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
-                             [0], False, 2),
+                             [0], False, 2, []),
     "token rtr bool": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
-                             [True], False, 2),
+                             [True], False, 2, []),
     "token rtr not list": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
-                                 4, False, 2),
+                                 4, False, 2, []),
     "token rtr too long": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5000, 3, 0, 0, 0,
-                                 list(range(1, MAX_RTR_ENTRIES + 2)), False, 2),
+                                 list(range(1, MAX_RTR_ENTRIES + 2)), False, 2, []),
     "token flag as int": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
-                                [], 0, 2),
+                                [], 0, 2, []),
     "token flag None": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
-                              [], None, 2),
+                              [], None, 2, []),
     "token phase 3": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
-                            [], False, 3),
+                            [], False, 3, []),
     "token phase -1": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
-                             [], False, -1),
+                             [], False, -1, []),
     "token phase bool": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
-                               [], False, True),
+                               [], False, True, []),
     "token aru addr too big": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 2**32,
-                                     0, 0, [], False, 2),
+                                     0, 0, [], False, 2, []),
+    "token durable above seq": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0,
+                                      0, [], False, 2, [5, 6]),
+    "token durable negative": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
+                                     [], False, 2, [-1]),
+    "token durable bool": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0, 0,
+                                 [], False, 2, [True]),
+    "token durable not list": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0,
+                                     0, [], False, 2, 5),
+    "token durable too long": _frame(PROTOCOL_VERSION, MessageType.TOKEN, RING, 1, 5, 3, 0, 0,
+                                     0, [], False, 2, [1] * (MAX_MEMBERS + 1)),
     "mcast seq 0": _frame(PROTOCOL_VERSION, MessageType.MCAST, RING, 0, 1, [GOOD_FRAG], None),
     "mcast seq negative": _frame(PROTOCOL_VERSION, MessageType.MCAST, RING, -1, 1, [GOOD_FRAG],
                                  None),
@@ -472,7 +482,8 @@ def test_decode_rejects_nasties(data: bytes) -> None:
 def test_nasty_table_is_sharp() -> None:
     """The hand-picked frames are one defect away from valid: their repaired twins decode."""
     ok = _frame(PROTOCOL_VERSION, MessageType.TOKEN, *GOOD_TOKEN)
-    assert decode(ok) == Token(RingId(4, 1), 1, 5, 3, 2, 0, 0, (4,), False, TokenPhase.OPERATIONAL)
+    assert decode(ok) == Token(RingId(4, 1), 1, 5, 3, 2, 0, 0, (4,), False, TokenPhase.OPERATIONAL,
+                               (5, 3))
     assert decode(_frame(PROTOCOL_VERSION, MessageType.MCAST, RING, 1, 1, [[1, 1, 2, b"x"]],
                          [RING, 1])) == Mcast(RingId(4, 1), 1, 1, (Fragment(1, 1, 2, b"x"),),
                                               FrameOrigin(RingId(4, 1), 1))

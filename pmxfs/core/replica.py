@@ -7,15 +7,22 @@ How it works
   quorum (not quorate: EACCES everywhere). Each decision is recorded in the *applied table*
   (operation id -> errno), which travels with the tree, so a re-sent operation is never applied
   twice.
-* Acknowledgement waits for durability on every member: after each batch whose `Persist` holds
-  decisions, a member multicasts `PersistedMsg(ring, seq)` (its frames leave only after the
-  Persist is carried out). A proposer replies when every member of the ring has announced a seq
-  at or beyond its operation's position. Delivery alone is not enough: a message delivered here
+* The disk is off the token's path (in the style of etcd-raft's Ready/Advance). Applying a
+  delivery changes memory only; the batch's rows go out as one `Persist` (numbered, `id`) that
+  the runtime commits on its own time -- in a worker thread, group-committing whatever is ready
+  -- and reports with `persisted(now, id)`. Persists complete in order. The position up to which
+  this node's deliveries are on disk goes to totem (`Totem.set_durable`), which carries every
+  member's position on the token and hands up `Durable(ring, seq)` once all of them reached
+  `seq`. Nothing waits for the disk before passing the token, and no message is sent to
+  announce durability.
+* Acknowledgement waits for durability on every member: a proposer replies when `Durable`
+  covers its operation's position. Delivery alone is not enough: a message delivered here
   may never reach the partition that goes on, or a member may crash before writing it, and a
   reply would promise a write the cluster can lose. Since the ring was quorate, every later
   quorate ring shares a member that holds the write on disk (majorities intersect), and the
   leader rule below makes that write win. An operation decided here but not durable when the
-  ring ends becomes *doubtful*.
+  ring ends becomes *doubtful*. A crash between delivery and persistence loses only what no
+  one was told is written: the restarted node is simply behind and syncs.
 * Sync, after every REGULAR configuration change (SYNCING): every member multicasts a `StateMsg`
   (quorum announcement, version, state checksum, per-entry digests, history, cluster log). With
   all of them delivered, every member computes the same quorum and the same leader: the member
@@ -82,7 +89,6 @@ from pmxfs.core.replica_msgs import (
     LogMsg,
     OpId,
     OpMsg,
-    PersistedMsg,
     ReplicaMsg,
     ResyncMsg,
     StateMsg,
@@ -98,6 +104,7 @@ from pmxfs.core.totem import (
     ConfChange,
     ConfChangeKind,
     Deliver,
+    Durable,
     McastResult,
     PersistRingSeq,
     Send,
@@ -335,9 +342,15 @@ class Replica:
         self._replace_all = False
         self._invalid: set[str] = set()
         self._invalid_all = False
-        self._deliver_at: tuple[RingId, int] = (self.ring, 0)
-        self._decided_in_batch = False
-        self.persisted_by: dict[int, int] = {}
+        self._deliver_at: tuple[RingId, int] = (self.ring, 0)  # the last delivery's position
+        self._applied_dirty: set[int] = set()  # nodes whose applied table the batch changed
+        self._history_dirty = False
+        self._next_persist = 0
+        # Persists handed out and not reported done: (id, the delivery position they cover).
+        self._unpersisted: deque[tuple[int, RingId, int]] = deque()
+        self._persisted_at: tuple[RingId, int] = (self.ring, 0)  # covered by the last done
+        self._durable_told: tuple[RingId, int] = (self.ring, 0)  # last told to totem
+        self._arrived: list[object] = []  # totem outputs accepted but not digested yet
         self._now = now
 
         self.totem = Totem(node_id, self.names, params, now, ring_seq=ring_seq,
@@ -347,7 +360,29 @@ class Replica:
     # ------------------------------------------------------------------ inputs
 
     def receive(self, now: int, src: int, data: bytes) -> None:
+        self.accept(now, src, data)
+        self.digest(now)
+
+    def accept(self, now: int, src: int, data: bytes) -> None:
+        """Totem's part of `receive`: the frames it wants sent (the token above all) are ready in
+        `drain` at once; deliveries wait for `digest`, so that a runtime can pass the token on
+        before it does the application's work."""
         self.totem.receive(now, src, data)
+        for out in self.totem.drain():
+            if isinstance(out, Send | PersistRingSeq):
+                self.outputs.append(out)
+            else:
+                self._arrived.append(out)
+
+    def digest(self, now: int) -> None:
+        """Process what `accept` took in."""
+        self._process(now)
+
+    def persisted(self, now: int, persist_id: int) -> None:
+        """Every `Persist` up to `persist_id` is on disk (they complete in order)."""
+        while self._unpersisted and self._unpersisted[0][0] <= persist_id:
+            _, ring, seq = self._unpersisted.popleft()
+            self._persisted_at = (ring, seq)
         self._process(now)
 
     def on_timer(self, now: int) -> None:
@@ -466,12 +501,14 @@ class Replica:
     def _process(self, now: int) -> None:
         self._now = now
         while True:
-            outs = self.totem.drain()
+            outs, self._arrived = [*self._arrived, *self.totem.drain()], []
             for out in outs:
                 if isinstance(out, Send | PersistRingSeq):
                     self.outputs.append(out)
                 elif isinstance(out, Deliver):
                     self._on_deliver(out)
+                elif isinstance(out, Durable):
+                    self._on_durable(out)
                 elif isinstance(out, ConfChange):
                     # What the old ring decided and answered comes out before the change.
                     self._emit_persist()
@@ -481,7 +518,9 @@ class Replica:
                     self._on_confchg(out)
             if self._pump() or outs:
                 continue
-            if not self._emit_persist():
+            self._emit_persist()
+            self._tell_durable()
+            if not self.totem.outputs:
                 break
         self._flush_batch()
 
@@ -500,27 +539,40 @@ class Replica:
                                                   | VerifyMsg | ResyncMsg) else None
         self.outbox.append((encode_msg(msg), tag))
 
-    def _emit_persist(self) -> bool:
-        """Emit the batch's Persist, and announce what is on disk when the batch decided
-        something in this ring (a completed sync counts, even with nothing new to write: its
-        settled answers wait for the announcement); False when there was nothing to do."""
-        wrote = bool(self._upserts or self._removed or self._meta or self._replace_all)
-        if wrote:
-            self.outputs.append(Persist(
-                version=self.memdb.version,
-                upserts=tuple(self._upserts[i] for i in sorted(self._upserts)),
-                removed=tuple(sorted(self._removed)),
-                replace_all=self._replace_all,
-                meta=tuple(sorted(self._meta.items())),
-            ))
-            self._upserts, self._removed, self._meta = {}, set(), {}
-            self._replace_all = False
-        announce = self._decided_in_batch
-        self._decided_in_batch = False
-        ring, seq = self._deliver_at
-        if announce and ring == self.ring:
-            self._send(PersistedMsg(ring, seq))
-        return wrote or announce
+    def _emit_persist(self) -> None:
+        """Hand out the batch's rows and side state as one numbered Persist (group commit).
+        The applied tables and the history are encoded here, once per batch, and only the
+        nodes' tables that changed."""
+        for node in self._applied_dirty:
+            table = self.applied.get(node, OrderedDict())
+            self._meta[f"{META_APPLIED}{node}"] = msgpack.packb(
+                encode_applied(tuple(table.items())))
+        self._applied_dirty = set()
+        if self._history_dirty:
+            self._meta[META_HISTORY] = msgpack.packb(encode_history(tuple(self.history)))
+            self._history_dirty = False
+        if not (self._upserts or self._removed or self._meta or self._replace_all):
+            return
+        self._next_persist += 1
+        self.outputs.append(Persist(
+            version=self.memdb.version,
+            upserts=tuple(self._upserts[i] for i in sorted(self._upserts)),
+            removed=tuple(sorted(self._removed)),
+            replace_all=self._replace_all,
+            meta=tuple(sorted(self._meta.items())),
+            id=self._next_persist,
+        ))
+        self._unpersisted.append((self._next_persist, *self._deliver_at))
+        self._upserts, self._removed, self._meta = {}, set(), {}
+        self._replace_all = False
+
+    def _tell_durable(self) -> None:
+        """Tell totem how far this node's deliveries are on disk: all of them when no Persist is
+        outstanding, else as far as the last completed one covers."""
+        at = self._persisted_at if self._unpersisted else self._deliver_at
+        if at != self._durable_told:
+            self._durable_told = at
+            self.totem.set_durable(self._now, *at)
 
     def _flush_batch(self) -> None:
         if self._invalid or self._invalid_all:
@@ -543,7 +595,6 @@ class Replica:
             self._abandon_queue()
         self.ring = c.ring_id
         self.members = c.members
-        self.persisted_by = {}
         self.verify_at = None
         self._start_sync(0)
 
@@ -588,8 +639,6 @@ class Replica:
             return
         if isinstance(msg, LogMsg):
             self.log_buffer.add(msg.entry)
-        elif isinstance(msg, PersistedMsg):
-            self._on_persisted(d.sender, msg)
         elif isinstance(msg, StateMsg | EntriesMsg | DoneMsg | ResyncMsg | VerifyMsg):
             self._on_sync_msg(d.sender, msg)
         elif self.mode is Mode.SYNCING:
@@ -626,7 +675,6 @@ class Replica:
         recorded = self._recorded(op_id)
         if recorded is not None:
             self._count("duplicate_ops")
-            self._decided_in_batch = True  # its answer waits for this point to be durable
             self._decided_here(op_id, recorded)
             return
         if not self.writable():
@@ -689,7 +737,7 @@ class Replica:
         else:
             self.history.append(HistorySpan(ring, version, version))
             del self.history[:-HISTORY_SPANS]
-        self._meta[META_HISTORY] = msgpack.packb(encode_history(tuple(self.history)))
+        self._history_dirty = True
 
     # ------------------------------------------------------------------ pending proposals
 
@@ -712,13 +760,12 @@ class Replica:
             self._keep_lost(ring, [(path, data) for path, data in files
                                    if not self._tree_holds(path, data)])
 
-    def _on_persisted(self, sender: int, msg: PersistedMsg) -> None:
-        if msg.ring != self.ring or sender not in self.members:
-            return
-        self.persisted_by[sender] = max(self.persisted_by.get(sender, 0), msg.seq)
-        durable = min(self.persisted_by.get(m, 0) for m in self.members)
+    def _on_durable(self, durable: Durable) -> None:
+        """Every member holds this ring's deliveries up to `durable.seq` on disk: answer what
+        was decided at or before that point."""
         for op_id, p in list(self.pending.items()):
-            if p.state is PendingState.DECIDED and p.ring == self.ring and p.seq <= durable:
+            if (p.state is PendingState.DECIDED and p.ring == durable.ring_id
+                    and p.seq <= durable.seq):
                 self._answer(op_id, p.errno)
 
     def _mark_doubtful(self, op_id: OpId) -> None:
@@ -759,11 +806,8 @@ class Replica:
             table.popitem(last=False)
 
     def _record_decision(self, op_id: OpId, errno: int) -> None:
-        self._decided_in_batch = True
         self._record(op_id, errno)
-        table = self.applied[op_id.node]
-        self._meta[f"{META_APPLIED}{op_id.node}"] = msgpack.packb(
-            encode_applied(tuple(table.items())))
+        self._applied_dirty.add(op_id.node)
 
     def _recorded(self, op_id: OpId) -> int | None:
         table = self.applied.get(op_id.node)
@@ -783,10 +827,7 @@ class Replica:
         self.applied = {}
         for op_id, errno in items:
             self._record(op_id, errno)
-        for node in old_nodes | set(self.applied):
-            table = self.applied.get(node, OrderedDict())
-            self._meta[f"{META_APPLIED}{node}"] = msgpack.packb(
-                encode_applied(tuple(table.items())))
+        self._applied_dirty |= old_nodes | set(self.applied)
 
     # ------------------------------------------------------------------ sync
 
@@ -879,17 +920,17 @@ class Replica:
             self._sync_failed(f"the leader's tree is damaged: {exc}")
             return
         old_memdb, old_history, old_applied = self.memdb, self.history, self.applied
-        old_meta = dict(self._meta)
+        old_dirty = set(self._applied_dirty)
         self.memdb, self.history = tree, list(msg.history)
         self._replace_applied(msg.applied)
         if self.state_checksum() != leader_state.checksum:
             self.memdb, self.history, self.applied = old_memdb, old_history, old_applied
-            self._meta = old_meta  # what the batch held before; only the sync's part goes
+            self._applied_dirty = old_dirty  # what the batch held before; the sync's part goes
             self._sync_failed("the rebuilt tree does not match the leader's checksum")
             return
         self._save_lost(old_memdb, old_history)
         self.quorate_ring_seq = max(self.quorate_ring_seq, leader_state.last_ring_seq)
-        self._meta[META_HISTORY] = msgpack.packb(encode_history(msg.history))
+        self._history_dirty = True
         self._upserts = {e.inode: e for e in self.memdb.entries()}
         self._removed = set()
         self._replace_all = True
@@ -947,7 +988,6 @@ class Replica:
         if self.quorum.status().quorate and self.quorate_ring_seq != self.ring.seq:
             self.quorate_ring_seq = self.ring.seq
             self._meta[META_QUORATE_RING] = b"%d" % self.ring.seq
-        self._decided_in_batch = True  # answers settled here wait until this point is durable
         if self.on_event is not None:  # the checksum is work only an observer needs
             self.on_event(SyncCompleted(self.ring, self.epoch, self.leader, adopted,
                                         self.state_checksum()))

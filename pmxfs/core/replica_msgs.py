@@ -11,7 +11,7 @@ Every payload a replica multicasts is `[REPLICA_PROTOCOL, kind, ...]`:
                   the history and applied-operation table every member adopts.
 * `VerifyMsg`   — periodic verification: `request` opens a round, the others carry checksums.
 * `ResyncMsg`   — a member failed to verify a sync: everyone starts again with the next epoch.
-* `PersistedMsg`— the sender has applied and persisted everything of `ring` up to `seq`.
+Kind 10 is retired (a durability announcement, now carried by the totem token).
 `decode_msg` raises `ProtocolError` (only) for anything malformed; members drop and count it.
 """
 
@@ -144,16 +144,8 @@ class ResyncMsg:
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class PersistedMsg:
-    """The sender has applied and persisted everything of `ring` up to totem seq `seq`."""
-
-    ring: RingId
-    seq: int
-
-
 ReplicaMsg: TypeAlias = (OpMsg | ExpectedMsg | LmsMsg | LogMsg | StateMsg | EntriesMsg | DoneMsg
-                         | VerifyMsg | ResyncMsg | PersistedMsg)
+                         | VerifyMsg | ResyncMsg)
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -206,8 +198,6 @@ def encode_msg(msg: ReplicaMsg) -> bytes:
             body = [8, _ring(msg.ring), msg.epoch, msg.round, msg.request, msg.checksum]
         case ResyncMsg():
             body = [9, _ring(msg.ring), msg.epoch]
-        case PersistedMsg():
-            body = [10, _ring(msg.ring), msg.seq]
     packed: bytes = msgpack.packb([REPLICA_PROTOCOL, *body], use_bin_type=True)
     return packed
 
@@ -300,7 +290,7 @@ def _decode_state(f: list[Any]) -> StateMsg:
                     tuple(decode_entries(log)), decode_cutoff(cutoff))
 
 
-_ARITY = {1: 2, 2: 2, 3: 2, 4: 1, 5: 9, 6: 3, 7: 5, 8: 5, 9: 2, 10: 2}
+_ARITY = {1: 2, 2: 2, 3: 2, 4: 1, 5: 9, 6: 3, 7: 5, 8: 5, 9: 2}
 
 
 def decode_msg(data: bytes) -> ReplicaMsg:
@@ -338,7 +328,5 @@ def decode_msg(data: bytes) -> ReplicaMsg:
         case 8:
             return VerifyMsg(_ring_of(f[0]), _int(f[1]), _int(f[2]), _bool(f[3]),
                              _bytes(f[4]))
-        case 9:
-            return ResyncMsg(_ring_of(f[0]), _int(f[1]))
         case _:
-            return PersistedMsg(_ring_of(f[0]), _int(f[1]))
+            return ResyncMsg(_ring_of(f[0]), _int(f[1]))

@@ -20,6 +20,13 @@ Token fields and why they exist:
                share that window among busy members (flow control).
 * `retrans_flg`, `phase`  recovery bookkeeping (below).
 * `token_seq`  counts hops, so a retransmitted duplicate token is recognised and dropped.
+* `durable`    one seq per member: up to where what was delivered to it is on its disk, as the
+               application reports it (`set_durable`). Each member writes only its own entry, so
+               the lowest entry is a bound every member has reached: `Durable` hands it up. The
+               disk never holds the token: a member persists after delivery, on its own time,
+               and says so on a later visit; a member whose disk caught up wakes a held token
+               as a member with something to send does. This replaces one acknowledgement
+               message per member and write with a few bytes on a token that goes round anyway.
 
 Membership (states OPERATIONAL, GATHER, COMMIT, RECOVERY):
 * No token for `token` ms (or a join or merge-detect from outside the ring) → GATHER: every
@@ -49,10 +56,10 @@ Membership (states OPERATIONAL, GATHER, COMMIT, RECOVERY):
   partitions find each other; after `seqno_unchanged_const` idle rotations it holds the token for
   `hold` ms per rotation, and a member with something to send asks for it with TOKEN_HOLD_CANCEL.
 
-Inputs are `receive(now, src, frame)`, `on_timer(now)` and `mcast(now, payload)`; outputs are
-drained with `drain()`: `Send` (to one node, or None for every configured node), `Deliver`,
-`ConfChange`, `Stable` and `PersistRingSeq`, in the order they must be carried out. Time is `now`
-in ms.
+Inputs are `receive(now, src, frame)`, `on_timer(now)`, `mcast(now, payload)` and
+`set_durable(now, ring_id, seq)`; outputs are drained with `drain()`: `Send` (to one node, or
+None for every configured node), `Deliver`, `ConfChange`, `Stable`, `Durable` and
+`PersistRingSeq`, in the order they must be carried out. Time is `now` in ms.
 
 Code: `Totem` (here) runs the membership state machine and the token's visits, and composes the
 parts that each have one job: `totem_membership` (the states, their data and the legal
@@ -85,6 +92,7 @@ from .totem_outputs import (
     ConfChangeKind,
     Counters,
     Deliver,
+    Durable,
     Output,
     PersistRingSeq,
     Send,
@@ -125,6 +133,7 @@ __all__ = [
     "ConfChange",
     "ConfChangeKind",
     "Deliver",
+    "Durable",
     "IllegalTransition",
     "McastResult",
     "MessageTooLarge",
@@ -260,12 +269,31 @@ class Totem:
             return McastResult.TRY_AGAIN
         phase = self.phase
         if was_idle and isinstance(phase, Operational):
-            if phase.held_token is not None:
-                self._release_held_token(now, phase)
-            elif phase.rotation.seq_unchanged >= self.params.seqno_unchanged_const:
-                self._multicast(TokenHoldCancel(sender=self.node_id, ring_id=self.ring.ring_id))
+            self._want_token(now, phase)
         self._run_loopback(now)
         return McastResult.ACCEPTED
+
+    def set_durable(self, now: int, ring_id: RingId, seq: int) -> None:
+        """What was delivered here in ring `ring_id` up to `seq` is on this node's disk; the next
+        visit of the token tells the others. Ignored for any ring but the operational one."""
+        phase = self.phase
+        if not isinstance(phase, Operational) or ring_id != self.ring.ring_id:
+            return
+        rotation = phase.rotation
+        if seq <= rotation.durable_here:
+            return
+        rotation.durable_here = seq
+        if rotation.durable_news(self.ring.members, self.node_id):
+            self._want_token(now, phase)
+        self._run_loopback(now)
+
+    def _want_token(self, now: int, phase: Operational) -> None:
+        """This node has something for the token: release it if I hold it, else ask the holder
+        of an idle ring to let it go."""
+        if phase.held_token is not None:
+            self._release_held_token(now, phase)
+        elif phase.rotation.seq_unchanged >= self.params.seqno_unchanged_const:
+            self._multicast(TokenHoldCancel(sender=self.node_id, ring_id=self.ring.ring_id))
 
     def receive(self, now: int, src: int, data: bytes) -> None:
         """Feed one frame that arrived from node `src` (already authenticated by the transport)."""
@@ -415,6 +443,7 @@ class Totem:
         self.counters.add("tokens")
         if (isinstance(phase, Operational) and token.phase is TokenPhase.OPERATIONAL
                 and self.node_id == ring.members[0] and not self.pending
+                and not phase.rotation.durable_news(ring.members, self.node_id)
                 and phase.rotation.idle(token, self.params)):
             # Idle ring: the representative keeps the token for `hold` ms per rotation.
             phase.held_token = token
@@ -489,14 +518,19 @@ class Totem:
             self._enter_gather(now, failed={token.aru_addr})
             return
 
+        durable: tuple[int, ...] = ()
         if recovery is None:
             self._deliver_ready()
-        rotation.note_visit(seq, rtr, token, sent)
+            durable = rotation.durable_vector(token, ring.members, self.node_id, ring.delivered)
+            if min(durable) > rotation.durable_reported:
+                rotation.durable_reported = min(durable)
+                self.outputs.append(Durable(ring.ring_id, rotation.durable_reported))
+        rotation.note_visit(seq, rtr, token, sent, durable)
         self._send_token(now, self._next_member(ring.members), Token(
             ring_id=ring.ring_id, token_seq=token.token_seq + 1, seq=seq, aru=aru,
             aru_addr=aru_addr, fcc=window.fcc_others + sent,
             backlog=window.backlog_others + rotation.my_backlog, rtr=tuple(rtr),
-            retrans_flg=retrans_flg, phase=phase,
+            retrans_flg=retrans_flg, phase=phase, durable=durable,
         ))
 
     def _send_new_frames(self, ring: RingLog, seq: int, budget: int) -> int:

@@ -65,13 +65,22 @@ class Stable:
 
 
 @dataclass(frozen=True, slots=True)
+class Durable:
+    """Every member of `ring_id` has reported (`Totem.set_durable`) that what was delivered to
+    it up to `seq` is on its disk. Reported at most once per visit of the token, only upwards."""
+
+    ring_id: RingId
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class PersistRingSeq:
     """Store the highest ring seq seen; hand it back as `ring_seq` when the node restarts."""
 
     ring_seq: int
 
 
-Output = Send | Deliver | ConfChange | Stable | PersistRingSeq
+Output = Send | Deliver | ConfChange | Stable | Durable | PersistRingSeq
 
 
 class Counters(dict[str, int]):

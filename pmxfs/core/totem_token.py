@@ -107,6 +107,23 @@ class Rotation:
     aru_unchanged: int = 0  # consecutive visits with that aru stuck below seq
     last_visit_seq: int = -1  # the seq I passed on last visit
     seq_unchanged: int = 0  # consecutive idle visits (nothing sent, asked for or waiting)
+    durable_here: int = 0  # the seq up to which this member's deliveries are on its disk
+    durable_passed: tuple[int, ...] = ()  # the durable vector I passed on last visit
+    durable_reported: int = 0  # the highest seq reported durable on every member
+
+    def durable_news(self, members: tuple[int, ...], node_id: int) -> bool:
+        """Has my disk caught up beyond what my last visit put on the token?"""
+        passed = self.durable_passed
+        mine = passed[members.index(node_id)] if len(passed) == len(members) else 0
+        return self.durable_here > mine
+
+    def durable_vector(self, token: Token, members: tuple[int, ...], node_id: int,
+                       delivered: int) -> tuple[int, ...]:
+        """The token's durable vector with my own entry brought up to date."""
+        vector = list(token.durable) if len(token.durable) == len(members) else [0] * len(members)
+        index = members.index(node_id)
+        vector[index] = max(vector[index], min(self.durable_here, delivered))
+        return tuple(vector)
 
     def fresh(self, token: Token) -> bool:
         """Record the token's hop count; False for a duplicate or an older token."""
@@ -140,17 +157,22 @@ class Rotation:
         self.last_seen_aru = token.aru
         return self.aru_unchanged >= params.fail_recv_const
 
-    def note_visit(self, seq: int, rtr: list[int], token: Token, sent: int) -> None:
-        """Count idle visits: the seq did not move and nobody sent, asked for or had anything."""
-        if seq == self.last_visit_seq and not rtr and token.backlog == 0 and not sent:
+    def note_visit(self, seq: int, rtr: list[int], token: Token, sent: int,
+                   durable: tuple[int, ...]) -> None:
+        """Count idle visits: the seq did not move, nobody sent, asked for or had anything, and
+        no member's disk caught up."""
+        if (seq == self.last_visit_seq and not rtr and token.backlog == 0 and not sent
+                and durable == self.durable_passed):
             self.seq_unchanged += 1
         else:
             self.seq_unchanged = 0
         self.last_visit_seq = seq
+        self.durable_passed = durable
 
     def idle(self, token: Token, params: TotemParams) -> bool:
         """Has the ring been idle long enough for the representative to hold this token?"""
         return (not token.rtr and token.backlog == 0 and token.seq == self.last_visit_seq
+                and token.durable == self.durable_passed
                 and self.seq_unchanged >= params.seqno_unchanged_const)
 
 

@@ -120,6 +120,7 @@ class Token:
     rtr: tuple[int, ...]  # seqs some member asks to be retransmitted
     retrans_flg: bool  # RECOVERY: some member still has old-ring frames to re-broadcast
     phase: TokenPhase
+    durable: tuple[int, ...] = ()  # per member (ring order): the seq it holds on disk up to
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +189,7 @@ def encode(msg: Message) -> bytes:
             body = [
                 MessageType.TOKEN, _ring(msg.ring_id), msg.token_seq, msg.seq, msg.aru,
                 msg.aru_addr, msg.fcc, msg.backlog, list(msg.rtr), msg.retrans_flg, int(msg.phase),
+                list(msg.durable),
             ]
         case Join():
             body = [MessageType.JOIN, msg.sender, msg.ring_seq, list(msg.proc), list(msg.fail)]
@@ -274,8 +276,8 @@ def _decode_mcast(fields: list[Any]) -> Mcast:
 
 
 def _decode_token(fields: list[Any]) -> Token:
-    ring, token_seq, seq, aru, aru_addr, fcc, backlog, rtr, flg, phase = _list(
-        fields, 10, "token", exact=10
+    ring, token_seq, seq, aru, aru_addr, fcc, backlog, rtr, flg, phase, durable = _list(
+        fields, 11, "token", exact=11
     )
     seq = _seq(seq, "seq")
     phase = _int(phase, 0, max(TokenPhase), "phase")
@@ -290,6 +292,8 @@ def _decode_token(fields: list[Any]) -> Token:
         rtr=tuple(_int(s, 1, seq, "rtr entry") for s in _list(rtr, MAX_RTR_ENTRIES, "rtr")),
         retrans_flg=_bool(flg, "retrans flag"),
         phase=TokenPhase(phase),
+        durable=tuple(_int(s, 0, seq, "durable seq")
+                      for s in _list(durable, MAX_MEMBERS, "durable")),
     )
 
 

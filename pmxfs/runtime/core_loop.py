@@ -3,7 +3,10 @@
 `CoreLoop.run(core)` is two cooperating tasks in one trio thread, so the core is only ever called
 from one place at a time:
 * the receive task awaits the next authenticated frames from the transport (all that are already
-  queued, so a busy node does its bookkeeping once per batch) and feeds them to the core;
+  queued, so a busy node does its bookkeeping once per batch) and feeds them to the core. With a
+  `digest` (a core that splits taking frames in from the application's work on them, as the
+  replica does), the frames the core wants sent -- the token above all -- leave first, and the
+  application's work comes after: the token never waits for it;
 * the timer task sleeps exactly until the core's `next_deadline()` (or until an input moved that
   deadline earlier) and then calls `on_timer`. An idle node sleeps; there is no polling.
 After every core call the owner's `flush` carries out the outputs and ends with
@@ -41,9 +44,11 @@ class Core(Protocol):
 
 
 class CoreLoop:
-    def __init__(self, transport: FrameTransport, flush: Callable[[], None]) -> None:
+    def __init__(self, transport: FrameTransport, flush: Callable[[], None],
+                 digest: Callable[[int], None] | None = None) -> None:
         self._transport = transport
         self._flush = flush
+        self._digest = digest
         self._epoch = trio.current_time()
         self._sleeping_until: int | None = None
         self._wakeup = trio.Event()
@@ -68,6 +73,9 @@ class CoreLoop:
             now = self.now()
             for src, data in batch:
                 core.receive(now, src, data)
+            if self._digest is not None:
+                self._flush()
+                self._digest(now)
             self._flush()
 
     async def _timer_loop(self, core: Core) -> None:

@@ -1,12 +1,15 @@
 """The running node: a `Replica` driven with real time, frames, a database and local files.
 
 `ReplicaNode.run()` drives the replica with a `CoreLoop` (receive and timer tasks in the daemon's
-one trio thread, see runtime/core_loop.py). After every core call the outputs are carried out in
-their order:
+one trio thread, see runtime/core_loop.py): frames are accepted, the frames totem wants sent (the
+token) leave, and only then does the replica digest what was delivered. After every core call
+the outputs are carried out in their order:
 * `Send` → transport; `PersistRingSeq` → the ring seq file (fsynced before later frames leave);
-* `Persist` → one SQLite transaction, committed before anything after it happens — in
-  particular before the `Reply` that acknowledges the write and before the frames announcing
-  that this node holds it;
+* `Persist` → queued for the persister, a task that commits in a worker thread whatever is
+  queued when it starts, in one SQLite transaction (group commit), and then reports the last
+  one done with `Replica.persisted`. The token never waits for the disk: a slow fsync delays
+  only the replies that need this node's disk (the replica answers a write once every member
+  reported it durable), never the ring's membership;
 * `Reply` → wakes the FUSE or control call waiting for it;
 * `SaveLost` → files under `<data-dir>/lost+found/<ring>/`;
 * `Invalidate`/`QuorumChanged` → the FUSE layer drops stale kernel caches;
@@ -30,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -84,6 +87,23 @@ class NodeStopped(LocalError):
 
 
 @dataclass
+class _AcceptingCore:
+    """The replica as the core loop drives it: frames are only accepted on receipt, and the
+    loop has the replica digest them once the frames to send have left."""
+
+    replica: Replica
+
+    def receive(self, now: int, src: int, data: bytes) -> None:
+        self.replica.accept(now, src, data)
+
+    def on_timer(self, now: int) -> None:
+        self.replica.on_timer(now)
+
+    def next_deadline(self) -> int | None:
+        return self.replica.next_deadline()
+
+
+@dataclass
 class _Waiter:
     done: trio.Event
     reply: Reply | None = None
@@ -115,13 +135,15 @@ class ReplicaNode:
         self._name = next(i.name for i in self.infos if i.nodeid == node_id)
         self.debug_enabled = False
         self.started_at = int(time.time())
-        self.loop = CoreLoop(transport, self._flush)
+        self.loop = CoreLoop(transport, self._flush, digest=lambda now: self.replica.digest(now))
         self._wall_offset = int(time.time() * 1000)
         self._invalidator: Invalidator = lambda paths, everything: None
         self._waiters: dict[int, _Waiter] = {}
         self._room = trio.Event()  # set (and replaced) whenever a reply frees a pending slot
         self._failure: Exception | None = None  # the output that could not be carried out
         self._failed = trio.Event()
+        self._to_persist: list[Persist] = []  # handed out by the replica, not committed yet
+        self._persist_wanted = trio.Event()
         self._next_request = 0
         self._members_version = 0
         self._vmlist_version = 0
@@ -285,14 +307,35 @@ class ReplicaNode:
         carried out (module header)."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.loop.run, self.replica)
+                nursery.start_soon(self.loop.run, _AcceptingCore(self.replica))
+                nursery.start_soon(self._persist_loop)
                 nursery.start_soon(self._first_start_setup)
                 await self._failed.wait()
                 nursery.cancel_scope.cancel()
         except* NodeStopped:
             pass  # the tasks that met the stopped node afterwards: the failure is raised below
+        finally:
+            if self._failure is None and self._to_persist:
+                # a clean stop: what was delivered is written, though nobody waits for it
+                self.database.commit_many(self._to_persist)
+                self._to_persist = []
         if self._failure is not None:
             raise self._failure
+
+    async def _persist_loop(self) -> None:
+        """Commit what the replica handed out, off the token's path (module header)."""
+        while True:
+            await self._persist_wanted.wait()
+            self._persist_wanted = trio.Event()
+            batch, self._to_persist = self._to_persist, []
+            if not batch:
+                continue
+            try:
+                await trio.to_thread.run_sync(self.database.commit_many, batch)
+            except Exception as exc:
+                self._stop(exc)
+            self.replica.persisted(self.now(), batch[-1].id)
+            self._flush()
 
     def _check_running(self) -> None:
         if self._failure is not None:
@@ -327,13 +370,7 @@ class ReplicaNode:
         try:
             self._carry_out(self.replica.drain())
         except Exception as exc:
-            log.exception("cannot carry out the replica's outputs; stopping the node")
-            self._failure = exc
-            self._failed.set()
-            for waiter in self._waiters.values():  # no reply will come: they raise NodeStopped
-                waiter.done.set()
-            self._room.set()
-            raise NodeStopped(f"the node stopped: {exc}") from exc
+            self._stop(exc)
         synced = self.replica.synced()
         if synced:
             self.synced_once.set()
@@ -344,6 +381,16 @@ class ReplicaNode:
             self._writable_changed = trio.Event()
         self.loop.deadline_changed(self.replica.next_deadline())
 
+    def _stop(self, exc: Exception) -> NoReturn:
+        """An output could not be carried out: stop the node (module header)."""
+        log.error("cannot carry out the replica's outputs; stopping the node", exc_info=exc)
+        self._failure = exc
+        self._failed.set()
+        for waiter in self._waiters.values():  # no reply will come: they raise NodeStopped
+            waiter.done.set()
+        self._room.set()
+        raise NodeStopped(f"the node stopped: {exc}") from exc
+
     def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Send):
@@ -351,7 +398,8 @@ class ReplicaNode:
             elif isinstance(out, PersistRingSeq):
                 self.ring_seq_store.store(out.ring_seq)
             elif isinstance(out, Persist):
-                self.database.commit(out)
+                self._to_persist.append(out)
+                self._persist_wanted.set()
             elif isinstance(out, Reply):
                 self._room.set()
                 self._room = trio.Event()

@@ -22,6 +22,7 @@ import trio
 from pmxfs.core.totem import (
     ConfChange,
     Deliver,
+    Durable,
     McastResult,
     PersistRingSeq,
     Send,
@@ -93,7 +94,7 @@ class TotemNode:
                 self.transport.send(out.to, out.data)
             elif isinstance(out, PersistRingSeq):
                 self.store.store(out.ring_seq)
-            else:
+            elif not isinstance(out, Durable):  # no application here reports a disk
                 events.append(out)
         if events:
             self._events_send.send_nowait(events)

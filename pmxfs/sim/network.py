@@ -8,7 +8,9 @@ queue up in a bounded socket buffer and are read when the node resumes).
 
 A node is anything with the core interface: `receive(now, src, data)`, `on_timer(now)`,
 `next_deadline()` and `drain()`; `Send` outputs are carried by the network and every other output
-is handed to the `on_output` callback together with the node's identity.
+is handed to the `on_output` callback together with the node's identity. `schedule(at, action)`
+runs an action of the caller's at a time of its choosing, in the same order of events (the
+simulated disks complete their writes this way).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Network:
         self.on_output = on_output
         self.trace = trace
         self._packets: list[tuple[int, int, int, int, bytes]] = []
+        self._actions: list[tuple[int, int, Callable[[], None]]] = []
         self._counter = 0
         self.packets_sent = 0
         self.events = 0
@@ -158,6 +161,11 @@ class Network:
             else:
                 self.on_output(node, out)
 
+    def schedule(self, at: int, action: Callable[[], None]) -> None:
+        """Run `action()` at time `at` (not before now)."""
+        self._counter += 1
+        heapq.heappush(self._actions, (max(at, self.now), self._counter, action))
+
     # ------------------------------------------------------------------ the clock
 
     def _next_timer(self) -> tuple[int, SimNode | None]:
@@ -181,7 +189,8 @@ class Network:
         while True:
             t_timer, timer_node = self._next_timer()
             t_packet = self._packets[0][0] if self._packets else 2**62
-            t = min(t_timer, t_packet)
+            t_action = self._actions[0][0] if self._actions else 2**62
+            t = min(t_timer, t_packet, t_action)
             if t > until:
                 self.now = until
                 return
@@ -189,6 +198,10 @@ class Network:
             if self.events > max_events:
                 raise SimulationStuck(f"more than {max_events} events by t={self.now}")
             self.now = t
+            if t_action <= min(t_packet, t_timer):
+                _, _, action = heapq.heappop(self._actions)
+                action()
+                continue
             if t_packet <= t_timer:
                 _, _, src, dst, data = heapq.heappop(self._packets)
                 self._deliver_packet(src, dst, data)

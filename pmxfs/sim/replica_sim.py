@@ -1,18 +1,24 @@
 """Replicas under the simulator: real `Replica` objects (totem + quorum + memdb) on the simulated
 network, a random file-system workload, a simulated disk, and checkers on every output.
 
-The disk of a node is what its `Persist` outputs committed, in order; a crash can strike in the
-middle of a batch of outputs (after the deliveries were applied in memory, before their Persist
-is carried out), and a restart builds the replica from the disk alone.
+The disk of a node is what its `Persist` outputs committed, in order, and it is slow as the
+runtime's is: a Persist is queued, a commit takes every queued Persist at once (group commit) and
+completes after a latency drawn from the seed (`disk_delay`, with rare long `disk_stall`s), and
+only then is the replica told (`Replica.persisted`). Meanwhile the node goes on delivering and
+passing the token. A crash drops whatever was queued or being written (the deliveries were
+applied in memory, not on disk); it can also strike exactly when a Persist is handed out. A
+restart builds the replica from the disk alone.
 
 Checkers (`ReplicaChecker`):
 * lineage: every node's tree is the result of a sequence of applied operations (its *lineage*);
   a sync that adopts the leader's tree adopts the leader's lineage as it was when the leader sent
   its state; a restart goes back to the lineage of the last Persist. At the end, replaying the
   final lineage on an empty tree must give exactly the final tree (sync transfer is exact);
-* an operation is acknowledged (Reply 0) only after the Persist that holds it, and every
-  acknowledged operation is in the final lineage; an operation answered with an error is never
-  in the final lineage as a success;
+* an operation is acknowledged (Reply 0) only after the Persist that holds it completed on the
+  disk of every member of the proposer's ring (the disks are checked at the reply, so a reply
+  that came from a durability claim made too early is caught), and every acknowledged
+  operation is in the final lineage; an operation answered with an error is never in the final
+  lineage as a success;
 * a mutation is applied only in a ring whose members hold a majority of the votes;
 * members that complete the same sync hold identical state checksums;
 * after healing, every node is synced in one ring with one checksum, and every proposal of a
@@ -96,6 +102,25 @@ class _Disk:
     meta: dict[str, bytes] = field(default_factory=dict)
     ring_seq: int = 0
     lineage: tuple[list[_Step], int] = field(default_factory=lambda: ([], 0))
+    # Handed out, not written yet: each Persist with the lineage it makes durable.
+    queue: list[tuple[Persist, tuple[list[_Step], int]]] = field(default_factory=list)
+    writing: bool = False  # a commit is under way (it took what was queued when it started)
+
+    def write(self, batch: Persist, lineage: tuple[list[_Step], int]) -> None:
+        if batch.replace_all:
+            self.rows = {}
+        for inode in batch.removed:
+            self.rows.pop(inode, None)
+        for entry in batch.upserts:
+            self.rows[entry.inode] = entry
+        self.version = batch.version
+        self.meta.update(batch.meta)
+        self.lineage = lineage
+
+    def lose_unwritten(self) -> None:
+        """The node crashed: what was queued or being written never reached the disk."""
+        self.queue = []
+        self.writing = False
 
 
 def cluster_config_text(node_ids: list[int], config_version: int = 1) -> str:
@@ -203,6 +228,9 @@ class ReplicaCluster:
         self.next_request = 0
         self.crash_in_batch = 0.0
         self.crash_at_next_persist: set[int] = set()
+        self.disk_delay = (0, 0)  # a commit's latency in ms, drawn uniformly from this range
+        self.disk_stall = 0.0  # the chance that a commit stalls for one to three tokens
+        self.stall_range = (params.token, 3 * params.token)
         self.verify_interval = verify_interval
         self.replies: dict[int, Reply] = {}
         self.lost: list[tuple[int, SaveLost]] = []
@@ -249,17 +277,11 @@ class ReplicaCluster:
                     self.crash_in_batch and self.rng.random() < self.crash_in_batch):
                 self.crash_at_next_persist.discard(node.node_id)
                 self.trace(f"{self.net.now} n{node.node_id} crashes before a Persist")
-                self.net.crash(node.node_id)
+                self.crash(node.node_id)
                 return
-            if out.replace_all:
-                disk.rows = {}
-            for inode in out.removed:
-                disk.rows.pop(inode, None)
-            for entry in out.upserts:
-                disk.rows[entry.inode] = entry
-            disk.version = out.version
-            disk.meta.update(out.meta)
-            disk.lineage = self.checker.lineages[key].snapshot()
+            disk.queue.append((out, self.checker.lineages[key].snapshot()))
+            if not disk.writing:
+                self._start_commit(key)
         elif isinstance(out, SaveLost):
             self.lost.append((node.node_id, out))
         elif isinstance(out, PersistRingSeq):
@@ -276,6 +298,45 @@ class ReplicaCluster:
                 members = self.checker.ring_members[key]
                 self.checker.on_reply(key, op_id, out,
                                       {m: self.disks[m].lineage for m in members})
+
+    def _start_commit(self, key: NodeKey) -> None:
+        """The disk takes everything queued and writes it in one commit."""
+        disk = self.disks[key[0]]
+        batch, disk.queue = disk.queue, []
+        disk.writing = True
+        latency = self.rng.randint(*self.disk_delay)
+        if self.disk_stall and self.rng.random() < self.disk_stall:
+            latency += self.rng.randint(*self.stall_range)
+            self.trace(f"{self.net.now} n{key[0]} disk stalls for {latency} ms")
+        self.net.schedule(self.net.now + latency, lambda: self._commit_done(key, batch))
+
+    def _commit_done(self, key: NodeKey,
+                     batch: list[tuple[Persist, tuple[list[_Step], int]]]) -> None:
+        node_id = key[0]
+        if not self.net.nodes[node_id].up or self.key(node_id) != key:
+            return  # the node crashed meanwhile: the commit never completed
+        disk = self.disks[node_id]
+        for persist, lineage in batch:
+            disk.write(persist, lineage)
+        self.trace(f"{self.net.now} n{node_id} persisted up to {batch[-1][0].id}")
+        self._tell_persisted(key, batch[-1][0].id)
+
+    def _tell_persisted(self, key: NodeKey, persist_id: int) -> None:
+        """The commit is on disk; a paused process learns it when it runs again."""
+        node = self.net.nodes[key[0]]
+        if not node.up or self.key(key[0]) != key:
+            return
+        if node.paused_until is not None:
+            # just after the resume (an action at the resume's own time would run before it)
+            self.net.schedule(node.paused_until + 1,
+                              lambda: self._tell_persisted(key, persist_id))
+            return
+        disk = self.disks[key[0]]
+        disk.writing = False
+        self.replica(key[0]).persisted(self.net.now, persist_id)
+        self.net.flush(node)
+        if disk.queue and node.up and self.key(key[0]) == key:
+            self._start_commit(key)
 
     def replica(self, node_id: int) -> Replica:
         core = self.net.nodes[node_id].core
@@ -346,6 +407,7 @@ class ReplicaCluster:
 
     def crash(self, node_id: int) -> None:
         self.net.crash(node_id)
+        self.disks[node_id].lose_unwritten()
 
     def restart(self, node_id: int) -> None:
         self._start(node_id)
@@ -466,7 +528,10 @@ def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
         faults.min_delay = rng.randint(0, 2)
         faults.max_jitter = rng.choice([0, 1, 3, 10])
         cluster.crash_in_batch = rng.choice([0.0, 0.0, 0.002, 0.01])
-        cluster.trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate}")
+        cluster.disk_delay = rng.choice([(0, 0), (0, 2), (1, 10), (5, 60)])
+        cluster.disk_stall = rng.choice([0.0, 0.0, 0.005, 0.02])
+        cluster.trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate} "
+                      f"disk {cluster.disk_delay} stall {cluster.disk_stall}")
         chaos_until = net.now + rng.randint(8_000, 20_000)
         while net.now < chaos_until:
             net.run_until(net.now + rng.randint(1, 300))
@@ -516,6 +581,7 @@ def _heal(cluster: ReplicaCluster) -> None:
     net.faults.loss = 0.0
     net.faults.duplicate = 0.0
     cluster.crash_in_batch = 0.0
+    cluster.disk_stall = 0.0
     for n in cluster.node_ids:
         node = net.nodes[n]
         if not node.up:
