@@ -7,10 +7,13 @@ from one place at a time:
   `digest` (a core that splits taking frames in from the application's work on them, as the
   replica does), the frames the core wants sent -- the token above all -- leave first, and the
   application's work comes after: the token never waits for it;
-* the timer task sleeps exactly until the core's `next_deadline()` (or until an input moved that
-  deadline earlier) and then calls `on_timer`. An idle node sleeps; there is no polling.
+* the timer task sleeps until the core's `next_deadline()` and then calls `on_timer`. An input
+  that moves the deadline earlier wakes it; one that moves it later does not (every token hop
+  moves the token-loss deadline later, and waking per hop costs more than one early wake-up):
+  the task wakes at the old time, finds the deadline later and sleeps again. An idle node
+  sleeps; there is no polling.
 After every core call the owner's `flush` carries out the outputs and ends with
-`deadline_changed`, which wakes the timer task when the core wants to be called at another time.
+`deadline_changed`.
 Time 0 of the core is when the loop was created.
 """
 
@@ -59,7 +62,8 @@ class CoreLoop:
 
     def deadline_changed(self, deadline: int | None) -> None:
         """Called by `flush` with the core's next deadline after every core call."""
-        if deadline != self._sleeping_until:
+        if deadline is not None and (self._sleeping_until is None
+                                     or deadline < self._sleeping_until):
             self._wakeup.set()
 
     async def run(self, core: Core) -> None:
@@ -88,8 +92,9 @@ class CoreLoop:
                 continue
             with trio.move_on_at(self._epoch + deadline / 1000) as sleep:
                 await self._wakeup.wait()
-            if sleep.cancelled_caught:
+            due = core.next_deadline()
+            if sleep.cancelled_caught and due is not None and due <= deadline:
                 # trio woke us at or after the deadline; millisecond rounding must not make
                 # the core see an earlier time and leave us spinning until the clock moves.
-                core.on_timer(max(self.now(), deadline))
+                core.on_timer(max(self.now(), due))
                 self._flush()
