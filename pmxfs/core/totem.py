@@ -289,10 +289,13 @@ class Totem:
 
     def _want_token(self, now: int, phase: Operational) -> None:
         """This node has something for the token: release it if I hold it, else ask the holder
-        of an idle ring to let it go."""
+        of an idle ring to let it go. Members count idle visits one visit apart at most, so the
+        representative may hold the token while my count is a visit or two short of
+        `seqno_unchanged_const`: asking from two visits earlier on, as corosync does not, keeps
+        such a write from waiting for the `hold` time."""
         if phase.held_token is not None:
             self._release_held_token(now, phase)
-        elif phase.rotation.seq_unchanged >= self.params.seqno_unchanged_const:
+        elif phase.rotation.seq_unchanged >= max(1, self.params.seqno_unchanged_const - 2):
             self._multicast(TokenHoldCancel(sender=self.node_id, ring_id=self.ring.ring_id))
 
     def receive(self, now: int, src: int, data: bytes) -> None:
