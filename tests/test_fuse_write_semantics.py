@@ -8,18 +8,30 @@ On the real FUSE layer with `FakeNode` (tests/test_fuse_ops.py has the fixture a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from test_fuse_ops import NOW, Fd, Mount, fails_with, mnt, sh, write_all
+from test_fuse_ops import (
+    NOW,
+    RENAME_NOREPLACE,
+    Fd,
+    Mount,
+    fails_with,
+    mnt,
+    renameat2,
+    sh,
+    write_all,
+)
 
-from pmxfs.core.fsop import WriteFile
-from pmxfs.core.memdb import MAX_FILE_BYTES
+from pmxfs.core.fsop import CreateFile, FsOp, Mkdir, Rename, Rmdir, Unlink, WriteFile
+from pmxfs.core.memdb import MAX_FILE_BYTES, MemDB
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 __all__ = ["mnt"]  # the fixture, imported from test_fuse_ops
@@ -231,3 +243,250 @@ def test_an_exception_in_a_handler_is_answered_eio_and_the_mount_goes_on(
     (mnt / "after.cfg").write_bytes(b"still serving")
     assert (mnt / "after.cfg").read_bytes() == b"still serving"
     assert (mnt / ".members").read_bytes().startswith(b'{"nodename"')
+
+
+# ------------------------------------------------------ new files: created by their first commit
+
+
+def new_file_ops(m: Mount, start: int, *names: str) -> list[FsOp]:
+    """What was sent since `start`, once the commits of the files `names` are done (an open
+    waits for the commits of its file in flight, also those of a release)."""
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            (m / name).read_bytes()
+    return m.ops_since(start)
+
+
+def in_tree(m: Mount, path: str) -> bool:
+    return m.call(lambda: m.node.memdb.lookup(path)) is not None
+
+
+def test_a_new_file_is_shown_here_at_once_and_replicated_once_with_its_content(
+        mnt: Mount) -> None:
+    start = mnt.op_count()
+    with Fd(mnt / "new.cfg", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:
+        assert mnt.ops_since(start) == []
+        assert not in_tree(mnt, "new.cfg")  # what every other node reads
+        assert "new.cfg" in os.listdir(mnt.root)
+        assert os.stat(mnt / "new.cfg").st_size == 0
+        assert stat.S_IMODE(os.stat(mnt / "new.cfg").st_mode) == 0o640
+        assert (mnt / "new.cfg").read_bytes() == b""  # another open on this node
+        with Fd(mnt / "new.cfg", os.O_RDONLY) as reader:
+            write_all(h.fd, b"content\n")
+            assert tree_content(mnt, "new.cfg") is None
+            h.close()
+            assert os.read(reader.fd, 100) == b"", "a read handle keeps its version"
+    assert mnt.ops_since(start) == [WriteFile("new.cfg", b"content\n", NOW, create=True)]
+    assert (mnt / "new.cfg").read_bytes() == b"content\n"
+    entry = mnt.call(lambda: mnt.node.memdb.lookup("new.cfg"))
+    assert entry is not None
+    assert os.stat(mnt / "new.cfg").st_ino == entry.inode + 1
+    assert os.listdir(mnt.root).count("new.cfg") == 1
+
+
+def test_a_shell_redirect_to_a_new_file_publishes_it_with_its_content(
+        mnt: Mount, tmp_path: Path) -> None:
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    command = f"sh -c 'read line < {fifo}; echo new content' > fresh.cfg"
+    start = mnt.op_count()
+    with subprocess.Popen(["sh", "-c", command], cwd=mnt.root, stderr=subprocess.PIPE) as proc:
+        try:
+            go = _open_fifo_writer(fifo)
+            assert not in_tree(mnt, "fresh.cfg")
+            assert (mnt / "fresh.cfg").read_bytes() == b""
+            os.write(go, b"go\n")
+            os.close(go)
+            assert proc.wait(DEADLINE_S) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(DEADLINE_S)
+    assert new_file_ops(mnt, start, "fresh.cfg") == [
+        WriteFile("fresh.cfg", b"new content\n", NOW, create=True)]
+    assert (mnt / "fresh.cfg").read_bytes() == b"new content\n"
+
+
+def test_a_new_file_without_content_is_created_at_the_last_close(mnt: Mount) -> None:
+    start = mnt.op_count()
+    assert sh(": > empty; cat empty; : >> appended", mnt.root).returncode == 0
+    assert new_file_ops(mnt, start, "empty", "appended") == [
+        WriteFile("empty", b"", NOW, create=True), CreateFile("appended", NOW)]
+    assert tree_content(mnt, "empty") == b""
+    assert tree_content(mnt, "appended") == b""
+
+
+def test_what_open_refused_it_still_refuses_and_sends_nothing(mnt: Mount) -> None:
+    os.mkdir(mnt / "d")
+    (mnt / "d/f").write_bytes(b"f")
+    assert (mnt / "d/f").exists()  # the kernel holds d: the next create reaches the handler
+    mnt.remote(Unlink("d/f"))
+    mnt.remote(Rmdir("d"), tell_kernel=False)
+    start = mnt.op_count()
+    create = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fails_with(errno.ENOENT, lambda: os.open(mnt / "d/new", create))  # its directory is gone
+    fails_with(errno.ENAMETOOLONG, lambda: os.open(mnt / ("n" * 256), create))
+    fails_with(errno.EINVAL, lambda: os.open(os.fsencode(mnt.root) + b"/\xff", create))
+    os.unlink(mnt / "corosync.conf")
+    start = mnt.op_count()
+    fails_with(errno.EINVAL, lambda: os.open(mnt / "corosync.conf", create))  # empty: invalid
+    assert mnt.ops_since(start) == []
+    mnt.set_quorate(False)
+    fails_with(errno.EACCES, lambda: os.open(mnt / "new", create))
+    mnt.set_quorate(True)
+    assert mnt.ops_since(start) == []
+    assert not (mnt / "new").exists()
+
+
+def test_a_guest_config_and_o_excl_are_still_created_at_open(mnt: Mount) -> None:
+    mnt.remote(Mkdir("nodes/node2", NOW))
+    mnt.remote(Mkdir("nodes/node2/lxc", NOW))
+    mnt.remote(WriteFile("nodes/node2/lxc/100.conf", b"x", NOW, create=True))
+    start = mnt.op_count()
+    fails_with(errno.EEXIST, lambda: os.open(mnt / "qemu-server/100.conf",
+                                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+    with Fd(mnt / "qemu-server/101.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:
+        assert in_tree(mnt, "nodes/node1/qemu-server/101.conf")  # the VMID is taken at open
+        write_all(h.fd, b"memory: 512\n")
+        h.close()
+    with Fd(mnt / "lock.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL) as h:
+        assert in_tree(mnt, "lock.tmp")
+        h.close()
+    assert new_file_ops(mnt, start, "lock.tmp") == [
+        CreateFile("nodes/node1/qemu-server/100.conf", NOW),
+        CreateFile("nodes/node1/qemu-server/101.conf", NOW),
+        WriteFile("nodes/node1/qemu-server/101.conf", b"memory: 512\n", NOW),
+        CreateFile("lock.tmp", NOW, exclusive=True)]
+
+
+def test_unlinking_a_new_file_sends_nothing(mnt: Mount) -> None:
+    start = mnt.op_count()
+    with Fd(mnt / "gone", os.O_WRONLY | os.O_CREAT) as h:
+        write_all(h.fd, b"never seen")
+        os.unlink(mnt / "gone")
+        assert not (mnt / "gone").exists()
+        fails_with(errno.ENOENT, h.close)  # as for any file unlinked while written
+    with Fd(mnt / "quiet", os.O_WRONLY | os.O_CREAT):
+        os.unlink(mnt / "quiet")
+    assert new_file_ops(mnt, start, "gone", "quiet") == []
+    assert "gone" not in os.listdir(mnt.root)
+
+
+def test_renaming_a_new_file_creates_it_first(mnt: Mount) -> None:
+    start = mnt.op_count()
+    with Fd(mnt / "a.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:
+        write_all(h.fd, b"data")
+        os.rename(mnt / "a.tmp", mnt / "a.cfg")
+        h.close()
+    assert new_file_ops(mnt, start, "a.cfg") == [
+        CreateFile("a.tmp", NOW), Rename("a.tmp", "a.cfg", NOW), WriteFile("a.cfg", b"data", NOW)]
+    assert (mnt / "a.cfg").read_bytes() == b"data"
+    with Fd(mnt / "b.tmp", os.O_WRONLY | os.O_CREAT):
+        fails_with(errno.EEXIST, lambda: renameat2(mnt / "b.tmp", mnt / "a.cfg",
+                                                   RENAME_NOREPLACE))
+    with Fd(mnt / "c.tmp", os.O_WRONLY | os.O_CREAT) as h:
+        os.rename(mnt / "a.cfg", mnt / "c.tmp")  # a rename onto a new file replaces it
+        assert (mnt / "c.tmp").read_bytes() == b"data"
+        write_all(h.fd, b"lost")
+        fails_with(errno.ENOENT, h.close)
+    assert (mnt / "c.tmp").read_bytes() == b"data"
+
+
+def test_two_opens_of_a_new_file(mnt: Mount) -> None:
+    start = mnt.op_count()
+    with Fd(mnt / "two", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as creator:
+        with Fd(mnt / "two", os.O_WRONLY) as second:
+            write_all(second.fd, b"second")
+            second.close()
+        assert tree_content(mnt, "two") == b"second"
+        write_all(creator.fd, b"first")
+        creator.close()
+    assert new_file_ops(mnt, start, "two") == [
+        WriteFile("two", b"second", NOW, create=True), WriteFile("two", b"first", NOW)]
+    with Fd(mnt / "three", os.O_WRONLY | os.O_CREAT) as creator:
+        with Fd(mnt / "three", os.O_RDWR):
+            pass
+        creator.close()
+    assert (mnt / "three").read_bytes() == b""
+
+
+def test_a_new_file_whose_creation_fails_disappears(mnt: Mount) -> None:
+    with Fd(mnt / "q", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:
+        write_all(h.fd, b"x")
+        mnt.set_quorate(False)
+        fails_with(errno.EACCES, h.close)
+        assert not (mnt / "q").exists()
+    mnt.set_quorate(True)
+    with Fd(mnt / "big", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:
+        fails_with(errno.EFBIG, lambda: write_all(h.fd, b"b" * (MAX_FILE_BYTES + 1)))
+        assert not (mnt / "big").exists()  # nothing can create it any more
+        fails_with(errno.EFBIG, h.close)
+    assert not in_tree(mnt, "q")
+    assert not in_tree(mnt, "big")
+
+
+def test_another_node_making_the_same_name_meanwhile(mnt: Mount) -> None:
+    with Fd(mnt / "same", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:
+        mnt.remote(WriteFile("same", b"theirs", NOW, create=True))
+        assert (mnt / "same").read_bytes() == b"", "this node shows its own new file"
+        write_all(h.fd, b"ours")
+        h.close()
+    assert tree_content(mnt, "same") == b"ours"  # as if created at open: the last write wins
+    with Fd(mnt / "dir", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:
+        mnt.remote(Mkdir("dir", NOW))
+        write_all(h.fd, b"x")
+        fails_with(errno.EISDIR, h.close)
+    assert (mnt / "dir").is_dir()
+    os.mkdir(mnt / "parent")
+    with Fd(mnt / "parent/child", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:
+        mnt.remote(Rmdir("parent"))
+        write_all(h.fd, b"x")
+        fails_with(errno.ENOENT, h.close)
+    assert not (mnt / "parent").exists()
+
+
+def test_touch_and_truncate_by_path_create_a_new_file_at_once(mnt: Mount) -> None:
+    start = mnt.op_count()
+    assert sh("touch touched", mnt.root).returncode == 0
+    [touched] = mnt.ops_since(start)  # its utime (now, by the test's clock) is the creation
+    assert isinstance(touched, CreateFile)
+    assert touched.path == "touched"
+    with Fd(mnt / "cut", os.O_WRONLY | os.O_CREAT):
+        os.truncate(mnt / "cut", 3)
+        assert tree_content(mnt, "cut") == b"\0\0\0"
+    with Fd(mnt / "stamped", os.O_WRONLY | os.O_CREAT):
+        os.utime(mnt / "stamped", (5, 1234))
+        assert int(os.stat(mnt / "stamped").st_mtime) == 1234
+    assert new_file_ops(mnt, start, "touched", "cut", "stamped") == [
+        touched, WriteFile("cut", b"\0\0\0", NOW, create=True), CreateFile("stamped", 1234)]
+
+
+def test_a_new_file_keeps_its_directory_busy(mnt: Mount) -> None:
+    os.mkdir(mnt / "d")
+    with Fd(mnt / "d/new", os.O_WRONLY | os.O_CREAT):
+        fails_with(errno.ENOTEMPTY, lambda: os.rmdir(mnt / "d"))
+        fails_with(errno.EEXIST, lambda: os.mkdir(mnt / "d/new"))
+        os.mkdir(mnt / "e")
+        fails_with(errno.ENOTEMPTY, lambda: os.rename(mnt / "e", mnt / "d"))
+        os.rename(mnt / "d", mnt / "moved")  # the tree's directory is empty: it moves
+        assert os.listdir(mnt / "moved") == ["new"]
+    assert os.listdir(mnt / "moved") == ["new"]
+    assert in_tree(mnt, "moved/new")
+
+
+def test_a_new_file_follows_its_directory_through_a_sync(mnt: Mount) -> None:
+    os.mkdir(mnt / "d")
+    with Fd(mnt / "d/new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:
+        def resync() -> None:
+            db = MemDB()
+            for index in range(5):  # "d" gets another inode number than before
+                assert db.apply(Mkdir(f"pad{index}", NOW), 2).ok
+            assert db.apply(Mkdir("d", NOW), 2).ok
+            mnt.node.memdb = db
+
+        mnt.call(resync)
+        mnt.invalidate((), everything=True)
+        assert os.listdir(mnt / "d") == ["new"]
+        write_all(h.fd, b"after the sync")
+        h.close()
+    assert tree_content(mnt, "d/new") == b"after the sync"

@@ -415,6 +415,8 @@ def test_apply_rule(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     op = case.op if not callable(case.op) else case.op(db)
     checks = (*case.checks, *(bind(db) for bind in case.bound_checks))
     before = Snapshot.of(db)
+    assert db.check(op, writer=2) == case.errno, "check() answers what apply() will"
+    assert Snapshot.of(db) == before
     result = db.apply(op, writer=2)
     assert result.errno == case.errno, errno.errorcode.get(result.errno, result.errno)
     if case.errno or not case.changes:
@@ -524,6 +526,8 @@ def test_checksum_follows_changes_and_equal_histories_agree() -> None:
 def test_writer_must_be_a_node_id() -> None:
     with pytest.raises(ValueError, match="is not a node id"):
         MemDB().apply(Mkdir("a", 1), writer=-1)
+    with pytest.raises(ValueError, match="is not a node id"):
+        MemDB().check(Mkdir("a", 1), writer=2**64)
 
 
 def test_valid_path() -> None:
@@ -985,7 +989,9 @@ def test_matches_reference_model(steps: list[tuple[FsOp, bool, int]]) -> None:
             if isinstance(op, Unlock) and current:
                 op = Unlock(op.path, db.lock_checksum(op.path) or b"-")
             before = Snapshot.of(db)
+            checked = db.check(op, writer)
             result = db.apply(op, writer)
+            assert checked == result.errno
             code, changed = model.apply(op, current, writer)
             check_step(db, model, before, result, code, changed, writer)
         rebuilt = MemDB(db.entries(), db.version)

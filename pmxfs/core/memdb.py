@@ -15,7 +15,9 @@ v and `writer`, a new row gets inode v, and the root row gets version v (and the
 the op carries one, as pmxcfs keeps the time of the last change there). The result lists the
 written rows (root first, then by inode), the deleted inodes (ascending) and the paths to
 invalidate (every written, moved or deleted path, its parent, and the root), all sorted, so
-`apply` is deterministic on every member.
+`apply` is deterministic on every member. `check(op, writer)` runs the planning step alone: the
+errno `apply` would answer now, with nothing changed (one definition of the rules for a proposer
+that must refuse at once what the tree would refuse).
 
 Checks run in this order (the first failing one gives the errno):
 1. every named path (source first): `valid_path`;
@@ -493,15 +495,25 @@ class MemDB:
         self._index = _checked_index(entries, version)
         self._checksum = None
 
+    def check(self, op: FsOp, writer: int) -> int:
+        """The errno `apply(op, writer)` would answer now (0: it would succeed), changing
+        nothing: the same rules, for a proposer that must refuse at once what the tree refuses
+        (the FUSE layer's open of a file it creates only at close)."""
+        change = self._planned(op, writer)
+        return change if isinstance(change, int) else 0
+
     def apply(self, op: FsOp, writer: int) -> ApplyResult:
-        if not 0 <= writer <= _MAX_U64:
-            raise ValueError(f"writer {writer} is not a node id")
+        change = self._planned(op, writer)
         version = self.version + 1
-        change = self._plan(op, version, writer)
         if isinstance(change, int) or change.empty:
             code = change if isinstance(change, int) else 0
             return ApplyResult(code, self.version, (), (), ())
         return self._commit(change, version, writer, _op_mtime(op))
+
+    def _planned(self, op: FsOp, writer: int) -> _Change | int:
+        if not 0 <= writer <= _MAX_U64:
+            raise ValueError(f"writer {writer} is not a node id")
+        return self._plan(op, self.version + 1, writer)
 
     def _plan(self, op: FsOp, v: int, writer: int) -> _Change | int:
         code = _argument_errno(op)

@@ -5,14 +5,16 @@ How it works
 Inodes. A tree entry's FUSE inode is its memdb inode + 1, so the memdb root (0) is
 `pyfuse3.ROOT_INODE` (1) and nothing needs a table. The fixed root entries -- the symlinks
 `local`, `qemu-server`, `lxc`, `openvz` and the virtual files `.members .vmlist .version
-.clusterlog .debug .rrd` -- have fixed inodes from 2**62. Every request resolves its inode through
-the node's current memdb (`get(inode - 1)`, `path_of`), so nothing here can disagree with the
-tree. Within one tree object memdb never reuses an inode number, so an inode the kernel still holds
-either names its row (perhaps renamed) or nothing: ENOENT. A sync replaces the tree object, and the
-new one may give a number to another row (after diverged histories). When the FUSE layer first sees
-the new object it compares every inode the kernel holds: one whose row now has another parent, name
-or type is stale -- ESTALE for every request on it -- until a lookup hands it out again with a new
-generation, which makes the kernel retire the old inode (its open files then fail with EIO).
+.clusterlog .debug .rrd` -- have fixed inodes from 2**62, and files created on this node that are
+not replicated yet ("New files" below) inodes from 2**62 + 2**32. Every request resolves its
+inode through the node's current memdb (`get(inode - 1)`, `path_of`), so nothing here can
+disagree with the tree. Within one tree object memdb never reuses an inode number, so an inode
+the kernel still holds either names its row (perhaps renamed) or nothing: ENOENT. A sync
+replaces the tree object, and the new one may give a number to another row (after diverged
+histories). When the FUSE layer first sees the new object it compares every inode the kernel
+holds: one whose row now has another parent, name or type is stale -- ESTALE for every request
+on it -- until a lookup hands it out again with a new generation, which makes the kernel retire
+the old inode (its open files then fail with EIO).
 
 Attributes (docs/tree-rules.md). Owner root, group `gid`; permission bits from `memdb.mode_of`
 (write bits dropped without quorum); directories have nlink 2 and size 0, files nlink 1 and their
@@ -87,6 +89,37 @@ once, after the last (asynchronously: nobody sees its error). The rules:
 * The commit goes to the path the inode has now (it follows renames; after a sync, the path it
   had at open).
 
+New files: one replicated operation. open(O_CREAT) of a missing file for writing, without
+O_EXCL and outside the guest configs, sends nothing: the file is *pending* -- shown on this node
+only (lookup, getattr, readdir, opens by other processes), as an empty file under its own inode
+(NEW_INODE_BASE up), whose entry and attributes the kernel never caches -- until the first
+commit of one of its write handles creates it with its content in one `WriteFile(create=True)`
+(a `CreateFile` when nothing was written: at the release, as an O_TRUNC without writes goes out,
+so `cmd > new` and `cmd >> new` still show nothing until the output is complete). Other nodes
+never see the file before its content. The rules:
+
+* What the replicated create would refuse is refused at open with the same errno: the path
+  rules, then quorum (EACCES), then memdb's own rules for a `CreateFile` (`MemDB.check`: parent
+  missing, corosync.conf, limits...). O_EXCL creates, guest configs (a VMID is taken in the
+  total order, so two nodes cannot both get it at open) and read-only creates (no commit would
+  ever come) send their `CreateFile` at open as before (docs/tree-rules.md says why).
+* Once the creation is replied to, the pending file's inode stands for the tree's row (every
+  request on it goes to the row; reads past the page cache); the next path walk asks again and
+  gets the row's own inode. The record is dropped when the kernel forgets the inode.
+* A pending file shadows the tree under its name on this node (another node may make the same
+  name meanwhile: the commit then replaces that file as the later write, or fails with the
+  daemon's answer -- EISDIR for a directory, ENOENT when its directory went away).
+* unlink of a pending file is local (nothing was replicated); its handles' commits then fail
+  with ENOENT, as for any file unlinked while written. rename of a pending file first creates it
+  (`CreateFile`, as at open before): the target's rules (replacing, VMIDs, corosync.conf,
+  RENAME_NOREPLACE) belong to the total order. A truncate or utime of it by path is its creation,
+  sent at once (a `WriteFile` of that size, a `CreateFile` with that mtime), so `touch new` is
+  one synchronous operation. mkdir or mknod of its name is EEXIST; rmdir of its directory, or
+  replacing that directory by a rename, is ENOTEMPTY.
+* A failed creation (its commit refused, or no write handle left that could commit: EFBIG,
+  EACCES, all closed) makes it disappear here at once; the handle's error is sticky as always.
+* It follows its directory: by inode within one tree, by path through a sync.
+
 corosync.conf is validated by memdb on every change. `cp new.conf /etc/pve/corosync.conf` onto an
 existing file works (O_TRUNC, writes, close are one validated WriteFile; a refused text fails the
 close with EINVAL and the old one stays). A missing corosync.conf cannot be created by `create`,
@@ -145,12 +178,13 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
-from pmxfs.core.entry import Entry
+from pmxfs.core.entry import Entry, guest_config
 from pmxfs.core.fsop import (
     CreateFile,
     FsOp,
@@ -172,6 +206,7 @@ from pmxfs.core.memdb import (
     VIRTUAL_ROOT_NAMES,
     MemDB,
     mode_of,
+    valid_path,
 )
 from pmxfs.core.status import VIRTUAL_FILES, parse_debug_write
 from pmxfs.runtime.node_api import FsNode
@@ -192,6 +227,7 @@ FIXED_INODE_BASE = 2**62
 FIXED_INODES = {name: FIXED_INODE_BASE + i for i, name in enumerate((*SYMLINKS, *VIRTUAL_FILES))}
 _FIXED_NAMES = {inode: name for name, inode in FIXED_INODES.items()}
 assert set(FIXED_INODES) == VIRTUAL_ROOT_NAMES
+NEW_INODE_BASE = FIXED_INODE_BASE + 2**32  # files created here and not replicated yet
 
 _NS = 10**9
 
@@ -247,6 +283,28 @@ class _Writer:
 
 
 _Handle = _Snapshot | _Writer
+
+
+class _NewState(Enum):
+    PENDING = "pending"  # shown on this node only, as an empty file
+    PUBLISHED = "published"  # in the tree: its inode stands for the tree's row
+    GONE = "gone"  # unlinked, or its creation failed: ENOENT
+
+
+@dataclass
+class _NewFile:
+    """A file that open(O_CREAT) made on this node and that is replicated only by the first
+    commit of its content (module header, "New files"). While pending, `(parent, name)` shows
+    it in its directory; once published, requests on its inode go to the tree's row `row`."""
+
+    inode: int  # its FUSE inode, from NEW_INODE_BASE
+    parent: int  # the FUSE inode of its directory while pending
+    name: bytes
+    path: str  # its path when last resolved
+    mtime: int  # its time while pending
+    state: _NewState = _NewState.PENDING
+    row: int = 0  # once published: the FUSE inode of its row in the tree
+    lock: trio.Lock = field(default_factory=trio.Lock)  # one publisher at a time
 
 
 @dataclass
@@ -320,6 +378,9 @@ class PmxfsOperations(pyfuse3.Operations):
         self._progress = trio.Event()
         self._committing: dict[int, int] = {}  # inode -> commits of it in flight
         self._commit_done = trio.Event()  # set (and replaced) whenever one of them ends
+        self._new_files: dict[int, _NewFile] = {}  # FUSE inode -> a file created here
+        self._new_names: dict[tuple[int, bytes], int] = {}  # (dir, name) -> a pending one
+        self._next_new = NEW_INODE_BASE
         node.set_invalidator(self._invalidate)
 
     # -- the tree -----------------------------------------------------------------------------
@@ -328,6 +389,7 @@ class PmxfsOperations(pyfuse3.Operations):
         db = self._node.memdb
         if db is not self._db:
             self._mark_reused(self._db, db)
+            self._move_new_files(self._db, db)
             self._db = db
             self._epoch += 1
         return db
@@ -345,6 +407,32 @@ class PmxfsOperations(pyfuse3.Operations):
                 self._stale.add(inode)
                 self._generations[inode] = self._generations.get(inode, 0) + 1
 
+    def _move_new_files(self, old: MemDB, new: MemDB) -> None:
+        """A sync replaced the tree: find each new file's directory (pending) or row
+        (published) again by the path it had in the old tree; one that is not there is gone."""
+        names: dict[tuple[int, bytes], int] = {}
+        for created in self._new_files.values():
+            if created.state is _NewState.GONE:
+                continue
+            was = old.get((created.parent if created.state is _NewState.PENDING
+                           else created.row) - 1)
+            if was is not None:
+                created.path = (_join(old.path_of(was.inode), _decode(created.name))
+                                if created.state is _NewState.PENDING else old.path_of(was.inode))
+            if created.state is _NewState.PENDING:
+                now = new.lookup(created.path.rpartition("/")[0])
+                if now is not None and now.is_dir:
+                    created.parent = now.inode + 1
+                    names[created.parent, created.name] = created.inode
+                    continue
+            else:
+                now = new.lookup(created.path)
+                if now is not None and not now.is_dir:
+                    created.row = now.inode + 1
+                    continue
+            created.state = _NewState.GONE
+        self._new_names = names
+
     def _row(self, inode: int) -> Entry:
         """The tree row of a FUSE inode (not a fixed one); ENOENT when there is none."""
         entry = self._tree().get(inode - 1) if inode < FIXED_INODE_BASE else None
@@ -355,8 +443,8 @@ class PmxfsOperations(pyfuse3.Operations):
         return entry
 
     def _dir_path(self, inode: int) -> str:
-        """The path of a directory inode (a fixed entry is ENOTDIR)."""
-        if inode in _FIXED_NAMES:
+        """The path of a directory inode (a fixed entry or a new file is ENOTDIR)."""
+        if inode in _FIXED_NAMES or inode in self._new_files:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         entry = self._row(inode)
         if not entry.is_dir:
@@ -384,16 +472,22 @@ class PmxfsOperations(pyfuse3.Operations):
     # -- attributes ---------------------------------------------------------------------------
 
     def _attrs(self, entry: Entry) -> pyfuse3.EntryAttributes:
-        path = self._tree().path_of(entry.inode)
-        size = 0 if entry.is_dir else len(entry.data)
-        kind = stat.S_IFDIR if entry.is_dir else stat.S_IFREG
-        attrs = self._base_attrs(entry.inode + 1, size, entry.mtime)
-        attrs.st_mode = kind | mode_of(path, entry.is_dir, self._node.quorate())
-        attrs.st_nlink = 2 if entry.is_dir else 1
+        """A tree row's attributes, which the kernel may cache (module header)."""
+        attrs = self._row_attrs(entry, entry.inode + 1)
         attrs.entry_timeout = attrs.attr_timeout = CACHE_SECONDS
         known = self._known.get(entry.inode + 1)
         if known is not None:
             known.attr_row = entry
+        return attrs
+
+    def _row_attrs(self, entry: Entry, inode: int) -> pyfuse3.EntryAttributes:
+        """A tree row's attributes under FUSE inode `inode`, not to be cached."""
+        path = self._tree().path_of(entry.inode)
+        size = 0 if entry.is_dir else len(entry.data)
+        kind = stat.S_IFDIR if entry.is_dir else stat.S_IFREG
+        attrs = self._base_attrs(inode, size, entry.mtime)
+        attrs.st_mode = kind | mode_of(path, entry.is_dir, self._node.quorate())
+        attrs.st_nlink = 2 if entry.is_dir else 1
         return attrs
 
     def _fixed_attrs(self, name: str) -> pyfuse3.EntryAttributes:
@@ -421,11 +515,15 @@ class PmxfsOperations(pyfuse3.Operations):
         attrs.st_blksize = BLOCK_BYTES
         attrs.st_blocks = (size + 511) // 512
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime * _NS
+        attrs.entry_timeout = attrs.attr_timeout = 0
         return attrs
 
     def _inode_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         name = _FIXED_NAMES.get(inode)
-        return self._fixed_attrs(name) if name is not None else self._attrs(self._row(inode))
+        if name is not None:
+            return self._fixed_attrs(name)
+        created = self._new_files.get(inode)
+        return self._new_attrs(created) if created is not None else self._attrs(self._row(inode))
 
     def _link_target(self, name: str) -> bytes:
         node = _encode(self._node.node_name)
@@ -472,6 +570,7 @@ class PmxfsOperations(pyfuse3.Operations):
                 for key in known.links:
                     if self._dentries.get(key) == inode:
                         del self._dentries[key]
+                self._settle_new(inode)
 
     # -- invalidation -------------------------------------------------------------------------
 
@@ -515,7 +614,8 @@ class PmxfsOperations(pyfuse3.Operations):
             if parent is not None and parent.is_dir:
                 key = (parent.inode + 1, _encode(name))
                 held = self._dentries.get(key)
-                if held is not None and held != inode:
+                # a new file's dentry is never cached: the next path walk asks again anyway
+                if held is not None and held != inode and held not in self._new_files:
                     notices.append(key)
                     self._unlink(*key)
         return notices
@@ -565,6 +665,11 @@ class PmxfsOperations(pyfuse3.Operations):
         return None
 
     def _child_attrs(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        """What `name` in directory `parent` is on this node: a pending new file first (it
+        shadows the tree until published), then the fixed root entries, then the tree."""
+        created = self._new_at(parent, name)
+        if created is not None:
+            return self._new_attrs(created)
         fixed = _decode(name) if parent == pyfuse3.ROOT_INODE else None
         if fixed in FIXED_INODES:
             return self._fixed_attrs(fixed)
@@ -609,9 +714,10 @@ class PmxfsOperations(pyfuse3.Operations):
     def _names(self, inode: int) -> list[bytes]:
         """`.`, `..`, then the directory's entries by name."""
         self._dir_path(inode)
-        names = [_encode(child.name) for child in self._tree().children(inode - 1)]
+        names = {_encode(child.name) for child in self._tree().children(inode - 1)}
         if inode == pyfuse3.ROOT_INODE:
-            names += [_encode(name) for name in FIXED_INODES]
+            names.update(_encode(name) for name in FIXED_INODES)
+        names.update(name for parent, name in self._new_names if parent == inode)
         return [b".", b"..", *sorted(names)]
 
     async def releasedir(self, fh: int) -> None:
@@ -633,17 +739,33 @@ class PmxfsOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._child_path(parent_inode, name)
+        self._refuse_new_name(parent_inode, name)
         await self._send(Mkdir(path, self._node.wall_seconds()))
         attrs = self._child_attrs(parent_inode, name)
         self._remember(parent_inode, name, attrs)
         return attrs
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._send(Rmdir(self._changeable(parent_inode, name)))
+        path = self._changeable(parent_inode, name)
+        self._refuse_holding_new(path)
+        await self._send(Rmdir(path))
         self._unlink(parent_inode, name)
 
+    def _refuse_holding_new(self, path: str) -> None:
+        """ENOTEMPTY for removing or replacing a directory that holds a pending new file
+        (the tree does not know it is there)."""
+        entry = self._tree().lookup(path)
+        if entry is not None and entry.is_dir and self._holds_new(entry.inode + 1):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._send(Unlink(self._changeable(parent_inode, name)))
+        path = self._changeable(parent_inode, name)
+        created = self._new_at(parent_inode, name)
+        if created is None:
+            await self._send(Unlink(path))
+        else:  # never replicated: nothing to send
+            self._check_quorate()
+            self._new_gone(created)
         self._unlink(parent_inode, name)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -652,10 +774,19 @@ class PmxfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         src = self._changeable(parent_inode_old, name_old)
         dst = self._changeable(parent_inode_new, name_new)
-        if flags & pyfuse3.RENAME_NOREPLACE and self._tree().lookup(dst) is not None:
+        replaced = self._new_at(parent_inode_new, name_new)
+        if flags & pyfuse3.RENAME_NOREPLACE and (self._tree().lookup(dst) is not None
+                                                 or replaced is not None):
             raise pyfuse3.FUSEError(errno.EEXIST)
+        self._refuse_holding_new(dst)
         moved = self._dentries.get((parent_inode_old, name_old))  # the invalidator may drop it
+        created = self._new_at(parent_inode_old, name_old)
+        if created is not None:  # the target's rules are the tree's: create it first
+            self._check_quorate()
+            await self._publish(created, lambda path: CreateFile(path, created.mtime))
         await self._send(Rename(src, dst, self._node.wall_seconds()))
+        if replaced is not None and replaced is not created:
+            self._new_gone(replaced)
         self._unlink(parent_inode_old, name_old)
         self._unlink(parent_inode_new, name_new)
         if moved is not None:
@@ -674,6 +805,7 @@ class PmxfsOperations(pyfuse3.Operations):
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.ENOSYS)
         path = self._child_path(parent_inode, name)
+        self._refuse_new_name(parent_inode, name)
         await self._send(CreateFile(path, self._node.wall_seconds(), exclusive=True))
         attrs = self._child_attrs(parent_inode, name)
         self._remember(parent_inode, name, attrs)
@@ -685,7 +817,10 @@ class PmxfsOperations(pyfuse3.Operations):
         name = _FIXED_NAMES.get(inode)
         if name is not None:
             return self._setattr_fixed(name, attr, fields, fh)
-        entry = self._row(inode)
+        created = self._new_files.get(inode)
+        if created is not None and await self._setattr_pending(created, attr, fields, fh):
+            return self._new_attrs(created)
+        entry = self._row(inode) if created is None else self._new_row(created)
         path = self._tree().path_of(entry.inode)
         self._check_owner_and_mode(path, attr, fields)
         if fields.update_size:
@@ -702,7 +837,30 @@ class PmxfsOperations(pyfuse3.Operations):
             if mtime == 0 and entry.is_dir and parent == LOCK_DIR:
                 await self._send(UnlockRequest(path))
             await self._send(SetMtime(path, mtime))
-        return self._attrs(self._row(inode))
+        return self._attrs(self._row(inode)) if created is None else self._new_attrs(created)
+
+    async def _setattr_pending(self, created: _NewFile, attr: pyfuse3.EntryAttributes,
+                               fields: pyfuse3.SetattrFields, fh: int | None) -> bool:
+        """setattr of a pending new file. A size with its write handle resizes the buffer; a
+        truncate or utime by path is the file's creation, sent at once (a WriteFile of that
+        size, a CreateFile with that mtime). False when it was published meanwhile: then the
+        caller treats it as the tree's row."""
+        self._check_owner_and_mode(self._new_path(created), attr, fields)
+        handle = None if fh is None else self._handles.get(fh)
+        if fields.update_size and isinstance(handle, _Writer):
+            self._resize(handle, attr.st_size)
+            return True
+        if not (fields.update_size or fields.update_mtime):
+            return True
+        if fields.update_size and attr.st_size > MAX_FILE_BYTES:
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        self._check_quorate()
+        if fields.update_size:
+            data, now = bytes(attr.st_size), self._node.wall_seconds()
+            return await self._publish(created, lambda path: WriteFile(path, data, now,
+                                                                       create=True))
+        mtime = attr.st_mtime_ns // _NS
+        return await self._publish(created, lambda path: CreateFile(path, mtime))
 
     def _setattr_fixed(self, name: str, attr: pyfuse3.EntryAttributes,
                        fields: pyfuse3.SetattrFields, fh: int | None) -> pyfuse3.EntryAttributes:
@@ -738,12 +896,156 @@ class PmxfsOperations(pyfuse3.Operations):
             handle.data.extend(bytes(size - len(handle.data)))
         handle.dirty = True
 
+    # -- files created here (module header, "New files") --------------------------------------
+
+    def _new_at(self, parent: int, name: bytes) -> _NewFile | None:
+        """The pending new file named `name` in directory `parent`, if there is one."""
+        inode = self._new_names.get((parent, name))
+        return None if inode is None else self._new_files[inode]
+
+    def _holds_new(self, directory: int) -> bool:
+        return any(parent == directory for parent, _ in self._new_names)
+
+    def _refuse_new_name(self, parent: int, name: bytes) -> None:
+        """EEXIST for making an entry where a pending new file is."""
+        if (parent, name) in self._new_names:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+
+    def _new_path(self, created: _NewFile) -> str:
+        """Where a pending file is now (it follows a rename of its directory); ENOENT when its
+        directory is gone."""
+        parent = self._tree().get(created.parent - 1)
+        if parent is None or not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        created.path = _join(self._tree().path_of(parent.inode), _decode(created.name))
+        return created.path
+
+    def _new_row(self, created: _NewFile) -> Entry:
+        """The tree row a published new file became; ENOENT when it is gone."""
+        entry = (self._tree().get(created.row - 1)
+                 if created.state is _NewState.PUBLISHED else None)
+        if entry is None or entry.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        created.path = self._tree().path_of(entry.inode)
+        return entry
+
+    def _new_attrs(self, created: _NewFile) -> pyfuse3.EntryAttributes:
+        """Its attributes under its own inode, never cached: each path walk asks again, so the
+        kernel moves to the tree's inode as soon as the file is published."""
+        if created.state is not _NewState.PENDING:
+            return self._row_attrs(self._new_row(created), created.inode)
+        path = self._new_path(created)
+        attrs = self._base_attrs(created.inode, 0, created.mtime)
+        attrs.st_mode = stat.S_IFREG | mode_of(path, False, self._node.quorate())
+        attrs.st_nlink = 1
+        return attrs
+
+    def _defers(self, path: str, flags: int) -> bool:
+        """Whether a create of the missing `path` waits for the first commit (module header):
+        not with O_EXCL, not for a guest config, not without a write handle."""
+        return (_writes(flags) and not flags & os.O_EXCL and guest_config(path) is None
+                and self._tree().lookup(path) is None)
+
+    def _create_new(self, parent: int, name: bytes, path: str,
+                    flags: int) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """A pending new file and its write handle. Refused at once as the replicated create
+        would be: the path rules, then quorum, then memdb's own rules for the create."""
+        mtime = self._node.wall_seconds()
+        _fail(valid_path(path))
+        self._check_quorate()
+        _fail(self._tree().check(CreateFile(path, mtime), 0))  # no writer rule for a create
+        created = _NewFile(self._next_new, parent, name, path, mtime)
+        self._next_new += 1
+        self._new_files[created.inode] = created
+        self._new_names[parent, name] = created.inode
+        attrs = self._new_attrs(created)
+        self._remember(parent, name, attrs)
+        fh = self._new_fh()
+        self._handles[fh] = _Writer(created.inode, path, self._epoch, bytearray(),
+                                    append=bool(flags & os.O_APPEND),
+                                    truncation=bool(flags & os.O_TRUNC))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), attrs
+
+    async def _open_new(self, created: _NewFile, flags: int) -> pyfuse3.FileInfo:
+        """Open a new file by its own inode: pending, an empty file (a writer's commit
+        publishes it); published, the tree's row (past the page cache: the kernel's pages of
+        that row belong to the row's own inode)."""
+        await self._commits_settled(created.inode)
+        if _writes(flags):
+            self._check_quorate()
+        if created.state is not _NewState.PENDING:
+            entry = self._new_row(created)
+            if _writes(flags):
+                return self._open_writer(entry, flags, truncates=True)
+            fh = self._new_fh()
+            self._handles[fh] = _Snapshot(entry.data, created.inode, entry)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        fh = self._new_fh()
+        if _writes(flags):
+            self._handles[fh] = _Writer(created.inode, created.path, self._epoch, bytearray(),
+                                        append=bool(flags & os.O_APPEND),
+                                        truncation=bool(flags & os.O_TRUNC))
+        else:
+            self._handles[fh] = _Snapshot(b"", created.inode)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def _publish(self, created: _NewFile, make: Callable[[str], FsOp]) -> bool:
+        """Send `make(path)`, the one operation that creates a pending file in the tree, and
+        make its inode stand for the row. False when it was no longer pending (then nothing
+        was sent). A refused creation makes the file gone here too."""
+        async with created.lock:
+            if created.state is not _NewState.PENDING:
+                return False
+            try:
+                path = self._new_path(created)
+                await self._send(make(path))
+            except pyfuse3.FUSEError:
+                self._new_gone(created)
+                raise
+            entry = self._tree().lookup(path)
+            if entry is None or entry.is_dir:  # changed again before the reply came
+                self._new_gone(created)
+                return True
+            created.state = _NewState.PUBLISHED
+            created.row = entry.inode + 1
+            self._new_names.pop((created.parent, created.name), None)
+            return True
+
+    def _new_gone(self, created: _NewFile) -> None:
+        if self._new_names.get((created.parent, created.name)) == created.inode:
+            del self._new_names[created.parent, created.name]
+        created.state = _NewState.GONE
+
+    def _settle_new(self, inode: int) -> None:
+        """After a handle of `inode` closed or failed: a pending file that no handle can
+        publish any more is gone; a record nobody refers to any more is dropped."""
+        created = self._new_files.get(inode)
+        if created is None:
+            return
+        users = [h for h in self._handles.values() if h.inode == inode]
+        if created.state is _NewState.PENDING and not self._committing.get(inode) and not any(
+                isinstance(h, _Writer) and not h.error for h in users):
+            self._new_gone(created)
+        if (created.state is not _NewState.PENDING and not users and inode not in self._known
+                and not self._committing.get(inode)):
+            del self._new_files[inode]
+
     # -- open files ---------------------------------------------------------------------------
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
         path = self._child_path(parent_inode, name)
+        created = self._new_at(parent_inode, name)
+        if created is not None:  # the kernel had not seen the name yet: an open of it
+            if flags & os.O_EXCL:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            info = await self._open_new(created, flags)
+            attrs = self._new_attrs(created)
+            self._remember(parent_inode, name, attrs)
+            return info, attrs
+        if self._defers(path, flags):
+            return self._create_new(parent_inode, name, path, flags)
         existed = self._tree().lookup(path) is not None
         await self._send(CreateFile(path, self._node.wall_seconds(),
                                     exclusive=bool(flags & os.O_EXCL)))
@@ -758,6 +1060,9 @@ class PmxfsOperations(pyfuse3.Operations):
         name = _FIXED_NAMES.get(inode)
         if name is not None:
             return self._open_fixed(name, flags)
+        created = self._new_files.get(inode)
+        if created is not None:
+            return await self._open_new(created, flags)
         await self._commits_settled(inode)
         entry = self._row(inode)
         if entry.is_dir:
@@ -843,7 +1148,9 @@ class PmxfsOperations(pyfuse3.Operations):
             handle.error = errno.EFBIG
         elif handle.inode != FIXED_INODES[DEBUG_FILE] and not self._node.quorate():
             handle.error = errno.EACCES
-        _fail(handle.error)
+        if handle.error:
+            self._settle_new(handle.inode)
+            raise pyfuse3.FUSEError(handle.error)
         if start > len(handle.data):
             handle.data.extend(bytes(start - len(handle.data)))
         handle.data[start:end] = buf
@@ -868,21 +1175,26 @@ class PmxfsOperations(pyfuse3.Operations):
             except pyfuse3.FUSEError as exc:
                 log.warning("the content written to %s at its last close is lost: %s",
                             handle.path, os.strerror(exc.errno))
+        if handle is not None:
+            self._settle_new(handle.inode)
 
     async def _commit(self, handle: _Writer, *, final: bool) -> None:
         """Send what the open file holds when its writes changed it since the last commit, or,
-        when `final` (release, fsync), when only its O_TRUNC is pending (module header).
-        The commit counts as in flight from the first instant, before any checkpoint: an open
-        that the kernel queued behind a release must find it (`_commits_settled`)."""
+        when `final` (release, fsync), when only its O_TRUNC or its creation is pending (module
+        header). The commit counts as in flight from the first instant, before any checkpoint:
+        an open that the kernel queued behind a release must find it (`_commits_settled`)."""
         self._committing[handle.inode] = self._committing.get(handle.inode, 0) + 1
         try:
             async with handle.lock:
                 _fail(handle.error)
-                if not (handle.dirty or (final and handle.truncation)):
+                created = self._new_files.get(handle.inode)
+                written = handle.dirty or (final and handle.truncation)
+                if not (written or (final and created is not None
+                                    and created.state is _NewState.PENDING)):
                     return
                 handle.dirty = handle.truncation = False
                 try:
-                    await self._send_content(handle, bytes(handle.data))
+                    await self._send_content(handle, bytes(handle.data), written=written)
                 except pyfuse3.FUSEError as exc:
                     handle.error = exc.errno
                     raise
@@ -890,22 +1202,37 @@ class PmxfsOperations(pyfuse3.Operations):
             self._committing[handle.inode] -= 1
             if not self._committing[handle.inode]:
                 del self._committing[handle.inode]
+            self._settle_new(handle.inode)
             self._commit_done.set()
             self._commit_done = trio.Event()
 
-    async def _send_content(self, handle: _Writer, data: bytes) -> None:
+    async def _send_content(self, handle: _Writer, data: bytes, *, written: bool) -> None:
+        """Commit `data`; not `written` (only the creation of a new file is pending): create
+        the file without replacing one that another node made meanwhile."""
         if handle.inode == FIXED_INODES[DEBUG_FILE]:
             enabled = parse_debug_write(data)
             if enabled is None:
                 raise pyfuse3.FUSEError(errno.EINVAL)
             self._node.set_debug(enabled)
             return
-        path = self._writer_path(handle)
-        await self._send(WriteFile(path, data, self._node.wall_seconds(), create=False))
+        mtime = self._node.wall_seconds()
+        created = self._new_files.get(handle.inode)
+        if created is not None and (
+                await self._publish(created, lambda path: WriteFile(path, data, mtime,
+                                                                    create=True)
+                                    if written else CreateFile(path, mtime))
+                or not written):
+            return
+        await self._send(WriteFile(self._writer_path(handle), data, mtime, create=False))
 
     def _writer_path(self, handle: _Writer) -> str:
         """Where a write handle's buffer goes: the inode's path now (it follows a rename); after
         a sync, the path it had (the inode number may name another file now)."""
+        created = self._new_files.get(handle.inode)
+        if created is not None:
+            self._new_row(created)
+            handle.path = created.path
+            return handle.path
         tree = self._tree()
         if handle.epoch == self._epoch:
             entry = tree.get(handle.inode - 1)
