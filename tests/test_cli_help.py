@@ -3,6 +3,7 @@ example -- never a module docstring; `daemon --help` shows the default paths."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -104,3 +105,49 @@ def test_help_of_the_installed_command() -> None:
                             capture_output=True, text=True, timeout=60, check=False)
     assert (result.returncode, result.stderr) == (0, "")
     assert "pmxfs daemon --local" in result.stdout
+
+
+def test_keygen_summary_names_the_authkey_size(capsys: pytest.CaptureFixture[str]) -> None:
+    """`pmxfs --help` names the key size without importing frame_crypto: the number in
+    cli.COMMANDS must be AUTHKEY_BYTES."""
+    from pmxfs.runtime.frame_crypto import AUTHKEY_BYTES
+
+    text = " ".join(help_text(capsys, ()).split())
+    assert f"write a new {AUTHKEY_BYTES}-byte cluster authkey" in text
+
+
+HEAVY_MODULES = ("trio", "sqlite3", "pyfuse3", "cryptography", "msgpack", "pmxfs.core.conf",
+                 "pmxfs.core.memdb", "pmxfs.runtime.ipc", "pmxfs.runtime.daemon")
+
+
+def modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code`."""
+    script = f"import sys\n{code}\nprint('\\n'.join(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, check=True)
+    return set(result.stdout.split())
+
+
+def test_the_parser_imports_no_command() -> None:
+    """Start-up time is imports: building the parser and the top-level help load no command
+    module but `control` (the global --run-dir), and nothing heavy."""
+    loaded = modules_after("from pmxfs.cli import build_parser\nbuild_parser().format_help()")
+    assert {m for m in loaded if m.startswith("pmxfs.commands.")} == {"pmxfs.commands.control"}
+    assert [m for m in HEAVY_MODULES if m in loaded] == []
+
+
+@pytest.mark.parametrize("argv", [["expected", "1"], ["--run-dir", "/x", "status"],
+                                  ["keygen", "./k"], ["config", "check", "f"]], ids=" ".join)
+def test_a_command_imports_only_its_own_module(argv: list[str]) -> None:
+    """Parsing a command loads its own module and no other command's."""
+    loaded = modules_after("from pmxfs.cli import build_parser\n"
+                           f"build_parser().parse_args({argv!r})")
+    own = {"expected": "expected", "status": "status", "keygen": "keygen", "config": "config_check"}
+    name = next(own[a] for a in argv if a in own)
+    assert {m for m in loaded if m.startswith("pmxfs.commands.")} == {
+        "pmxfs.commands.control", f"pmxfs.commands.{name}"}
+
+
+@pytest.mark.parametrize("module", [m for _, _, m in cli.COMMANDS if m is not None])
+def test_every_command_module_configures_its_parser(module: str) -> None:
+    assert callable(importlib.import_module(f"pmxfs.commands.{module}").configure)

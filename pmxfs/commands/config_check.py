@@ -23,14 +23,12 @@ from pmxfs.core.quorum import QuorumConfig
 from pmxfs.runtime.config_file import ConfigUnreadable, load, report
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `config` with its `check` subcommand to the `pmxfs` parser."""
-    config = subparsers.add_parser(
-        "config", help="cluster configuration (corosync.conf) tools",
-        description="Cluster configuration (corosync.conf) tools; they work on files and need "
-                    "no daemon.",
-        epilog="examples:\n  pmxfs config check /etc/pmxfs/corosync.conf",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(config: argparse.ArgumentParser) -> None:
+    """Fill in `pmxfs config` (see `pmxfs.cli`), with its `check` subcommand."""
+    config.description = ("Cluster configuration (corosync.conf) tools; they work on files and "
+                          "need no daemon.")
+    config.epilog = "examples:\n  pmxfs config check /etc/pmxfs/corosync.conf"
+    config.formatter_class = argparse.RawDescriptionHelpFormatter
     commands = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     check = commands.add_parser(
         "check", help="validate a corosync.conf (and an update of one)",

@@ -6,6 +6,9 @@ The socket is `<run-dir>/pmxfs.sock` (`--run-dir`, else $PMXFS_RUN_DIR, else /ru
 option lives on the top-level parser as `global_run_dir`). No daemon listening: `pmxfs: no daemon
 at <socket> (is pmxfs running?)`, exit 2. A refusal or any other failure: `pmxfs: <reason>`,
 exit 1.
+
+`pmxfs.cli` imports this module for every command (the global --run-dir), so it imports the
+control socket's client (`pmxfs.runtime.ipc`) only when a command runs.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeAlias
-
-from pmxfs.runtime.ipc import ControlError, NoDaemonError
 
 DEFAULT_RUN_DIR = "/run/pmxfs"
 SOCKET_NAME = "pmxfs.sock"
@@ -47,6 +48,8 @@ def default_run_dir() -> str:
 
 def handler(action: Action) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        from pmxfs.runtime.ipc import ControlError, NoDaemonError
+
         try:
             return action(args, socket_path(args))
         except NoDaemonError as exc:

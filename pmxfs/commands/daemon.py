@@ -41,11 +41,10 @@ examples:
   pmxfs daemon --local --mount /tmp/pve --data-dir /tmp/pmxfs-data --run-dir /tmp/pmxfs-run"""
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `daemon` to the `pmxfs` parser."""
-    p = subparsers.add_parser("daemon", help="run this node: ring, replicated tree, mount",
-                              description=DESCRIPTION, epilog=EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(p: argparse.ArgumentParser) -> None:
+    """Fill in `pmxfs daemon` (see `pmxfs.cli`)."""
+    p.description, p.epilog = DESCRIPTION, EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
                    help="the cluster's corosync.conf (default: %(default)s)")
     p.add_argument("--authkey", default=DEFAULT_AUTHKEY, metavar="FILE",

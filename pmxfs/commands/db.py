@@ -40,21 +40,20 @@ type: dir or file. size: bytes of content (0 for a directory). version: the glob
   that change. mtime: UTC, ISO 8601 (seconds since the epoch when out of that range)."""
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `db` with its `check`, `dump` and `backup` subcommands to the `pmxfs` parser."""
+def configure(db: argparse.ArgumentParser) -> None:
+    """Fill in `pmxfs db` (see `pmxfs.cli`), with its `check`, `dump` and `backup`
+    subcommands."""
     raw = argparse.RawDescriptionHelpFormatter
-    db = subparsers.add_parser(
-        "db", help="offline tools for a node's database (DIR/config.db)",
-        description="""\
+    db.description = """\
 Offline tools for a node's database, DIR/config.db, where DIR is the daemon's --data-dir
 (/var/lib/pmxfs unless it was given another). The database is opened read-only, so they are
-safe while the daemon runs, and they check it as the daemon does at start.""",
-        epilog="""\
+safe while the daemon runs, and they check it as the daemon does at start."""
+    db.epilog = """\
 examples:
   pmxfs db check /var/lib/pmxfs
   pmxfs db dump /var/lib/pmxfs | grep qemu-server
-  pmxfs db backup /var/lib/pmxfs /root/config.db.backup""",
-        formatter_class=raw)
+  pmxfs db backup /var/lib/pmxfs /root/config.db.backup"""
+    db.formatter_class = raw
     commands = db.add_subparsers(dest="db_command", metavar="SUBCOMMAND", required=True)
     check = commands.add_parser(
         "check", help="check DIR/config.db as the daemon does at start",

@@ -172,12 +172,10 @@ examples:
   pmxfs --run-dir ./pmxfs-demo/node1/run status   # in another shell, while it runs"""
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `demo` to the `pmxfs` parser."""
-    parser = subparsers.add_parser(
-        "demo", help="run a cluster of N daemons on this machine, each with its own mount",
-        description=DESCRIPTION, epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Fill in `pmxfs demo` (see `pmxfs.cli`)."""
+    parser.description, parser.epilog = DESCRIPTION, EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--nodes", default=str(DEFAULT_NODES), metavar="N",
                         help=f"how many nodes, 1 to {MAX_NODES} (default: {DEFAULT_NODES})")
     parser.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",

@@ -33,24 +33,22 @@ class KeygenError(LocalError):
     """Why the key was not written; one line."""
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `keygen` to the `pmxfs` parser."""
-    parser = subparsers.add_parser(
-        "keygen", help=f"write a new {AUTHKEY_BYTES}-byte cluster authkey (mode 0400)",
-        description=f"""\
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Fill in `pmxfs keygen` (see `pmxfs.cli`)."""
+    parser.description = f"""\
 Write a new cluster authkey of {AUTHKEY_BYTES} random bytes to PATH, mode 0400. Every node of
 a cluster needs the same file: copy it to each node (as {DEFAULT_AUTHKEY_PATH}, where
 `pmxfs daemon` reads it). The key is written atomically: PATH holds the whole key or does not
 exist. An existing PATH is never replaced without --force. Missing directories above PATH are
 created with mode 0700, and each one is reported on stderr.
 
-Prints PATH on success (exit 0); a problem is one line `pmxfs: reason`, exit 1.""",
-        epilog=f"""\
+Prints PATH on success (exit 0); a problem is one line `pmxfs: reason`, exit 1."""
+    parser.epilog = f"""\
 examples:
   pmxfs keygen                      # {DEFAULT_AUTHKEY_PATH}
   pmxfs keygen ./authkey
-  pmxfs keygen --force {DEFAULT_AUTHKEY_PATH}   # a new key: every node needs the new file""",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+  pmxfs keygen --force {DEFAULT_AUTHKEY_PATH}   # a new key: every node needs the new file"""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("path", metavar="PATH", nargs="?", default=DEFAULT_AUTHKEY_PATH,
                         help=f"where to write the key (default: {DEFAULT_AUTHKEY_PATH})")
     parser.add_argument("--force", action="store_true", help="replace an existing PATH")

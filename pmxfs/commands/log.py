@@ -15,15 +15,14 @@ PRIORITIES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice
 PRIORITY_NAMES = PRIORITIES | {"panic": 0, "error": 3, "warn": 4}  # logger(1) accepts these too
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    raw = argparse.RawDescriptionHelpFormatter
-    log = subparsers.add_parser(
-        "log", help="add a message to the cluster log", formatter_class=raw,
-        description="""\
+def configure(log: argparse.ArgumentParser) -> None:
+    """Fill in `pmxfs log` (see `pmxfs.cli`)."""
+    log.formatter_class = argparse.RawDescriptionHelpFormatter
+    log.description = """\
 Add MESSAGE to the cluster log, like logger(1); the ring carries it to every node, and the
-newest entries are in /etc/pve/.clusterlog.""" + ASKS_THE_DAEMON,
-        epilog="examples:\n  pmxfs log maintenance of node2 starts\n"
-               "  pmxfs log --tag backup --priority warning 'backup of 100 failed'")
+newest entries are in /etc/pve/.clusterlog.""" + ASKS_THE_DAEMON
+    log.epilog = ("examples:\n  pmxfs log maintenance of node2 starts\n"
+                  "  pmxfs log --tag backup --priority warning 'backup of 100 failed'")
     log.add_argument("--tag", default="pmxfs", help="the entry's tag (default: %(default)s)")
     log.add_argument("--priority", default="info", type=_priority, metavar="P",
                      help="a syslog priority: emerg, alert, crit, err, warning, notice, info, "

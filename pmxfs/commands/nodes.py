@@ -13,14 +13,13 @@ from pmxfs.runtime.ipc import ControlError, request
 NODES_SHAPE: Shape = [{"nodeid": int, "votes": int, "name": str, "local": bool, "online": bool}]
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    raw = argparse.RawDescriptionHelpFormatter
-    nodes = subparsers.add_parser(
-        "nodes", help="the nodes of the cluster (like pvecm nodes)", formatter_class=raw,
-        description="""\
+def configure(nodes: argparse.ArgumentParser) -> None:
+    """Fill in `pmxfs nodes` (see `pmxfs.cli`)."""
+    nodes.formatter_class = argparse.RawDescriptionHelpFormatter
+    nodes.description = """\
 List the nodes of the cluster's nodelist, like `pvecm nodes`: node id, votes, name, which one
-is this node and which are online.""" + ASKS_THE_DAEMON,
-        epilog="examples:\n  pmxfs nodes\n  pmxfs nodes --json")
+is this node and which are online.""" + ASKS_THE_DAEMON
+    nodes.epilog = "examples:\n  pmxfs nodes\n  pmxfs nodes --json"
     nodes.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
     nodes.set_defaults(handler=handler(_nodes))
 

@@ -27,16 +27,15 @@ STATUS_SHAPE: Shape = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    raw = argparse.RawDescriptionHelpFormatter
-    status = subparsers.add_parser(
-        "status", help="quorum and membership (like pvecm status)", formatter_class=raw,
-        description="""\
+def configure(status: argparse.ArgumentParser) -> None:
+    """Fill in `pmxfs status` (see `pmxfs.cli`)."""
+    status.formatter_class = argparse.RawDescriptionHelpFormatter
+    status.description = """\
 Show the cluster as this node sees it, like `pvecm status`: cluster name and config_version,
 this node, votequorum (expected and total votes, quorum, flags, quorate or not), the members
-of the current ring and whether the tree is synced.""" + ASKS_THE_DAEMON,
-        epilog="examples:\n  pmxfs status\n  pmxfs status --json | jq .quorum.quorate\n"
-               "  pmxfs --run-dir ./pmxfs-demo/node1/run status")
+of the current ring and whether the tree is synced.""" + ASKS_THE_DAEMON
+    status.epilog = ("examples:\n  pmxfs status\n  pmxfs status --json | jq .quorum.quorate\n"
+                     "  pmxfs --run-dir ./pmxfs-demo/node1/run status")
     status.add_argument("--json", action="store_true",
                         help="print the daemon's answer as JSON (its keys: docs/cli.md)")
     status.set_defaults(handler=handler(_status))
