@@ -300,12 +300,58 @@ async def test_recv_is_cancellable_and_single_consumer() -> None:
         assert scope.cancelled_caught
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ts[2].recv)
-            await trio.sleep(0.02)
+            await trio.testing.wait_all_tasks_blocked()
             with pytest.raises(trio.BusyResourceError):
                 await ts[2].recv()
             nursery.cancel_scope.cancel()
         ts[1].send(2, b"after cancel")
         assert await collect(ts[2], 1) == [(1, b"after cancel")]
+
+
+async def test_a_cancelled_recv_loses_no_queued_datagram() -> None:
+    async with cluster({1: addr(1), 2: addr(2)}) as (_, ts):
+        ts[1].send(2, b"first")
+        ts[1].send(2, b"second")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await ts[2].recv()
+        assert scope.cancelled_caught
+        assert await collect(ts[2], 2) == [(1, b"first"), (1, b"second")]
+
+
+class _TaskSteps(trio.abc.Instrument):
+    """Counts the times trio runs one task: each is one trip through the scheduler."""
+
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_recv_waits_in_one_trip_through_the_scheduler() -> None:
+    """Once a recv waits, trio runs it once more: when the datagram is there (each trip costs
+    about as much as opening the frame, see the transport's header)."""
+    async with cluster({1: addr(1), 2: addr(2)}) as (_, ts):
+        steps = _TaskSteps()
+        got: list[tuple[int, bytes]] = []
+
+        async def receive() -> None:
+            steps.task = trio.lowlevel.current_task()
+            got.append(await ts[2].recv())
+
+        trio.lowlevel.add_instrument(steps)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await trio.testing.wait_all_tasks_blocked()
+                ts[1].send(2, b"wake up")
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert got == [(1, b"wake up")]
+        assert steps.steps == 1  # the first step, which set steps.task, is not counted
 
 
 async def test_a_restarted_node_is_accepted_at_once() -> None:

@@ -51,6 +51,15 @@ Sockets are stdlib sockets in non-blocking mode: `send` calls `sendto` directly 
 never blocks) and `recv` waits for readability with `trio.lowlevel.wait_readable`, so one fd
 serves both directions without touching trio's private socket internals. `recv` must be called
 by one task at a time (a second concurrent call raises `trio.BusyResourceError`).
+
+Each trip through trio's scheduler costs about as much as opening a frame (an epoll call and a
+task switch), so `recv` makes one per datagram, as trio's own sockets do: a cancellation is
+checked before a datagram is taken (it is never lost), then the call either waits for
+readability -- the one trip -- or, when a datagram was already queued, yields once without
+being cancellable. `recv_batch` takes the datagrams queued behind the first without yielding. A
+datagram from the sender's nodelist address is recognised by comparing the source text
+recvfrom gives with that address's canonical text; only a different spelling of the address
+(an IPv6 `%scope`, say) is parsed and compared as bytes.
 """
 
 from __future__ import annotations
@@ -167,6 +176,7 @@ class _Addr:
     family: int
     sockaddr: SockAddr
     packed: bytes  # the IP alone (no port, no scope): what source addresses are compared with
+    host: str  # `packed` as text, as recvfrom names a source without a scope (the fast check)
 
 
 async def _resolve(host: str, port: int, family: int) -> _Addr:
@@ -177,7 +187,8 @@ async def _resolve(host: str, port: int, family: int) -> _Addr:
         raise TransportError(f"cannot resolve {host}: {exc}") from None
     for fam, _type, _proto, _canon, sockaddr in infos:
         if fam in (socket.AF_INET, socket.AF_INET6):
-            return _Addr(fam, tuple(sockaddr), _packed(fam, str(sockaddr[0])))
+            packed = _packed(fam, str(sockaddr[0]))
+            return _Addr(fam, tuple(sockaddr), packed, socket.inet_ntop(fam, packed))
     wanted = {int(socket.AF_INET): "an IPv4", int(socket.AF_INET6): "an IPv6"}.get(family, "an IP")
     raise TransportError(f"{host} has no {wanted} address")
 
@@ -460,14 +471,20 @@ class UdpTransport:
         self._receiving = True
         try:
             errors = 0
-            while True:  # each pass takes one datagram or waits; it yields to trio every time
-                await trio.lowlevel.checkpoint()
+            waited = False  # this pass follows a wait, which was a checkpoint already
+            while True:  # each pass takes one datagram or waits, and yields to trio once
+                if not waited:
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 if self._closed:
                     raise trio.ClosedResourceError("the transport is closed")
                 got = self._poll()
                 if got is None:
                     await self._wait_readable()
+                    waited = True
                     continue
+                if not waited:  # a datagram taken must not be lost to a cancellation
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                waited = False
                 if isinstance(got, OSError):
                     errors += 1
                     if errors >= MAX_CONSECUTIVE_RECV_ERRORS:
@@ -528,7 +545,9 @@ class UdpTransport:
         peer = self._peers.get(sender)
         if peer is None:
             return False
-        try:
+        if src[0] == peer.host:  # the usual case, without parsing the text (inet_pton)
+            return True
+        try:  # another spelling of the same address, e.g. with a %scope suffix
             return _packed(self._family, str(src[0])) == peer.packed
         except (OSError, ValueError):
             return False
