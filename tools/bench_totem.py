@@ -5,7 +5,9 @@ Prints JSON and a table:
   sending as fast as back-pressure allows;
 * mcast -> self-delivery latency p50/p99 at low load (one message every 10 ms);
 * time from SIGKILL of one node to the survivors' regular configuration change, with
-  `token: 1000` and with the defaults.
+  `token: 1000` and with the defaults;
+* the two figures issue 12 sets targets for (`figures`): ordered 1 KiB messages/s and ordered
+  large messages in MB/s (the better of 64 KiB and 1 MiB), each per node.
 
     python tools/bench_totem.py [--seconds 3] [--json-only]
 
@@ -44,6 +46,7 @@ NODES = (1, 2, 3)
 ADDRESSES = {n: f"127.0.0.{30 + n}" for n in NODES}
 SIZES = {"64 B": 64, "1 KiB": 1024, "64 KiB": 65536, "1 MiB": 1 << 20}
 REFERENCE = {"msgs_64": 78_000, "mb_s_large": 112.0, "kill_to_ring_default_s": 7.4}
+TARGETS = {"ordered_1k_msgs_per_s": 20_000, "ordered_large_mb_per_s": 40.0}  # issue 12
 
 
 # ---------------------------------------------------------------------------------- worker
@@ -260,6 +263,10 @@ def main() -> int:
         finally:
             cluster.stop()
     t = results["throughput"]
+    results["figures"] = {
+        "ordered_1k_msgs_per_s": t["1 KiB"]["msgs_per_s"],
+        "ordered_large_mb_per_s": max(t["64 KiB"]["mb_per_s"], t["1 MiB"]["mb_per_s"]),
+    }
     results["ratios_to_corosync"] = {
         "msgs_64B": round(t["64 B"]["msgs_per_s"] / REFERENCE["msgs_64"], 3),
         "mb_s_large": round(max(t["64 KiB"]["mb_per_s"], t["1 MiB"]["mb_per_s"])
@@ -276,6 +283,8 @@ def main() -> int:
         print(f"\nlatency mcast->self-delivery: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms")
         print(f"SIGKILL -> new ring: {results['kill_to_ring_s_token_1000']} s (token 1000), "
               f"{results['kill_to_ring_s_defaults']} s (defaults)")
+        for key, value in results["figures"].items():
+            print(f"{key}: {value} (target {TARGETS[key]})")
         r = results["ratios_to_corosync"]
         print(f"ratios to corosync 3.1: 64 B msgs/s {r['msgs_64B']}, large MB/s "
               f"{r['mb_s_large']}, kill->ring with defaults {r['kill_to_ring_defaults']}")
