@@ -483,6 +483,9 @@ def test_queries() -> None:
     assert [e.name for e in db.children(ROOT_INODE)] == ["a", "e", "g"]
     assert db.children(must(db, "g").inode) == []
     assert db.children(999) == []
+    assert db.child(a.inode, "d") == db.lookup("a/d")
+    assert [db.child(a.inode, "x"), db.child(must(db, "a/f").inode, "x"), db.child(999, "d")] \
+        == [None] * 3
     assert db.path_of(must(db, "a/d").inode) == "a/d"
     assert db.path_of(ROOT_INODE) == ""
     with pytest.raises(KeyError):

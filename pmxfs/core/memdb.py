@@ -446,6 +446,11 @@ class MemDB:
     def path_of(self, inode: int) -> str:
         return self._index.path_of(inode)
 
+    def child(self, inode: int, name: str) -> Entry | None:
+        """The row named `name` in directory `inode`, in O(1); None when there is none."""
+        child = self._index.kids.get(inode, {}).get(name)
+        return None if child is None else self._index.rows[child]
+
     def children(self, inode: int) -> list[Entry]:
         listing = self._index.kids.get(inode, {})
         return [self._index.rows[listing[name]] for name in sorted(listing)]

@@ -318,13 +318,16 @@ class _Dir:
 @dataclass
 class _Known:
     """What the kernel holds for one inode: its lookup count, the dentries it was handed out
-    under, whether it was a directory, and the rows of its cached attributes and pages."""
+    under, whether it was a directory, the rows of its cached attributes and pages, and the
+    attributes last handed out (reused while the row and the quorum are the same)."""
 
     count: int = 0
     links: set[tuple[int, bytes]] = field(default_factory=set)
     is_dir: bool = False
     attr_row: Entry | None = None
     page_row: Entry | None = None
+    # (row, quorate, the attributes made for them): what `_attrs` hands out again
+    attrs: tuple[Entry, bool, pyfuse3.EntryAttributes] | None = None
 
 
 _Ops = TypeVar("_Ops", bound=type[pyfuse3.Operations])
@@ -390,6 +393,8 @@ class PmxfsOperations(pyfuse3.Operations):
         if db is not self._db:
             self._mark_reused(self._db, db)
             self._move_new_files(self._db, db)
+            for known in self._known.values():
+                known.attrs = None  # a path may differ in the new tree
             self._db = db
             self._epoch += 1
         return db
@@ -442,14 +447,17 @@ class PmxfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
 
-    def _dir_path(self, inode: int) -> str:
-        """The path of a directory inode (a fixed entry or a new file is ENOTDIR)."""
+    def _dir_row(self, inode: int) -> Entry:
+        """The row of a directory inode (a fixed entry or a new file is ENOTDIR)."""
         if inode in _FIXED_NAMES or inode in self._new_files:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         entry = self._row(inode)
         if not entry.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return self._tree().path_of(entry.inode)
+        return entry
+
+    def _dir_path(self, inode: int) -> str:
+        return self._tree().path_of(self._dir_row(inode).inode)
 
     def _child_path(self, parent: int, name: bytes) -> str:
         return _join(self._dir_path(parent), _decode(name))
@@ -471,18 +479,30 @@ class PmxfsOperations(pyfuse3.Operations):
 
     # -- attributes ---------------------------------------------------------------------------
 
-    def _attrs(self, entry: Entry) -> pyfuse3.EntryAttributes:
-        """A tree row's attributes, which the kernel may cache (module header)."""
-        attrs = self._row_attrs(entry, entry.inode + 1)
-        attrs.entry_timeout = attrs.attr_timeout = CACHE_SECONDS
+    def _attrs(self, entry: Entry, path: str | None = None) -> pyfuse3.EntryAttributes:
+        """A tree row's attributes, which the kernel may cache (module header); `path` is the
+        row's path when the caller knows it. Made once per row and quorum for an inode the
+        kernel holds: a row is a new object after every change to it, and only an empty
+        directory can be renamed, so its path, which decides the mode, cannot change under a
+        row that stays (a sync forgets them all)."""
         known = self._known.get(entry.inode + 1)
+        quorate = self._node.quorate()
         if known is not None:
             known.attr_row = entry
+            made = known.attrs
+            if made is not None and made[0] is entry and made[1] is quorate:
+                return made[2]
+        attrs = self._row_attrs(entry, entry.inode + 1, path)
+        attrs.entry_timeout = attrs.attr_timeout = CACHE_SECONDS
+        if known is not None:
+            known.attrs = (entry, quorate, attrs)
         return attrs
 
-    def _row_attrs(self, entry: Entry, inode: int) -> pyfuse3.EntryAttributes:
+    def _row_attrs(self, entry: Entry, inode: int,
+                   path: str | None = None) -> pyfuse3.EntryAttributes:
         """A tree row's attributes under FUSE inode `inode`, not to be cached."""
-        path = self._tree().path_of(entry.inode)
+        if path is None:
+            path = self._tree().path_of(entry.inode)
         size = 0 if entry.is_dir else len(entry.data)
         kind = stat.S_IFDIR if entry.is_dir else stat.S_IFREG
         attrs = self._base_attrs(inode, size, entry.mtime)
@@ -660,23 +680,26 @@ class PmxfsOperations(pyfuse3.Operations):
         if name == b".":
             return self._inode_attrs(inode)
         if name == b"..":
-            self._dir_path(inode)
-            return self._inode_attrs(self._row(inode).parent + 1)
+            return self._inode_attrs(self._dir_row(inode).parent + 1)
         return None
 
-    def _child_attrs(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
-        """What `name` in directory `parent` is on this node: a pending new file first (it
-        shadows the tree until published), then the fixed root entries, then the tree."""
+    def _child_attrs(self, parent: int, name: bytes,
+                     base: str | None = None) -> pyfuse3.EntryAttributes:
+        """What `name` in directory `parent` (at path `base`, when the caller knows it) is on
+        this node: a pending new file first (it shadows the tree until published), then the
+        fixed root entries, then the tree."""
         created = self._new_at(parent, name)
         if created is not None:
             return self._new_attrs(created)
-        fixed = _decode(name) if parent == pyfuse3.ROOT_INODE else None
-        if fixed in FIXED_INODES:
-            return self._fixed_attrs(fixed)
-        entry = self._tree().lookup(self._child_path(parent, name))
+        text = _decode(name)
+        if parent == pyfuse3.ROOT_INODE and text in FIXED_INODES:
+            return self._fixed_attrs(text)
+        if base is None:
+            self._dir_row(parent)
+        entry = self._tree().child(parent - 1, text)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(entry)
+        return self._attrs(entry, None if base is None else _join(base, text))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._inode_attrs(inode)
@@ -688,7 +711,7 @@ class PmxfsOperations(pyfuse3.Operations):
         return self._link_target(name)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        self._dir_path(inode)
+        self._dir_row(inode)
         fh = self._new_fh()
         self._dirs[fh] = _Dir(inode)
         return fh
@@ -699,11 +722,15 @@ class PmxfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if start_id == 0 or handle.names is None:
             handle.names = self._names(handle.inode)
+        try:
+            base = self._dir_path(handle.inode)
+        except pyfuse3.FUSEError:
+            return  # gone since the listing was taken: nothing more to list
         for index in range(start_id, len(handle.names)):
             name = handle.names[index]
             try:
                 dot = self._dot_attrs(handle.inode, name)
-                attrs = self._child_attrs(handle.inode, name) if dot is None else dot
+                attrs = self._child_attrs(handle.inode, name, base) if dot is None else dot
             except pyfuse3.FUSEError:
                 continue  # gone since the listing was taken
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
@@ -713,7 +740,7 @@ class PmxfsOperations(pyfuse3.Operations):
 
     def _names(self, inode: int) -> list[bytes]:
         """`.`, `..`, then the directory's entries by name."""
-        self._dir_path(inode)
+        self._dir_row(inode)
         names = {_encode(child.name) for child in self._tree().children(inode - 1)}
         if inode == pyfuse3.ROOT_INODE:
             names.update(_encode(name) for name in FIXED_INODES)
@@ -1063,7 +1090,8 @@ class PmxfsOperations(pyfuse3.Operations):
         created = self._new_files.get(inode)
         if created is not None:
             return await self._open_new(created, flags)
-        await self._commits_settled(inode)
+        if self._committing:
+            await self._commits_settled(inode)
         entry = self._row(inode)
         if entry.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
