@@ -88,6 +88,9 @@ def test_restart_from_disk_and_sync_of_a_large_tree() -> None:
     assert content(c, 3, "big2") == b"\x02" * (1 << 20)
     assert c.replica(3).counters.get("syncs_adopted", 0) == 1
     assert len(checksums(c)) == 1
+    # the two chunks (2 MiB each) were made one at a time and decoded only where needed
+    assert c.replica(3).counters.get("sync_chunks_skipped", 0) == 0
+    assert all(c.replica(n).counters.get("sync_chunks_skipped", 0) == 2 for n in (1, 2))
 
 
 def test_crash_between_delivery_and_commit_loses_nothing_acknowledged() -> None:

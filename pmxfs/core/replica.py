@@ -65,7 +65,7 @@ from __future__ import annotations
 import errno as E
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -99,6 +99,7 @@ from pmxfs.core.replica_msgs import (
     encode_applied,
     encode_history,
     encode_msg,
+    is_entries_msg,
 )
 from pmxfs.core.totem import (
     ConfChange,
@@ -118,6 +119,7 @@ HISTORY_SPANS = 64
 APPLIED_PER_NODE = 256
 MAX_PENDING = 256
 SYNC_CHUNK_BYTES = 2 << 20
+SYNC_QUEUED_BYTES = 2 * SYNC_CHUNK_BYTES  # the leader makes its next chunk below this backlog
 DEFAULT_VERIFY_INTERVAL_MS = 3_600_000
 DEFAULT_UNRESOLVED_TIMEOUT_MS = 60_000
 META_HISTORY = "history"
@@ -334,6 +336,9 @@ class Replica:
         self.lost_waiting: dict[OpId, tuple[RingId, list[tuple[str, bytes]]]] = {}
         self.expected_requests: dict[OpId, tuple[int, int]] = {}  # -> (request, sent at)
         self.outbox: deque[tuple[bytes, tuple[RingId, int] | None]] = deque()
+        # The sync leader's transfer, made a chunk at a time as totem's queue drains: (the
+        # sync's ring and epoch, the messages still to make).
+        self.update: tuple[tuple[RingId, int], Iterator[ReplicaMsg]] | None = None
         self.outputs: list[Output] = []
         self._replies: list[Reply] = []
         self._upserts: dict[int, Entry] = {}
@@ -525,14 +530,23 @@ class Replica:
         self._flush_batch()
 
     def _pump(self) -> bool:
+        """Hand queued messages to totem while it takes them, and make the leader's next sync
+        chunk while totem's backlog is short; True if anything was handed over."""
         sent = False
-        while self.outbox:
-            data, _ = self.outbox[0]
-            if self.totem.mcast(self._now, data) is McastResult.TRY_AGAIN:
-                break
-            self.outbox.popleft()
-            sent = True
-        return sent
+        while True:
+            while self.outbox:
+                data, _ = self.outbox[0]
+                if self.totem.mcast(self._now, data) is McastResult.TRY_AGAIN:
+                    return sent
+                self.outbox.popleft()
+                sent = True
+            if self.update is None or self.totem.pending.bytes >= SYNC_QUEUED_BYTES:
+                return sent
+            msg = next(self.update[1], None)
+            if msg is None:
+                self.update = None
+                return sent
+            self.outbox.append((encode_msg(msg), self.update[0]))
 
     def _send(self, msg: ReplicaMsg) -> None:
         tag = (msg.ring, msg.epoch) if isinstance(msg, StateMsg | EntriesMsg | DoneMsg
@@ -608,6 +622,8 @@ class Replica:
         self.verify_sums = {}
         self.outbox = deque(item for item in self.outbox
                             if item[1] is None or item[1] == (self.ring, epoch))
+        if self.update is not None and self.update[0] != (self.ring, epoch):
+            self.update = None
         self._emit_event(StateTaken(self.ring, epoch))
         self._send(StateMsg(
             ring=self.ring, epoch=epoch, announcement=self.quorum.announcement(),
@@ -632,6 +648,9 @@ class Replica:
 
     def _on_deliver(self, d: Deliver) -> None:
         self._deliver_at = (d.ring_id, d.seq)
+        if not self.need_update and is_entries_msg(d.payload):
+            self._count("sync_chunks_skipped")  # rows for others: not even decoded
+            return
         try:
             msg = decode_msg(d.payload)
         except ProtocolError:
@@ -879,10 +898,16 @@ class Replica:
             self._send_update()
 
     def _send_update(self) -> None:
+        """Start the leader's transfer. It is made a chunk at a time (`_pump`), so that no
+        single step encodes the whole tree; the tree, history and applied table stay as they
+        are until the sync completes (operations are queued meanwhile)."""
         mine = self.memdb.digests()
         theirs = [dict(s.digests) for s in self.states.values()]
         wanted = sorted(inode for inode, digest in mine.items()
                         if any(other.get(inode) != digest for other in theirs))
+        self.update = ((self.ring, self.epoch), self._update_messages(wanted))
+
+    def _update_messages(self, wanted: list[int]) -> Iterator[ReplicaMsg]:
         chunk: list[Entry] = []
         size = 0
         for inode in wanted:
@@ -891,12 +916,12 @@ class Replica:
             chunk.append(entry)
             size += len(entry.data) + len(entry.name) + 64
             if size >= SYNC_CHUNK_BYTES:
-                self._send(EntriesMsg(self.ring, self.epoch, tuple(chunk)))
+                yield EntriesMsg(self.ring, self.epoch, tuple(chunk))
                 chunk, size = [], 0
         if chunk:
-            self._send(EntriesMsg(self.ring, self.epoch, tuple(chunk)))
-        self._send(DoneMsg(self.ring, self.epoch, self.memdb.version, tuple(self.history),
-                           self._applied_items()))
+            yield EntriesMsg(self.ring, self.epoch, tuple(chunk))
+        yield DoneMsg(self.ring, self.epoch, self.memdb.version, tuple(self.history),
+                      self._applied_items())
 
     def _on_done(self, msg: DoneMsg) -> None:
         if not self.need_update:

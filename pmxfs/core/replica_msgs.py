@@ -17,6 +17,7 @@ Kind 10 is retired (a durability announcement, now carried by the totem token).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -187,7 +188,7 @@ def encode_msg(msg: ReplicaMsg) -> bytes:
             body = [5, _ring(msg.ring), msg.epoch,
                     [a.votes, a.expected_votes, a.quorate, a.qdevice_vote, list(a.ring_members)],
                     msg.version, msg.checksum, msg.last_ring_seq,
-                    [[i, d] for i, d in msg.digests], encode_entries(list(msg.log)),
+                    _encode_digests(msg.digests), encode_entries(list(msg.log)),
                     encode_cutoff(msg.log_cutoff)]
         case EntriesMsg():
             body = [6, _ring(msg.ring), msg.epoch, [encode_entry(e) for e in msg.entries]]
@@ -251,10 +252,9 @@ def decode_entry(value: object) -> Entry:
     inode, parent, version, writer, mtime, kind, name, data = _list(value, 8)
     if type(name) is not str:
         raise ProtocolError("bad entry name")
-    try:
-        entry_type = EntryType(_int(kind))
-    except ValueError:
-        raise ProtocolError("bad entry type") from None
+    entry_type = _ENTRY_TYPES.get(kind) if type(kind) is int else None
+    if entry_type is None:
+        raise ProtocolError("bad entry type")
     return Entry(_int(inode), _int(parent), _int(version), _int(writer), _int(mtime),
                  entry_type, name, _bytes(data))
 
@@ -275,22 +275,52 @@ def decode_applied(value: object) -> tuple[tuple[OpId, int], ...]:
     return tuple(out)
 
 
+# A StateMsg's digests travel as one byte string of fixed records (inode, digest): a tree of
+# ten thousand rows decodes in a few milliseconds, where a list of pairs took a fifth of a second.
+_DIGEST_RECORD = struct.Struct(f">Q{DIGEST_BYTES}s")
+_ENTRY_TYPES = {t.value: t for t in EntryType}
+
+
+def _encode_digests(digests: tuple[tuple[int, bytes], ...]) -> bytes:
+    return b"".join(_DIGEST_RECORD.pack(inode, digest) for inode, digest in digests)
+
+
+def _decode_digests(value: object) -> tuple[tuple[int, bytes], ...]:
+    blob = _bytes(value)
+    if len(blob) % _DIGEST_RECORD.size:
+        raise ProtocolError("bad digest records")
+    pairs = tuple(_DIGEST_RECORD.iter_unpack(blob))
+    if any(inode > MAX_SEQ for inode, _ in pairs):
+        raise ProtocolError("bad inode in digest records")
+    return pairs
+
+
+def is_entries_msg(data: bytes) -> bool:
+    """Does `data` look like an `EntriesMsg`? Only its first two fields are read, so a member
+    that needs none of the sync's rows skips decoding megabytes of them."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data[:16])
+    try:
+        return bool(unpacker.read_array_header() >= 2
+                    and unpacker.unpack() == REPLICA_PROTOCOL
+                    and unpacker.unpack() == _ENTRIES_KIND)
+    except (ValueError, msgpack.UnpackException):
+        return False
+
+
 def _decode_state(f: list[Any]) -> StateMsg:
     ring, epoch, ann, version, checksum, last_ring_seq, digests, log, cutoff = f
     votes, expected, quorate, qdevice, ring_members = _list(ann, 5)
     announcement = Announcement(votes=_int(votes), expected_votes=_int(expected),
                                 quorate=_bool(quorate), qdevice_vote=_bool(qdevice),
                                 ring_members=_members(ring_members))
-    pairs = []
-    for item in _list(digests):
-        inode, digest = _list(item, 2)
-        pairs.append((_int(inode), _bytes(digest, DIGEST_BYTES)))
     return StateMsg(_ring_of(ring), _int(epoch), announcement, _int(version),
-                    _bytes(checksum, 32), _int(last_ring_seq), tuple(pairs),
+                    _bytes(checksum, 32), _int(last_ring_seq), _decode_digests(digests),
                     tuple(decode_entries(log)), decode_cutoff(cutoff))
 
 
 _ARITY = {1: 2, 2: 2, 3: 2, 4: 1, 5: 9, 6: 3, 7: 5, 8: 5, 9: 2}
+_ENTRIES_KIND = 6
 
 
 def decode_msg(data: bytes) -> ReplicaMsg:

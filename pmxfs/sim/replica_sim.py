@@ -427,7 +427,7 @@ class ReplicaCluster:
             return False
         reps = [self.replica(n) for n in live]
         if any(r.totem.state is not State.OPERATIONAL or not r.synced() or r.pending
-               or r.outbox or r.totem.pending for r in reps):
+               or r.outbox or r.update or r.totem.pending for r in reps):
             return False
         return (len({r.ring for r in reps}) == 1 and len(reps[0].members) == len(live)
                 and len({r.state_checksum() for r in reps}) == 1)
