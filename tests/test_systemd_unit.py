@@ -94,3 +94,10 @@ def test_stop_and_restart_policy() -> None:
     assert unit[("Unit", "Wants")] == ["network-online.target"]
     assert unit[("Unit", "After")] == ["network-online.target"]
     assert unit[("Install", "WantedBy")] == ["multi-user.target"]
+
+
+def test_scheduling_is_left_to_the_daemon() -> None:
+    """The daemon asks for SCHED_RR itself and runs on without it when refused
+    (runtime/scheduling.py); a CPUScheduling*= that systemd cannot apply would fail the start."""
+    unit = settings(UNIT.read_text())
+    assert [key for _, key in unit if key.startswith(("CPUScheduling", "Nice"))] == []
