@@ -80,7 +80,6 @@ def test_slow_disk_carries_sqlite_wal(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="write path: disk on token path (issue 12)", strict=False)
 def test_ring_survives_a_stalled_disk(tmp_path: Path) -> None:
     report = run_slow_disk(tmp_path, SLOW_DISK_FULL if FULL else SLOW_DISK_CI)
     details = report.describe()
