@@ -479,12 +479,12 @@ class PmxfsOperations(pyfuse3.Operations):
 
     # -- attributes ---------------------------------------------------------------------------
 
-    def _attrs(self, entry: Entry, path: str | None = None) -> pyfuse3.EntryAttributes:
-        """A tree row's attributes, which the kernel may cache (module header); `path` is the
-        row's path when the caller knows it. Made once per row and quorum for an inode the
-        kernel holds: a row is a new object after every change to it, and only an empty
-        directory can be renamed, so its path, which decides the mode, cannot change under a
-        row that stays (a sync forgets them all)."""
+    def _attrs(self, entry: Entry, base: str | None = None) -> pyfuse3.EntryAttributes:
+        """A tree row's attributes, which the kernel may cache (module header); `base` is the
+        path of the row's directory when the caller knows it. Made once per row and quorum for
+        an inode the kernel holds: a row is a new object after every change to it, and only an
+        empty directory can be renamed, so its path, which decides the mode, cannot change
+        under a row that stays (a sync forgets them all)."""
         known = self._known.get(entry.inode + 1)
         quorate = self._node.quorate()
         if known is not None:
@@ -492,7 +492,8 @@ class PmxfsOperations(pyfuse3.Operations):
             made = known.attrs
             if made is not None and made[0] is entry and made[1] is quorate:
                 return made[2]
-        attrs = self._row_attrs(entry, entry.inode + 1, path)
+        attrs = self._row_attrs(entry, entry.inode + 1,
+                                None if base is None else _join(base, entry.name))
         attrs.entry_timeout = attrs.attr_timeout = CACHE_SECONDS
         if known is not None:
             known.attrs = (entry, quorate, attrs)
@@ -555,7 +556,9 @@ class PmxfsOperations(pyfuse3.Operations):
         """The kernel took one more reference to attrs.st_ino, under (parent, name) if given."""
         inode = attrs.st_ino
         self._stale.discard(inode)
-        known = self._known.setdefault(inode, _Known())
+        known = self._known.get(inode)
+        if known is None:
+            known = self._known[inode] = _Known()
         known.count += 1
         known.is_dir = stat.S_ISDIR(attrs.st_mode)
         if inode < FIXED_INODE_BASE:
@@ -699,7 +702,7 @@ class PmxfsOperations(pyfuse3.Operations):
         entry = self._tree().child(parent - 1, text)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(entry, None if base is None else _join(base, text))
+        return self._attrs(entry, base)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._inode_attrs(inode)
