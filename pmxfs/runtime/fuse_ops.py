@@ -291,7 +291,7 @@ class _NewState(Enum):
     GONE = "gone"  # unlinked, or its creation failed: ENOENT
 
 
-@dataclass
+@dataclass(slots=True)
 class _NewFile:
     """A file that open(O_CREAT) made on this node and that is replicated only by the first
     commit of its content (module header, "New files"). While pending, `(parent, name)` shows
@@ -304,7 +304,8 @@ class _NewFile:
     mtime: int  # its time while pending
     state: _NewState = _NewState.PENDING
     row: int = 0  # once published: the FUSE inode of its row in the tree
-    lock: trio.Lock = field(default_factory=trio.Lock)  # one publisher at a time
+    # one publisher at a time, while pending (the record may outlive that: kept small)
+    lock: trio.Lock | None = field(default_factory=trio.Lock)
 
 
 @dataclass
@@ -435,7 +436,7 @@ class PmxfsOperations(pyfuse3.Operations):
                 if now is not None and not now.is_dir:
                     created.row = now.inode + 1
                     continue
-            created.state = _NewState.GONE
+            created.state, created.lock = _NewState.GONE, None
         self._new_names = names
 
     def _row(self, inode: int) -> Entry:
@@ -1023,7 +1024,10 @@ class PmxfsOperations(pyfuse3.Operations):
         """Send `make(path)`, the one operation that creates a pending file in the tree, and
         make its inode stand for the row. False when it was no longer pending (then nothing
         was sent). A refused creation makes the file gone here too."""
-        async with created.lock:
+        lock = created.lock
+        if lock is None:
+            return False
+        async with lock:
             if created.state is not _NewState.PENDING:
                 return False
             try:
@@ -1036,15 +1040,14 @@ class PmxfsOperations(pyfuse3.Operations):
             if entry is None or entry.is_dir:  # changed again before the reply came
                 self._new_gone(created)
                 return True
-            created.state = _NewState.PUBLISHED
-            created.row = entry.inode + 1
+            created.state, created.row, created.lock = _NewState.PUBLISHED, entry.inode + 1, None
             self._new_names.pop((created.parent, created.name), None)
             return True
 
     def _new_gone(self, created: _NewFile) -> None:
         if self._new_names.get((created.parent, created.name)) == created.inode:
             del self._new_names[created.parent, created.name]
-        created.state = _NewState.GONE
+        created.state, created.lock = _NewState.GONE, None
 
     def _settle_new(self, inode: int) -> None:
         """After a handle of `inode` closed or failed: a pending file that no handle can
