@@ -879,6 +879,23 @@ def test_remote_rename_and_delete_drop_the_kernels_entries(mnt: Mount) -> None:
         fails_with(errno.ENOENT, lambda: os.fstat(cwd.fd))  # a stale inode
 
 
+def test_a_listing_hands_out_the_current_attributes(mnt: Mount) -> None:
+    os.mkdir(mnt / "d")
+    (mnt / "d/f").write_bytes(b"abc")
+    for _ in range(2):  # the second listing reuses the attributes made for the first
+        with os.scandir(mnt / "d") as entries:
+            assert [(e.name, e.stat().st_size) for e in entries] == [("f", 3)]
+    mnt.remote(WriteFile("d/f", b"0123456789", NOW + 1))
+    with os.scandir(mnt / "d") as entries:
+        assert [(e.name, e.stat().st_size) for e in entries] == [("f", 10)]
+    mnt.set_quorate(False)
+    with os.scandir(mnt / "d") as entries:
+        assert [stat.S_IMODE(e.stat().st_mode) for e in entries] == [0o440]
+    assert perm(mnt / "d/f") == 0o440
+    mnt.set_quorate(True)
+    assert perm(mnt / "d/f") == 0o640
+
+
 def test_a_large_directory_is_listed_over_several_readdir_calls(mnt: Mount) -> None:
     names = [f"{index:04d}-{'n' * 200}" for index in range(300)]
 
