@@ -15,6 +15,9 @@ Measured on node1's mount (and, for the plain operations, on a tmpfs in the same
 * create+write+close of FILES files of 1 KiB, one writer: each file timed on its own (median,
   p95, files/s); and with 8 parallel writers (files/s);
 * open+read+close of each file with 1 and with 4 readers (files/s);
+* the CPU time the three daemons spent together per file created (one writer) and per file
+  read (one reader), from /proc/<pid>/stat: less disturbed than the times by other work on a
+  shared machine;
 * listdir of the directory of FILES entries (median ms of 50 rounds); unlink of each (files/s);
 * close on node1 -> visible on node2: from close() returning on node1 until a read on node2
   returns the new content (p50/p95 of SAMPLES writes);
@@ -94,6 +97,13 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[max(0, int(len(sorted_values) * fraction) - 1)]
 
 
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of process `pid` (all its threads), in clock ticks."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 on
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
 # ---------------------------------------------------------------------------- the cluster
 
 
@@ -161,23 +171,28 @@ def parallel(action: Callable[[Path], None], paths: Sequence[Path], workers: int
     return time.perf_counter() - t0
 
 
-def file_ops(directory: Path, files: int) -> dict[str, float]:
-    """Create, read, list and unlink `files` files of 1 KiB in `directory`."""
+def file_ops(directory: Path, files: int, pids: Sequence[int] = ()) -> dict[str, float]:
+    """Create, read, list and unlink `files` files of 1 KiB in `directory`; `pids`: the daemons
+    whose CPU time is counted."""
     one = directory / "one"
     many = directory / "eight"
     one.mkdir()
     many.mkdir()
     paths = [one / f"f{i}.cfg" for i in range(files)]
     per_file: list[float] = []
+    ticks = sum(cpu_ticks(pid) for pid in pids)
     for path in paths:
         t0 = time.perf_counter()
         create_one(path)
         per_file.append(time.perf_counter() - t0)
+    create_ticks = sum(cpu_ticks(pid) for pid in pids) - ticks
     t_parallel = parallel(create_one, [many / f"f{i}.cfg" for i in range(files)], 8)
+    ticks = sum(cpu_ticks(pid) for pid in pids)
     t0 = time.perf_counter()
     for path in paths:
         read_one(path)
     t_read = time.perf_counter() - t0
+    read_ticks = sum(cpu_ticks(pid) for pid in pids) - ticks
     t_read4 = parallel(read_one, paths, 4)
     listings: list[float] = []
     for _ in range(LISTDIR_ROUNDS):
@@ -193,7 +208,11 @@ def file_ops(directory: Path, files: int) -> dict[str, float]:
     for i in range(files):
         os.unlink(many / f"f{i}.cfg")
     per_file.sort()
+    ms_per_tick = 1000 / os.sysconf("SC_CLK_TCK")
+    cpu = {"daemons_cpu_ms_per_create": round(create_ticks * ms_per_tick / files, 3),
+           "daemons_cpu_ms_per_read": round(read_ticks * ms_per_tick / files, 3)} if pids else {}
     return {
+        **cpu,
         "create_write_close_median_ms": round(statistics.median(per_file) * 1000, 3),
         "create_write_close_p95_ms": round(percentile(per_file, 0.95) * 1000, 3),
         "create_write_close_per_s": rate(files, sum(per_file)),
@@ -226,13 +245,6 @@ def visible_latency(src: Path, dst: Path, samples: int) -> dict[str, float]:
     times.sort()
     return {"visible_p50_ms": round(statistics.median(times), 3),
             "visible_p95_ms": round(percentile(times, 0.95), 3)}
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of process `pid` (all its threads), in clock ticks."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 on
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
 
 
 def idle_cpu(pids: Sequence[int], seconds: float) -> dict[str, Any]:
@@ -325,7 +337,7 @@ def measure(nodes: list[dict[str, Any]], files: int, samples: int,
     mounts = [Path(n["mount"]) for n in nodes]
     work = mounts[0] / "bench"
     work.mkdir()
-    found = file_ops(work, files)
+    found = file_ops(work, files, [n["pid"] for n in nodes])
     found.update(visible_latency(mounts[0], mounts[1], samples))
     found.update(idle_cpu([n["pid"] for n in nodes], idle_seconds))
     found["kill_to_writable_s"] = kill_to_writable(nodes[2]["pid"], mounts[0])
@@ -376,6 +388,8 @@ ROWS = (
     ("create+write+close 1 KiB, 1 writer, p95 (ms)", "create_write_close_p95_ms"),
     ("create+write+close 1 KiB, 1 writer (files/s)", "create_write_close_per_s"),
     ("create+write+close 1 KiB, 8 writers (files/s)", "create_write_close_8_writers_per_s"),
+    ("CPU of the 3 daemons per file created (ms)", "daemons_cpu_ms_per_create"),
+    ("CPU of the 3 daemons per file read (ms)", "daemons_cpu_ms_per_read"),
     ("open+read+close 1 KiB, 1 reader (files/s)", "open_read_close_per_s"),
     ("open+read+close 1 KiB, 4 readers (files/s)", "open_read_close_4_readers_per_s"),
     ("listdir of FILES entries, median (ms)", "listdir_ms"),

@@ -2,7 +2,8 @@
 
 Prints JSON and a table:
 * ordered messages/s and MB/s per node for 64 B, 1 KiB, 64 KiB and 1 MiB messages, all nodes
-  sending as fast as back-pressure allows;
+  sending as fast as back-pressure allows, and the CPU time the three processes spent per
+  ordered message meanwhile (less disturbed than the rates by other work on a shared machine);
 * mcast -> self-delivery latency p50/p99 at low load (one message every 10 ms);
 * time from SIGKILL of one node to the survivors' regular configuration change, with
   `token: 1000` and with the defaults;
@@ -101,15 +102,18 @@ class Worker:
         self.own_delivered = 0
         self.window = (start_at, start_at + seconds)
         await trio.sleep(max(0.0, start_at - time.monotonic()))
+        cpu_at_start = time.process_time()
         sent = 0
         while time.monotonic() < start_at + seconds:
             await self.node.mcast(payload)
             sent += 1
+        cpu_s = time.process_time() - cpu_at_start
         with trio.move_on_after(300):
             while self.own_delivered < sent:
                 await self.counted.wait()
         status = self.node.status()
-        return {"sent": sent, "delivered": self.delivered, "totem": status.totem.counters,
+        return {"sent": sent, "delivered": self.delivered, "cpu_s": cpu_s,
+                "totem": status.totem.counters,
                 "transport": status.transport_counters}
 
     async def latency(self, count: int, interval: float) -> dict[str, Any]:
@@ -204,8 +208,11 @@ class Cluster:
             self.command(n, {"cmd": "load", "size": size, "start_at": start_at,
                              "seconds": seconds})
         results = [self.expect(n, "delivered", timeout=seconds + 120) for n in NODES]
-        per_node = min(r["delivered"] for r in results) / seconds
-        return {"msgs_per_s": round(per_node), "mb_per_s": round(per_node * size / 1e6, 1)}
+        delivered = min(r["delivered"] for r in results)
+        per_node = delivered / seconds
+        cpu_s = sum(r["cpu_s"] for r in results)
+        return {"msgs_per_s": round(per_node), "mb_per_s": round(per_node * size / 1e6, 1),
+                "cpu_us_per_msg": round(cpu_s / max(1, delivered) * 1e6, 1)}
 
     def latency(self) -> dict[str, float]:
         self.command(1, {"cmd": "latency", "count": 300, "interval": 0.01})
@@ -276,9 +283,10 @@ def main() -> int:
     }
     print(json.dumps({"benchmark": "totem", "nodes": len(NODES), **results}))
     if not args.json_only:
-        print(f"\n{'payload':>8} {'msgs/s':>10} {'MB/s':>8}")
+        print(f"\n{'payload':>8} {'msgs/s':>10} {'MB/s':>8} {'CPU us/msg':>11}")
         for label, r in t.items():
-            print(f"{label:>8} {r['msgs_per_s']:>10,} {r['mb_per_s']:>8}")
+            print(f"{label:>8} {r['msgs_per_s']:>10,} {r['mb_per_s']:>8} "
+                  f"{r['cpu_us_per_msg']:>11,}")
         lat = results["latency_low_load"]
         print(f"\nlatency mcast->self-delivery: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms")
         print(f"SIGKILL -> new ring: {results['kill_to_ring_s_token_1000']} s (token 1000), "
