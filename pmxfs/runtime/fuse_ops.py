@@ -991,11 +991,7 @@ class PmxfsOperations(pyfuse3.Operations):
         self._new_names[parent, name] = created.inode
         attrs = self._new_attrs(created)
         self._remember(parent, name, attrs)
-        fh = self._new_fh()
-        self._handles[fh] = _Writer(created.inode, path, self._epoch, bytearray(),
-                                    append=bool(flags & os.O_APPEND),
-                                    truncation=bool(flags & os.O_TRUNC))
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), attrs
+        return self._open_pending(created, flags), attrs
 
     async def _open_new(self, created: _NewFile, flags: int) -> pyfuse3.FileInfo:
         """Open a new file by its own inode: pending, an empty file (a writer's commit
@@ -1011,6 +1007,10 @@ class PmxfsOperations(pyfuse3.Operations):
             fh = self._new_fh()
             self._handles[fh] = _Snapshot(entry.data, created.inode, entry)
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        return self._open_pending(created, flags)
+
+    def _open_pending(self, created: _NewFile, flags: int) -> pyfuse3.FileInfo:
+        """A handle of a pending file: a writer starts empty, a reader reads nothing."""
         fh = self._new_fh()
         if _writes(flags):
             self._handles[fh] = _Writer(created.inode, created.path, self._epoch, bytearray(),
