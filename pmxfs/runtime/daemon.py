@@ -2,6 +2,8 @@
 (what `pmxfs daemon` starts, from the settings commands/daemon.py makes of its options).
 
 Start-up, in an order where every failure is one clear line and leaves nothing behind:
+0. SCHED_RR for the whole process, before any thread exists (runtime/scheduling.py: busy cores
+   must not delay the token; refused by the kernel, it runs on at normal priority);
 1. the data and run directories (created, and logged, when missing -- their parents never are: a
    mistyped path is refused, not built), the data directory's lock (a second daemon on the same
    data is refused) and a first look at the mount point (the refusals below);
@@ -52,6 +54,7 @@ from pmxfs.runtime.ipc import serve_control
 from pmxfs.runtime.memory_transport import MemoryHub
 from pmxfs.runtime.replica_node import ReplicaNode
 from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
+from pmxfs.runtime.scheduling import use_realtime
 from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
 
 log = logging.getLogger("pmxfs")
@@ -77,11 +80,14 @@ class DaemonSettings:
     run_dir: Path
     local: bool  # a one-node cluster without network, always quorate
     verify_interval_ms: int
+    realtime: bool = True  # run under SCHED_RR (runtime/scheduling.py), as corosync does
 
 
 def serve(settings: DaemonSettings) -> int:
     """Run the node until SIGTERM or SIGINT (0); 1 with one line on stderr when it cannot start,
     1 after logging the error when it stops on one (module header)."""
+    if settings.realtime:
+        use_realtime()  # before any thread exists: they all take the policy
     try:
         return trio.run(_serve, settings)
     except StartupError as exc:
