@@ -119,7 +119,7 @@ def test_limits_guest_ids_and_lock_race(cluster: DaemonCluster) -> None:
     with pytest.raises(OSError, match=os.strerror(errno.EFBIG)) as at_close:
         os.close(fd)
     assert at_close.value.errno == errno.EFBIG
-    assert os.path.getsize(m1 / "big") == 0
+    assert not (m1 / "big").exists()  # a new file whose creation failed never existed
     wait_until(lambda: (m1 / "nodes/node2/qemu-server").is_dir(), REPLICATION_TIMEOUT_S,
                "node2's guest directory")
     (m1 / "nodes/node1/qemu-server/100.conf").write_text("memory: 512\n")
