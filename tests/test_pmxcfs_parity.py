@@ -149,7 +149,9 @@ def corosync_conf(version: int, votes: int = 1, nodes: int = 1) -> str:
 @asynccontextmanager
 async def running_node(tmp_path: Path, *, local: bool) -> AsyncIterator[ReplicaNode]:
     """Node 1 alone on a memory transport, synced; with `local`, as `pmxfs daemon --local`
-    makes it (no corosync.conf file of its own)."""
+    makes it (no corosync.conf file of its own). On the real clock: the node commits in a worker
+    thread, and a mock clock that jumps whenever trio waits would jump past every timeout while
+    a commit runs."""
     text = corosync_conf(1)
     config_path = tmp_path / "corosync.conf"
     config_path.write_text(text)
@@ -185,7 +187,7 @@ async def local_node(tmp_path: Path) -> AsyncIterator[ReplicaNode]:
 
 
 async def test_status_nodes_and_members_show_a_new_corosync_conf_at_once(
-        cluster_node: ReplicaNode, autojump_clock: trio.testing.MockClock) -> None:
+        cluster_node: ReplicaNode) -> None:
     """pmxcfs reads the cluster info from corosync (cfs_status_set_clinfo) when it changes."""
     node = cluster_node
     newer = corosync_conf(2, votes=2, nodes=2)
@@ -207,7 +209,7 @@ async def test_status_nodes_and_members_show_a_new_corosync_conf_at_once(
 
 
 async def test_members_in_local_mode_shows_only_the_node_name_and_version(
-        local_node: ReplicaNode, autojump_clock: trio.testing.MockClock) -> None:
+        local_node: ReplicaNode) -> None:
     """cfs_create_memberlist_msg: without a cluster configuration only these two keys."""
     members = json.loads(local_node.virtual_file(".members"))
     assert list(members) == ["nodename", "version"]
