@@ -48,7 +48,7 @@ def default_run_dir() -> str:
 
 def handler(action: Action) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from pmxfs.runtime.ipc import ControlError, NoDaemonError
+        from pmxfs.runtime.ipc_client import ControlError, NoDaemonError
 
         try:
             return action(args, socket_path(args))

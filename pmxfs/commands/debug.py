@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pmxfs.commands.control import DEFAULT_RUN_DIR, handler, print_json
-from pmxfs.runtime.ipc import READ_TOPICS, request
+from pmxfs.runtime.ipc_client import READ_TOPICS, request
 
 DEBUG_TOPICS = (*sorted(READ_TOPICS), "verify")
 

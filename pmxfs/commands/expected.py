@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from pmxfs.commands.control import ASKS_THE_DAEMON, handler
-from pmxfs.runtime.ipc import request
+from pmxfs.runtime.ipc_client import request
 
 
 def configure(expected: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import pwd
 from pathlib import Path
 
 from pmxfs.commands.control import ASKS_THE_DAEMON, handler
-from pmxfs.runtime.ipc import request
+from pmxfs.runtime.ipc_client import request
 
 PRIORITIES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5,
               "info": 6, "debug": 7}

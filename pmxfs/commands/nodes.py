@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pmxfs.commands.control import ASKS_THE_DAEMON, Shape, handler, print_json, shape_problems
-from pmxfs.runtime.ipc import ControlError, request
+from pmxfs.runtime.ipc_client import ControlError, request
 
 NODES_SHAPE: Shape = [{"nodeid": int, "votes": int, "name": str, "local": bool, "online": bool}]
 

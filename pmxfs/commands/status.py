@@ -14,7 +14,7 @@ from typing import Any
 
 from pmxfs.commands.control import ASKS_THE_DAEMON, Shape, handler, print_json, shape_problems
 from pmxfs.core.quorum import ClusterInfo, MemberInfo, QuorumStatus, render_status
-from pmxfs.runtime.ipc import ControlError, request
+from pmxfs.runtime.ipc_client import ControlError, request
 
 MEMBER_SHAPE: Shape = {"nodeid": int, "name": str, "votes": int, "local": bool}
 STATUS_SHAPE: Shape = {

@@ -43,8 +43,6 @@ is `NoDaemonError`, "no daemon at <path> (is pmxfs running?)".
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
 import socket
@@ -58,35 +56,34 @@ import msgpack
 import trio
 
 from pmxfs.core.memdb import mode_of
+from pmxfs.runtime.ipc_client import (
+    DEBUG_TOPICS,
+    EXPECTED_TIMEOUT_S,
+    HEADER,
+    MAX_ANSWER_BYTES,
+    MAX_REQUEST_BYTES,
+    READ_TOPICS,
+    TIMEOUT_S,
+    ControlError,
+    NoDaemonError,
+    frame,
+    request,
+)
 from pmxfs.runtime.node_api import ControlNode
+
+__all__ = ["DEBUG_TOPICS", "EXPECTED_TIMEOUT_S", "MAX_ANSWER_BYTES", "MAX_REQUEST_BYTES",
+           "READ_TOPICS", "TIMEOUT_S", "ControlCounters", "ControlError", "NoDaemonError",
+           "request", "serve_control"]
 
 log = logging.getLogger("pmxfs.ipc")
 _T = TypeVar("_T")
 
-MAX_REQUEST_BYTES = 64 * 1024
-MAX_ANSWER_BYTES = 64 * 1024 * 1024
-TIMEOUT_S = 10.0
-EXPECTED_TIMEOUT_S = 60.0
 IDLE_TIMEOUT_S = 30.0  # server side: a connection that sends nothing for this long is closed
 SEND_TIMEOUT_S = 10.0  # server side: a client that does not read its answer is dropped
 SOCKET_MODE = 0o660
 MAX_CONNECTIONS = 64  # open at once per class of peer: root, everyone else
 
-_HEADER = struct.Struct(">I")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-READ_TOPICS = frozenset({"ring", "transport", "quorum", "tree", "checksum"})
-DEBUG_TOPICS = READ_TOPICS | {"verify"}
-
-
-class ControlError(Exception):
-    """A control request failed; the message is one line for the user."""
-
-
-class NoDaemonError(ControlError):
-    """Nothing listens on the control socket."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"no daemon at {path} (is pmxfs running?)")
 
 
 @dataclass
@@ -213,7 +210,7 @@ class _Server:
             finally:
                 self._open[peer.may_write] -= 1
         except _BadFrame as exc:
-            await _send(stream, _frame(_error(str(exc))))
+            await _send(stream, frame(_error(str(exc))))
         except trio.BrokenResourceError:  # the client went away
             pass
         except Exception:  # never let one connection stop the server
@@ -242,13 +239,13 @@ class _Server:
 
     async def _receive(self, stream: trio.SocketStream) -> dict[str, Any] | None:
         """The next request; None at a clean end of the connection."""
-        header = await _receive_exactly(stream, _HEADER.size)
+        header = await _receive_exactly(stream, HEADER.size)
         if not header:
             return None
-        if len(header) < _HEADER.size:
+        if len(header) < HEADER.size:
             self.counters.garbage += 1
             raise _BadFrame("truncated request")
-        (length,) = _HEADER.unpack(header)
+        (length,) = HEADER.unpack(header)
         if length > MAX_REQUEST_BYTES:
             self.counters.oversize += 1
             raise _BadFrame(f"request too large: {length} bytes (at most {MAX_REQUEST_BYTES})")
@@ -278,11 +275,11 @@ class _Server:
             log.exception("control request %r failed", cmd)
             answer = _error(f"internal error in the daemon: {type(exc).__name__}: {exc}")
         try:
-            return _frame(answer)
+            return frame(answer)
         except (TypeError, ValueError, OverflowError) as exc:
             self.counters.errors += 1
             log.error("control request %r: answer not encodable: %s", cmd, exc)
-            return _frame(_error(f"internal error in the daemon: answer not encodable: {exc}"))
+            return frame(_error(f"internal error in the daemon: answer not encodable: {exc}"))
 
     async def _dispatch(self, peer: _Peer, cmd: str, args: dict[str, Any]) -> Any:
         self._allow(peer, cmd, write=False)
@@ -399,85 +396,5 @@ async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
     return bytes(data)
 
 
-def _frame(message: dict[str, Any]) -> bytes:
-    body: bytes = msgpack.packb(message, use_bin_type=True)
-    return _HEADER.pack(len(body)) + body
-
-
 def _error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": " ".join(message.split())}
-
-
-# --------------------------------------------------------------------------------------------
-# Client
-
-
-def request(path: Path, cmd: str, **args: Any) -> Any:
-    """Send one request to the daemon at `path` and return its result; `ControlError` if not."""
-    try:
-        frame = _frame({"cmd": cmd, **args})
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ControlError(f"cannot encode the {cmd} request: {exc}") from None
-    if len(frame) - _HEADER.size > MAX_REQUEST_BYTES:
-        raise ControlError(f"request too large: {len(frame) - _HEADER.size} bytes "
-                           f"(at most {MAX_REQUEST_BYTES})")
-    timeout = EXPECTED_TIMEOUT_S if cmd == "expected" else TIMEOUT_S
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        _connect(sock, path)
-        try:
-            # A daemon that refuses the connection may answer and close without reading.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(frame)
-            header = _recv_exactly(sock, _HEADER.size)
-            if len(header) < _HEADER.size:
-                raise ControlError(f"the daemon at {path} closed the connection without an "
-                                   "answer")
-            (length,) = _HEADER.unpack(header)
-            if length > MAX_ANSWER_BYTES:
-                raise ControlError(f"answer from the daemon too large: {length} bytes")
-            body = _recv_exactly(sock, length)
-        except TimeoutError:
-            raise ControlError(f"no answer from the daemon at {path} within {timeout:g} s") \
-                from None
-        except OSError as exc:
-            raise ControlError(f"lost the connection to the daemon at {path}: "
-                               f"{exc.strerror or exc}") from None
-    if len(body) < length:
-        raise ControlError(f"the daemon at {path} closed the connection in the middle of an "
-                           "answer")
-    try:
-        answer = msgpack.unpackb(body, raw=False)
-    except (ValueError, msgpack.UnpackException):
-        answer = None
-    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
-        raise ControlError(f"malformed answer from the daemon at {path}")
-    if not answer["ok"]:
-        raise ControlError(str(answer.get("error") or "the daemon refused the request"))
-    return answer.get("result")
-
-
-def _connect(sock: socket.socket, path: Path) -> None:
-    try:
-        sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-        raise NoDaemonError(path) from None
-    except PermissionError:
-        raise ControlError(f"permission denied: cannot connect to {path} "
-                           "(only root and group www-data may)") from None
-    except TimeoutError:
-        raise ControlError(f"the daemon at {path} does not accept connections") from None
-    except OSError as exc:
-        if exc.errno == errno.EAGAIN:
-            raise ControlError(f"the daemon at {path} does not accept connections") from None
-        raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(min(size - len(data), 1 << 20))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
