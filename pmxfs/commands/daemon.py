@@ -63,6 +63,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="run as a one-node cluster without network, always quorate; --config "
                         "and --authkey are not read")
     p.add_argument("--debug", action="store_true", help="log debug messages")
+    p.add_argument("--no-realtime", dest="realtime", action="store_false",
+                   help="stay at normal scheduling priority (by default the daemon runs under "
+                        "SCHED_RR, as corosync does, so busy cores do not delay the token)")
     p.add_argument("--verify-interval", type=int, default=DEFAULT_VERIFY_INTERVAL_MS // 1000,
                    metavar="SECONDS", help=argparse.SUPPRESS)
     p.set_defaults(handler=run)
@@ -77,4 +80,4 @@ def run(args: argparse.Namespace) -> int:
         mount=Path(os.path.realpath(args.mount)),  # as the mount table names it
         data_dir=Path(args.data_dir).absolute(),
         run_dir=Path(args.run_dir or args.global_run_dir), local=args.local,
-        verify_interval_ms=args.verify_interval * 1000))
+        verify_interval_ms=args.verify_interval * 1000, realtime=args.realtime))

@@ -49,8 +49,8 @@ def use_realtime(priority: int = DEFAULT_PRIORITY) -> bool:
     False (after one warning) when the kernel refused it."""
     current = policy_of()
     if current in REALTIME_POLICIES:
-        log.info("scheduling: keeping %s priority %d, as started", POLICY_NAMES[current],
-                 os.sched_getparam(0).sched_priority)
+        log.debug("scheduling: keeping %s priority %d, as started", POLICY_NAMES[current],
+                  os.sched_getparam(0).sched_priority)
         return True
     try:
         os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK,
@@ -60,5 +60,5 @@ def use_realtime(priority: int = DEFAULT_PRIORITY) -> bool:
                     "priority, so busy cores can delay the token", priority,
                     exc.strerror or exc)
         return False
-    log.info("scheduling: SCHED_RR priority %d", priority)
+    log.debug("scheduling: SCHED_RR priority %d", priority)  # a refused start stays one line
     return True
