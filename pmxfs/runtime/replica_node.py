@@ -5,11 +5,11 @@ one trio thread, see runtime/core_loop.py): frames are accepted, the frames tote
 token) leave, and only then does the replica digest what was delivered. After every core call
 the outputs are carried out in their order:
 * `Send` → transport; `PersistRingSeq` → the ring seq file (fsynced before later frames leave);
-* `Persist` → queued for the persister, a task that commits in a worker thread whatever is
-  queued when it starts, in one SQLite transaction (group commit), and then reports the last
-  one done with `Replica.persisted`. The token never waits for the disk: a slow fsync delays
-  only the replies that need this node's disk (the replica answers a write once every member
-  reported it durable), never the ring's membership;
+* `Persist` → handed to the persister (runtime/persister.py), a thread that commits whatever is
+  queued when it wakes, in one SQLite transaction (group commit), and reports the last one done
+  back into the trio thread, where it goes to `Replica.persisted`. The token never waits for
+  the disk: a slow fsync delays only the replies that need this node's disk (the replica
+  answers a write once every member reported it durable), never the ring's membership;
 * `Reply` → wakes the FUSE or control call waiting for it;
 * `SaveLost` → files under `<data-dir>/lost+found/<ring>/`;
 * `Invalidate`/`QuorumChanged` → the FUSE layer drops stale kernel caches;
@@ -72,6 +72,7 @@ from pmxfs.runtime.core_loop import CoreLoop, FrameTransport
 from pmxfs.runtime.database import Database
 from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.node_api import Invalidator
+from pmxfs.runtime.persister import Persister
 from pmxfs.runtime.ring_seq import RingSeqStore
 
 log = logging.getLogger("pmxfs")
@@ -142,8 +143,8 @@ class ReplicaNode:
         self._room = trio.Event()  # set (and replaced) whenever a reply frees a pending slot
         self._failure: Exception | None = None  # the output that could not be carried out
         self._failed = trio.Event()
-        self._to_persist: list[Persist] = []  # handed out by the replica, not committed yet
-        self._persist_wanted = trio.Event()
+        self._persister = Persister(database, self._persisted)
+        self._running = False  # between the start and the end of `run`: reports are taken
         self._next_request = 0
         self._members_version = 0
         self._vmlist_version = 0
@@ -305,37 +306,33 @@ class ReplicaNode:
     async def run(self) -> None:
         """Drive the replica until cancelled; raises the error of an output that could not be
         carried out (module header)."""
+        self._persister.start()
+        self._running = True
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.loop.run, _AcceptingCore(self.replica))
-                nursery.start_soon(self._persist_loop)
                 nursery.start_soon(self._first_start_setup)
                 await self._failed.wait()
                 nursery.cancel_scope.cancel()
         except* NodeStopped:
             pass  # the tasks that met the stopped node afterwards: the failure is raised below
         finally:
-            if self._failure is None and self._to_persist:
-                # a clean stop: what was delivered is written, though nobody waits for it
-                self.database.commit_many(self._to_persist)
-                self._to_persist = []
+            self._running = False
+            self._persister.stop()  # a clean stop commits what was delivered
         if self._failure is not None:
             raise self._failure
 
-    async def _persist_loop(self) -> None:
-        """Commit what the replica handed out, off the token's path (module header)."""
-        while True:
-            await self._persist_wanted.wait()
-            self._persist_wanted = trio.Event()
-            batch, self._to_persist = self._to_persist, []
-            if not batch:
-                continue
-            try:
-                await trio.to_thread.run_sync(self.database.commit_many, batch)
-            except Exception as exc:
-                self._stop(exc)
-            self.replica.persisted(self.now(), batch[-1].id)
+    def _persisted(self, last_id: int, error: Exception | None) -> None:
+        """The persister's report, in the trio thread: never raises (trio calls it)."""
+        if not self._running or self._failure is not None:
+            return
+        try:
+            if error is not None:
+                self._stop(error)
+            self.replica.persisted(self.now(), last_id)
             self._flush()
+        except NodeStopped:
+            return  # the failure is recorded; run() raises it
 
     def _check_running(self) -> None:
         if self._failure is not None:
@@ -398,8 +395,7 @@ class ReplicaNode:
             elif isinstance(out, PersistRingSeq):
                 self.ring_seq_store.store(out.ring_seq)
             elif isinstance(out, Persist):
-                self._to_persist.append(out)
-                self._persist_wanted.set()
+                self._persister.submit(out)
             elif isinstance(out, Reply):
                 self._room.set()
                 self._room = trio.Event()
