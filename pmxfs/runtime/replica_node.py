@@ -12,7 +12,8 @@ the outputs are carried out in their order:
   answers a write once every member reported it durable), never the ring's membership;
 * `Reply` → wakes the FUSE or control call waiting for it;
 * `SaveLost` → files under `<data-dir>/lost+found/<ring>/`;
-* `Invalidate`/`QuorumChanged` → the FUSE layer drops stale kernel caches;
+* `Invalidate` → the FUSE layer drops stale kernel caches; `QuorumChanged` → all of them, when
+  the node became quorate or stopped being so (every mode shows it);
 * `ConfigChanged` → the local corosync.conf is rewritten atomically, and `status`, `nodes` and
   `.members` show the new config (name, config_version, nodelist, votes) from then on.
 An output that cannot be carried out (a database that cannot commit, above all) stops the node:
@@ -145,6 +146,7 @@ class ReplicaNode:
         self._failed = trio.Event()
         self._persister = Persister(database, self._persisted)
         self._running = False  # between the start and the end of `run`: reports are taken
+        self._shown_quorate: bool | None = None  # what the kernel's cached attributes show
         self._next_request = 0
         self._members_version = 0
         self._vmlist_version = 0
@@ -406,9 +408,12 @@ class ReplicaNode:
             elif isinstance(out, Invalidate):
                 self._on_invalidate(out)
             elif isinstance(out, QuorumChanged):
-                log.info("quorum: %s", "quorate" if out.status.quorate else "not quorate")
                 self._members_version += 1
-                self._invalidator((), True)
+                if out.status.quorate != self._shown_quorate:
+                    # every file's mode shows quorum (read-only without): all attributes change
+                    log.info("quorum: %s", "quorate" if out.status.quorate else "not quorate")
+                    self._shown_quorate = out.status.quorate
+                    self._invalidator((), True)
             elif isinstance(out, ConfChange):
                 self._on_confchg(out)
             elif isinstance(out, SaveLost):
