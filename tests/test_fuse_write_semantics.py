@@ -15,6 +15,7 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -169,17 +170,17 @@ def _open_fifo_writer(fifo: Path) -> int:
         time.sleep(0.01)  # a poll for the shell to reach `read`, bounded by the deadline
 
 
-def test_a_shell_redirect_shows_the_old_content_until_the_command_is_done(
-        mnt: Mount, tmp_path: Path) -> None:
-    (mnt / "atom.cfg").write_bytes(b"old content\n")
+@contextlib.contextmanager
+def _redirect_in_place(mnt: Mount, tmp_path: Path, name: str) -> Iterator[None]:
+    """`echo new content > NAME` in a shell: the body runs while the redirect is in place (the
+    file is open, nothing written), then the command writes and exits 0."""
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
-    command = f"sh -c 'read line < {fifo}; echo new content' > atom.cfg"
+    command = f"sh -c 'read line < {fifo}; echo new content' > {name}"
     with subprocess.Popen(["sh", "-c", command], cwd=mnt.root, stderr=subprocess.PIPE) as proc:
         try:
             go = _open_fifo_writer(fifo)  # the redirect is in place: the inner shell reads
-            assert tree_content(mnt, "atom.cfg") == b"old content\n"
-            assert (mnt / "atom.cfg").read_bytes() == b"old content\n"
+            yield
             os.write(go, b"go\n")
             os.close(go)
             assert proc.wait(DEADLINE_S) == 0
@@ -187,6 +188,14 @@ def test_a_shell_redirect_shows_the_old_content_until_the_command_is_done(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(DEADLINE_S)
+
+
+def test_a_shell_redirect_shows_the_old_content_until_the_command_is_done(
+        mnt: Mount, tmp_path: Path) -> None:
+    (mnt / "atom.cfg").write_bytes(b"old content\n")
+    with _redirect_in_place(mnt, tmp_path, "atom.cfg"):
+        assert tree_content(mnt, "atom.cfg") == b"old content\n"
+        assert (mnt / "atom.cfg").read_bytes() == b"old content\n"
     assert tree_content(mnt, "atom.cfg") == b"new content\n"
     assert (mnt / "atom.cfg").read_bytes() == b"new content\n"
 
@@ -286,22 +295,10 @@ def test_a_new_file_is_shown_here_at_once_and_replicated_once_with_its_content(
 
 def test_a_shell_redirect_to_a_new_file_publishes_it_with_its_content(
         mnt: Mount, tmp_path: Path) -> None:
-    fifo = tmp_path / "go"
-    os.mkfifo(fifo)
-    command = f"sh -c 'read line < {fifo}; echo new content' > fresh.cfg"
     start = mnt.op_count()
-    with subprocess.Popen(["sh", "-c", command], cwd=mnt.root, stderr=subprocess.PIPE) as proc:
-        try:
-            go = _open_fifo_writer(fifo)
-            assert not in_tree(mnt, "fresh.cfg")
-            assert (mnt / "fresh.cfg").read_bytes() == b""
-            os.write(go, b"go\n")
-            os.close(go)
-            assert proc.wait(DEADLINE_S) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(DEADLINE_S)
+    with _redirect_in_place(mnt, tmp_path, "fresh.cfg"):
+        assert not in_tree(mnt, "fresh.cfg")
+        assert (mnt / "fresh.cfg").read_bytes() == b""
     assert new_file_ops(mnt, start, "fresh.cfg") == [
         WriteFile("fresh.cfg", b"new content\n", NOW, create=True)]
     assert (mnt / "fresh.cfg").read_bytes() == b"new content\n"
