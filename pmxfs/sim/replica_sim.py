@@ -14,9 +14,10 @@ Checkers (`ReplicaChecker`):
   a sync that adopts the leader's tree adopts the leader's lineage as it was when the leader sent
   its state; a restart goes back to the lineage of the last Persist. At the end, replaying the
   final lineage on an empty tree must give exactly the final tree (sync transfer is exact);
-* an operation is acknowledged (Reply 0) only after the Persist that holds it completed on the
-  disk of every member of the proposer's ring (the disks are checked at the reply, so a reply
-  that came from a durability claim made too early is caught), and every acknowledged
+* an operation is answered with its decision (Reply 0, or a refusal the ring decided) only
+  after the Persist that holds the decision completed on the disk of every member of the
+  proposer's ring (the disks are checked at the reply, so a reply that came from a durability
+  claim made too early is caught), and every acknowledged
   operation is in the final lineage; an operation answered with an error is never in the final
   lineage as a success;
 * a mutation is applied only in a ring whose members hold a majority of the votes;
@@ -180,13 +181,20 @@ class ReplicaChecker:
 
     def on_reply(self, key: NodeKey, op_id: OpId, reply: Reply,
                  disks: dict[int, tuple[list[_Step], int]]) -> None:
-        """`disks`: the persisted lineage of every member of the proposer's ring."""
-        if reply.errno == 0:
+        """`disks`: the persisted lineage of every member of the proposer's ring. Every answer
+        that reports a decision -- success or a refusal the ring decided (EEXIST, EACCES
+        without quorum, ...) -- comes from a durability claim, so the decision must be on every
+        member's disk."""
+        decided = reply.errno == 0 or (
+            reply.errno not in (E.ETIMEDOUT, E.EIO)
+            and any(s.op_id == op_id for s in reversed(self.lineages[key].steps)))
+        if decided:
             for member, (steps, length) in disks.items():
-                if not any(s.op_id == op_id and s.errno == 0
+                if not any(s.op_id == op_id and s.errno == reply.errno
                            for s in reversed(steps[:length])):
-                    raise Violation(f"n{key[0]} acknowledged {op_id} before it was on the "
-                                    f"disk of ring member n{member}")
+                    raise Violation(f"n{key[0]} answered {op_id} "
+                                    f"({E.errorcode.get(reply.errno, reply.errno)}) before its "
+                                    f"decision was on the disk of ring member n{member}")
         if reply.errno not in (E.ETIMEDOUT, E.EIO):
             self.acked[op_id] = reply.errno
 
