@@ -112,6 +112,7 @@ from pmxfs.core.totem import (
     Totem,
     TotemStatus,
 )
+from pmxfs.core.totem import Output as TotemOutput
 from pmxfs.core.totem_params import TotemParams
 from pmxfs.core.wire import RingId
 
@@ -355,7 +356,7 @@ class Replica:
         self._unpersisted: deque[tuple[int, RingId, int]] = deque()
         self._persisted_at: tuple[RingId, int] = (self.ring, 0)  # covered by the last done
         self._durable_told: tuple[RingId, int] = (self.ring, 0)  # last told to totem
-        self._arrived: list[object] = []  # totem outputs accepted but not digested yet
+        self._arrived: list[TotemOutput] = []  # totem outputs accepted, not digested yet
         self._now = now
 
         self.totem = Totem(node_id, self.names, params, now, ring_seq=ring_seq,
@@ -648,7 +649,8 @@ class Replica:
 
     def _on_deliver(self, d: Deliver) -> None:
         self._deliver_at = (d.ring_id, d.seq)
-        if not self.need_update and is_entries_msg(d.payload):
+        if (self.mode is Mode.SYNCING and not self.need_update
+                and is_entries_msg(d.payload)):
             self._count("sync_chunks_skipped")  # rows for others: not even decoded
             return
         try:

@@ -47,11 +47,9 @@ class Core(Protocol):
 
 
 class CoreLoop:
-    def __init__(self, transport: FrameTransport, flush: Callable[[], None],
-                 digest: Callable[[int], None] | None = None) -> None:
+    def __init__(self, transport: FrameTransport, flush: Callable[[], None]) -> None:
         self._transport = transport
         self._flush = flush
-        self._digest = digest
         self._epoch = trio.current_time()
         self._sleeping_until: int | None = None
         self._wakeup = trio.Event()
@@ -66,20 +64,20 @@ class CoreLoop:
                                      or deadline < self._sleeping_until):
             self._wakeup.set()
 
-    async def run(self, core: Core) -> None:
+    async def run(self, core: Core, digest: Callable[[int], None] | None = None) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._receive_loop, core)
+            nursery.start_soon(self._receive_loop, core, digest)
             nursery.start_soon(self._timer_loop, core)
 
-    async def _receive_loop(self, core: Core) -> None:
+    async def _receive_loop(self, core: Core, digest: Callable[[int], None] | None) -> None:
         while True:
             batch = await self._transport.recv_batch()
             now = self.now()
             for src, data in batch:
                 core.receive(now, src, data)
-            if self._digest is not None:
+            if digest is not None:
                 self._flush()
-                self._digest(now)
+                digest(now)
             self._flush()
 
     async def _timer_loop(self, core: Core) -> None:

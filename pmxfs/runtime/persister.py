@@ -15,7 +15,8 @@ times the commit itself.
 
 `stop()` (at the end of the node's run, in the trio thread) lets the thread commit what is still
 queued -- a clean stop writes what was delivered, though nobody waits for it any more -- and
-joins it; no report is made after `stop` was called.
+joins it. Reports of those last commits may still reach the trio thread; the owner ignores what
+arrives after its end.
 """
 
 from __future__ import annotations
@@ -39,26 +40,23 @@ class Persister:
         self._on_done = on_done
         self._queue: queue.SimpleQueue[Persist | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._stopping = False
 
     def submit(self, batch: Persist) -> None:
         self._queue.put(batch)
 
     def start(self) -> None:
         """Start the thread; called in the trio thread that will receive the reports."""
-        self._trio_token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(target=self._run, name="pmxfs persister", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="pmxfs persister", daemon=True,
+                                        args=(trio.lowlevel.current_trio_token(),))
         self._thread.start()
 
     def stop(self) -> None:
         """Commit what is queued, then end the thread (see the module header)."""
-        self._stopping = True
         self._queue.put(_STOP)
         if self._thread is not None:
             self._thread.join()
 
-    def _run(self) -> None:
+    def _run(self, trio_token: trio.lowlevel.TrioToken) -> None:
         while True:
             first = self._queue.get()
             batch = [] if first is None else [first]
@@ -78,14 +76,9 @@ class Persister:
                     self._database.commit_many(batch)
                 except Exception as exc:
                     error = exc
-                self._report(batch[-1].id, error)
+                try:
+                    trio_token.run_sync_soon(self._on_done, batch[-1].id, error)
+                except trio.RunFinishedError:
+                    return
             if ending or error is not None:
                 return
-
-    def _report(self, last_id: int, error: Exception | None) -> None:
-        if self._stopping or self._trio_token is None:
-            return
-        try:
-            self._trio_token.run_sync_soon(self._on_done, last_id, error)
-        except trio.RunFinishedError:
-            return

@@ -137,7 +137,7 @@ class ReplicaNode:
         self._name = next(i.name for i in self.infos if i.nodeid == node_id)
         self.debug_enabled = False
         self.started_at = int(time.time())
-        self.loop = CoreLoop(transport, self._flush, digest=lambda now: self.replica.digest(now))
+        self.loop = CoreLoop(transport, self._flush)
         self._wall_offset = int(time.time() * 1000)
         self._invalidator: Invalidator = lambda paths, everything: None
         self._waiters: dict[int, _Waiter] = {}
@@ -312,7 +312,8 @@ class ReplicaNode:
         self._running = True
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.loop.run, _AcceptingCore(self.replica))
+                nursery.start_soon(self.loop.run, _AcceptingCore(self.replica),
+                                   self.replica.digest)
                 nursery.start_soon(self._first_start_setup)
                 await self._failed.wait()
                 nursery.cancel_scope.cancel()
