@@ -72,7 +72,7 @@ from enum import Enum
 import msgpack
 
 from pmxfs.core.clusterlog import ClusterLog, LogEntry, LogWriter
-from pmxfs.core.conf import ClusterConfig
+from pmxfs.core.conf import ClusterConfig, totem_params
 from pmxfs.core.conf import check as check_config
 from pmxfs.core.entry import Entry, EntryType
 from pmxfs.core.errors import ProtocolError
@@ -732,9 +732,10 @@ class Replica:
 
     def _take_config_from_tree(self) -> None:
         """The tree's corosync.conf, when it differs from the one last taken: out as
-        `ConfigChanged` and into the quorum. Called where every member of the ring holds the
-        same tree (an applied write, the end of a sync), so they all agree on the result; a
-        member that was away when the config changed takes it from the sync that brings it."""
+        `ConfigChanged`, into the quorum and into totem (node set and timers, at run time).
+        Called where every member of the ring holds the same tree (an applied write, the end of
+        a sync), so they all agree on the result; a member that was away when the config
+        changed takes it from the sync that brings it."""
         entry = self.memdb.lookup(COROSYNC_CONF)
         if entry is None or entry.type is not EntryType.FILE:
             return
@@ -744,10 +745,14 @@ class Replica:
         result = check_config(text)
         if result.config is None:
             return
+        config = result.config
         self.config_text = text
+        self.config = config
+        self.names = {n.nodeid: n.name for n in config.node_infos() if n.nodeid is not None}
         self.outputs.append(ConfigChanged(text))
-        status = self.quorum.reconfigure(QuorumConfig.from_config(result.config))
+        status = self.quorum.reconfigure(QuorumConfig.from_config(config))
         self.outputs.append(QuorumChanged(status))
+        self.totem.reconfigure(self._now, self.names, totem_params(config))
 
     def _note_history(self) -> None:
         version = self.memdb.version

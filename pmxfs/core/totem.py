@@ -56,8 +56,9 @@ Membership (states OPERATIONAL, GATHER, COMMIT, RECOVERY):
   partitions find each other; after `seqno_unchanged_const` idle rotations it holds the token for
   `hold` ms per rotation, and a member with something to send asks for it with TOKEN_HOLD_CANCEL.
 
-Inputs are `receive(now, src, frame)`, `on_timer(now)`, `mcast(now, payload)` and
-`set_durable(now, ring_id, seq)`; outputs are drained with `drain()`: `Send` (to one node, or
+Inputs are `receive(now, src, frame)`, `on_timer(now)`, `mcast(now, payload)`,
+`set_durable(now, ring_id, seq)` and `reconfigure(now, nodes, params)` (a configuration taken at
+run time: the node set and the timers); outputs are drained with `drain()`: `Send` (to one node, or
 None for every configured node), `Deliver`, `ConfChange`, `Stable`, `Durable` and
 `PersistRingSeq`, in the order they must be carried out. Time is `now` in ms.
 
@@ -285,6 +286,31 @@ class Totem:
         rotation.durable_here = seq
         if rotation.durable_news(self.ring.members, self.node_id):
             self._want_token(now, phase)
+        self._run_loopback(now)
+
+    def reconfigure(self, now: int, nodes: Iterable[int], params: TotemParams) -> None:
+        """A new configuration was taken at run time: the configured node set and the timers.
+        A node that is added is heard from now on and merges through the protocol (merge
+        detection, joins); frames of a node that is removed are dropped from now on, and when
+        it belongs to the ring in progress this node gathers, so the ring changes through a
+        configuration change as after a failure. This node never removes itself: a config
+        without it leaves it running with its old peers (who drop its frames), not stopped
+        mid-protocol. New timers apply from the next time each one is armed."""
+        new_nodes = frozenset(nodes) | {self.node_id}
+        removed = self.nodes - new_nodes
+        self.nodes = new_nodes
+        self.params = params
+        if not removed:
+            return
+        self.proc -= removed
+        self.fail -= removed
+        self._event(f"nodes {sorted(removed)} removed from the configuration")
+        _, members = self._ring_in_progress()
+        if self.state is not State.GATHER and removed & set(members):
+            self._enter_gather(now)
+        elif isinstance(self.phase, Gathering):
+            self.phase.consensus -= removed
+            self._check_consensus(now)
         self._run_loopback(now)
 
     def _want_token(self, now: int, phase: Operational) -> None:
