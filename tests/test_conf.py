@@ -634,7 +634,7 @@ UPDATE_CHANGES: list[tuple[str, str, list[str], list[str]]] = [
     ("timeouts", text(version=4, totem="token: 5000\nconsensus: 7000"),
      ["totem.token", "totem.consensus"], []),
     ("address of a node", text(version=4, nodes=[node(1), node(2, addr="10.0.0.22"), node(3)]),
-     [], ["nodelist.2.ring0_addr"]),
+     ["nodelist.2.ring0_addr"], []),
     ("name of a node", text(version=4, nodes=[node(1), node(2, name="pve22"), node(3)]),
      [], ["nodelist.2.name"]),
     ("netmtu", text(version=4, totem="netmtu: 9000"), [], ["totem.netmtu"]),

@@ -126,13 +126,14 @@ def test_against_current(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     current = write(tmp_path, "current.conf", VALID)
     new_text = VALID.replace("config_version: 3", "config_version: 4").replace(
         "  version: 2\n", "  token: 5000\n  version: 2\n").replace(
-        "    ring0_addr: 10.0.0.3", "    ring0_addr: 10.0.0.33")
+        "    ring0_addr: 10.0.0.3", "    ring0_addr: 10.0.0.33").replace(
+        "    name: pve3", "    name: pve33")
     new = write(tmp_path, "new.conf", new_text)
     code, out, err = run(capsys, new, "--against", current)
     assert code == 0, err
     assert out == [f"{new}: ok: cluster lab, config_version 4, 3 nodes, expected votes 3, "
                    "token 5650 ms, consensus 6780 ms; update from config_version 3: run time: "
-                   "totem.token; needs restart: nodelist.3.ring0_addr"]
+                   "totem.token, nodelist.3.ring0_addr; needs restart: nodelist.3.name"]
 
 
 def test_against_refuses_an_old_version(tmp_path: Path,

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,9 +58,11 @@ STATUS: dict[str, Any] = {
     "fs": {"synced": True, "version": 17},
 }
 NODES: list[dict[str, Any]] = [
-    {"nodeid": 1, "votes": 1, "name": "pve1", "local": True, "online": True},
-    {"nodeid": 2, "votes": 1, "name": "pve2", "local": False, "online": True},
-    {"nodeid": 3, "votes": 1, "name": "pve3", "local": False, "online": False},
+    {"nodeid": 1, "votes": 1, "name": "pve1", "local": True, "online": True,
+     "joined": 1_700_000_000},
+    {"nodeid": 2, "votes": 1, "name": "pve2", "local": False, "online": True,
+     "joined": 1_700_000_100},
+    {"nodeid": 3, "votes": 1, "name": "pve3", "local": False, "online": False, "joined": None},
 ]
 DEBUG: dict[str, dict[str, Any]] = {
     "ring": {"node_id": 1, "state": "OPERATIONAL", "ring_id": "1.2c", "members": [1, 2],
@@ -330,6 +333,10 @@ async def test_cli_status_refuses_a_malformed_answer(daemon: Daemon,
     assert err == "pmxfs: unexpected status from the daemon: status: missing key 'fs'\n"
 
 
+def _local(seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
 async def test_cli_nodes(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = await run_cli(capsys, daemon.run_dir, "nodes")
     assert (code, err) == (0, "")
@@ -342,7 +349,13 @@ async def test_cli_nodes(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> 
                    "Offline nodes\n"
                    "-------------\n"
                    "    Nodeid      Votes Name\n"
-                   "         3          1 pve3\n")
+                   "         3          1 pve3\n"
+                   "\n"
+                   "In this node's ring since\n"
+                   "-------------------------\n"
+                   "    Nodeid Joined              Name\n"
+                   f"         1 {_local(1_700_000_000)} pve1\n"
+                   f"         2 {_local(1_700_000_100)} pve2\n")
     code, out, err = await run_cli(capsys, daemon.run_dir, "nodes", "--json")
     assert (code, err, json.loads(out)) == (0, "", NODES)
 

@@ -33,7 +33,7 @@ Action: TypeAlias = Callable[[argparse.Namespace, Path], int]
 
 # A shape: a type (int excludes bool), a set of allowed strings, [shape] for a list of them, or
 # a dict of exactly these keys.
-Shape: TypeAlias = "type | frozenset[str] | list[Shape] | dict[str, Shape]"
+Shape: TypeAlias = "type | tuple[type, ...] | frozenset[str] | list[Shape] | dict[str, Shape]"
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -86,5 +86,8 @@ def shape_problems(obj: object, shape: Shape, where: str) -> Iterator[str]:
     elif isinstance(shape, frozenset):
         if obj not in shape:
             yield f"{where}: expected one of {', '.join(sorted(shape))}, got {obj!r}"
-    elif not isinstance(obj, shape) or (shape is int and isinstance(obj, bool)):
-        yield f"{where}: expected {shape.__name__}, got {type(obj).__name__}"
+    else:
+        kinds = shape if isinstance(shape, tuple) else (shape,)
+        if not isinstance(obj, kinds) or (isinstance(obj, bool) and bool not in kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            yield f"{where}: expected {names}, got {type(obj).__name__}"

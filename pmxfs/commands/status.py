@@ -25,6 +25,8 @@ STATUS_SHAPE: Shape = {
     "membership": {"ring_id": str, "members": [MEMBER_SHAPE]},
     "fs": {"synced": bool, "version": int},
 }
+# Keys present only while they have something to say.
+OPTIONAL_SHAPE: dict[str, Shape] = {"restart_needed": [str]}
 
 
 def configure(status: argparse.ArgumentParser) -> None:
@@ -43,7 +45,12 @@ of the current ring and whether the tree is synced.""" + ASKS_THE_DAEMON
 
 def check_status_shape(obj: object) -> list[str]:
     """What is wrong with `obj` as an answer of `status` (docs/cli.md); empty when nothing."""
-    return list(shape_problems(obj, STATUS_SHAPE, "status"))
+    if not isinstance(obj, dict):
+        return list(shape_problems(obj, STATUS_SHAPE, "status"))
+    optional = {k: v for k, v in obj.items() if k in OPTIONAL_SHAPE}
+    required = {k: v for k, v in obj.items() if k not in OPTIONAL_SHAPE}
+    return [*shape_problems(required, STATUS_SHAPE, "status"),
+            *shape_problems(optional, {k: OPTIONAL_SHAPE[k] for k in optional}, "status")]
 
 
 def _status(args: argparse.Namespace, path: Path) -> int:
@@ -71,8 +78,13 @@ def render_status_text(status: dict[str, Any], *, date: str) -> str:
         flags=tuple(q["flags"]), members=tuple(m["nodeid"] for m in members),
         member_votes=member_votes, qdevice_votes=qdevice_votes)
     cluster = status["cluster"]
-    return render_status(
+    text = render_status(
         quorum, date=date, local_nodeid=status["node"]["nodeid"],
         ring_id=status["membership"]["ring_id"],
         members=[MemberInfo(m["nodeid"], m["votes"], m["name"]) for m in members],
         cluster=ClusterInfo(cluster["name"], cluster["config_version"], cluster["transport"]))
+    if status.get("restart_needed"):
+        text += ("\nRestart needed\n~~~~~~~~~~~~~~\nThe cluster took a corosync.conf whose changes "
+                 "below take effect on this node\nonly when pmxfs restarts:\n"
+                 + "".join(f"  {reason}\n" for reason in status["restart_needed"]))
+    return text

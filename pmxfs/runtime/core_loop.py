@@ -19,7 +19,7 @@ Time 0 of the core is when the loop was created.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import trio
@@ -34,6 +34,8 @@ class FrameTransport(Protocol):
 
     @property
     def counters(self) -> dict[str, int]: ...
+
+    async def set_addresses(self, addresses: Mapping[int, str]) -> None: ...
 
     def close(self) -> None: ...
 

@@ -4,6 +4,7 @@ channels between nodes of one `MemoryHub`, which can also cut nodes off from eac
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import trio
 
@@ -59,6 +60,10 @@ class MemoryTransport:
                 break
         self._counters["frames_received"] += len(batch)
         return batch
+
+    async def set_addresses(self, addresses: Mapping[int, str]) -> None:
+        """A run-time nodelist change: a hub reaches every node on it, so there is nothing to
+        learn."""
 
     def close(self) -> None:
         """Leave the hub (unless a newer transport of this node took the place): frames sent to

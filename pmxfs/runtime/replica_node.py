@@ -14,8 +14,20 @@ the outputs are carried out in their order:
 * `SaveLost` → files under `<data-dir>/lost+found/<ring>/`;
 * `Invalidate` → the FUSE layer drops stale kernel caches; `QuorumChanged` → all of them, when
   the node became quorate or stopped being so (every mode shows it);
-* `ConfigChanged` → the local corosync.conf is rewritten atomically, and `status`, `nodes` and
-  `.members` show the new config (name, config_version, nodelist, votes) from then on.
+* `ConfigChanged` → the local corosync.conf is rewritten atomically, `status`, `nodes` and
+  `.members` show the new config (name, config_version, nodelist, votes) from then on, and the
+  transport takes the new nodelist's addresses and crypto peers (the replica has already handed
+  the node set and timers to totem). What cannot change while running (this node's own address,
+  and what `conf.validate_update` sorts as needing a restart) is logged and listed in `status`.
+
+Attachments. What the node runs as -- its node id and config, the local corosync.conf it keeps in
+step (none: standalone), its transport and ring seq store -- is an `Attachment`. `attach()`
+replaces it while the node runs, without unmounting: `pmxfs create` turns a standalone node into
+the first member of a cluster, `pmxfs add` a standalone node into a member of another cluster
+(`wipe`: the joiner takes the cluster's tree whole, after backing up its own). New writes wait
+meanwhile, the ones in flight are answered first; then the core loop and the persister stop, the
+old transport closes, a new replica is built from the database and everything the kernel caches
+is dropped.
 An output that cannot be carried out (a database that cannot commit, above all) stops the node:
 acknowledging writes that are not on disk would break the one promise the node makes. Whoever
 drove the core at that moment -- the core loop, or a FUSE or control request that flushed --
@@ -29,6 +41,7 @@ The node also answers the FUSE layer (`FsNode`) and the control socket (`Control
 from __future__ import annotations
 
 import errno as E
+import functools
 import logging
 import os
 import time
@@ -38,7 +51,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from pmxfs.core.conf import ClusterConfig
+from pmxfs.core.conf import ClusterConfig, totem_params, validate_update
 from pmxfs.core.conf import check as check_config
 from pmxfs.core.entry import guest_config
 from pmxfs.core.errors import LocalError
@@ -82,10 +95,35 @@ NODE_DIRS = ("qemu-server", "lxc", "priv")
 # How long a write waits for room among the replica's pending proposals before it is answered
 # EAGAIN: back-pressure blocks writers instead of failing them, but not for ever.
 ROOM_TIMEOUT_S = 30.0
+# How long `attach` waits for the writes in flight to be answered before it gives up.
+ATTACH_DRAIN_TIMEOUT_S = 20.0
 
 
 class NodeStopped(LocalError):
     """The node could not carry out an output of its replica and stopped (module header)."""
+
+
+class AttachError(LocalError):
+    """`attach` could not start: writes still in flight, or another attach under way."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What the node runs as (module header)."""
+
+    node_id: int
+    config: ClusterConfig
+    config_path: Path | None  # the local corosync.conf kept in step; None: standalone
+    transport: FrameTransport
+    ring_seq_store: RingSeqStore
+    incarnation: int
+
+
+@dataclass
+class _Switch:
+    attachment: Attachment
+    wipe: bool
+    done: trio.Event
 
 
 @dataclass
@@ -111,6 +149,14 @@ class _Waiter:
     reply: Reply | None = None
 
 
+def _emptied(database: Database, data_dir: Path) -> Database:
+    """`database` closed, its files removed and an empty one opened in their place."""
+    database.close()
+    for suffix in ("", "-wal", "-shm"):
+        (data_dir / f"config.db{suffix}").unlink(missing_ok=True)
+    return Database.open(data_dir)
+
+
 class ReplicaNode:
     def __init__(
         self,
@@ -126,42 +172,64 @@ class ReplicaNode:
         data_dir: Path,
         verify_interval: int = DEFAULT_VERIFY_INTERVAL_MS,
     ) -> None:
-        self.node_id = node_id
-        self.config = config
-        self.config_path = config_path
-        self.transport = transport
         self.database = database
-        self.ring_seq_store = ring_seq_store
         self.data_dir = data_dir
-        self.infos = config.node_infos()
-        self._name = next(i.name for i in self.infos if i.nodeid == node_id)
+        self.verify_interval = verify_interval
         self.debug_enabled = False
         self.started_at = int(time.time())
-        self.loop = CoreLoop(transport, self._flush)
         self._wall_offset = int(time.time() * 1000)
         self._invalidator: Invalidator = lambda paths, everything: None
         self._waiters: dict[int, _Waiter] = {}
         self._room = trio.Event()  # set (and replaced) whenever a reply frees a pending slot
         self._failure: Exception | None = None  # the output that could not be carried out
-        self._failed = trio.Event()
-        self._persister = Persister(database, self._persisted)
+        self._session_over = trio.Event()  # set to end the running attachment's tasks
+        self._switch: _Switch | None = None
+        self._attached = trio.Event()  # set while no attach is under way
+        self._attached.set()
+        self._generation = 0  # counts attachments: a report of an earlier persister is stale
+        self._background: trio.Nursery | None = None  # the running attachment's nursery
         self._running = False  # between the start and the end of `run`: reports are taken
         self._shown_quorate: bool | None = None  # what the kernel's cached attributes show
         self._next_request = 0
         self._members_version = 0
         self._vmlist_version = 0
         self._counters = ChangeCounters()
+        self.restart_needed: list[str] = []  # config changes this run could not take
+        self._joined: dict[int, int] = {}  # node id -> when it joined this node's ring (wall s)
         self.synced_once = trio.Event()
         # set (and replaced) whenever quorate() or the replica's synced() changes
         self._writable_changed = trio.Event()
         self._writable_state = (False, False)
-        loaded = database.load()
+        self._name = next(i.name for i in config.node_infos() if i.nodeid == node_id)
+        self._install(Attachment(node_id, config, config_path, transport, ring_seq_store,
+                                 incarnation), params)
+
+    def _install(self, attachment: Attachment, params: TotemParams) -> None:
+        """Run as `attachment` from now on: a new replica from the database, a new core loop
+        and persister (started by `run`)."""
+        self.node_id = attachment.node_id
+        self.config = attachment.config
+        self.config_path = attachment.config_path
+        self.transport = attachment.transport
+        self.ring_seq_store = attachment.ring_seq_store
+        self.infos = attachment.config.node_infos()
+        self._generation += 1
+        self.loop = CoreLoop(self.transport, self._flush)
+        self._persister = Persister(self.database,
+                                    functools.partial(self._persisted, self._generation))
+        self._joined = {}
+        loaded = self.database.load()
         self.replica = Replica(
-            node_id, config, params, 0, incarnation=incarnation,
+            self.node_id, self.config, params, 0, incarnation=attachment.incarnation,
             stored=StoredState(tuple(loaded.entries), loaded.version, loaded.meta),
-            ring_seq=ring_seq_store.load(), wall_offset=self._wall_offset,
-            first_log_uid=incarnation, verify_interval=verify_interval)
+            ring_seq=self.ring_seq_store.load(), wall_offset=self._wall_offset,
+            first_log_uid=attachment.incarnation, verify_interval=self.verify_interval)
         self._flush()
+
+    @property
+    def standalone(self) -> bool:
+        """Whether this node runs without a cluster (no corosync.conf of its own)."""
+        return self.config_path is None
 
     # ------------------------------------------------------------------ time
 
@@ -190,6 +258,7 @@ class ReplicaNode:
     async def write(self, op: FsOp) -> Reply:
         self._check_running()
         with trio.move_on_after(ROOM_TIMEOUT_S):
+            await self._attached.wait()
             while self.replica.full():
                 await self._room.wait()
                 self._check_running()
@@ -258,15 +327,17 @@ class ReplicaNode:
                             for m in now.members],
             },
             "fs": {"synced": now.synced, "version": self.memdb.version},
-        }
+        } | ({"restart_needed": list(self.restart_needed)} if self.restart_needed else {})
 
     def nodes(self) -> list[dict[str, Any]]:
         online = set(self.replica.status().members)
         return [{"nodeid": i.nodeid, "votes": i.votes, "name": i.name,
-                 "local": i.nodeid == self.node_id, "online": i.nodeid in online}
+                 "local": i.nodeid == self.node_id, "online": i.nodeid in online,
+                 "joined": self._joined.get(i.nodeid) if i.nodeid in online else None}
                 for i in self.infos]
 
     async def set_expected(self, expected: int) -> Reply:
+        await self._attached.wait()
         request = self._new_request()
         self.replica.propose_expected(self.now(), request, expected)
         return await self._wait(request)
@@ -306,28 +377,82 @@ class ReplicaNode:
     # ------------------------------------------------------------------ running
 
     async def run(self) -> None:
-        """Drive the replica until cancelled; raises the error of an output that could not be
-        carried out (module header)."""
-        self._persister.start()
+        """Drive the replica until cancelled, through every attachment; raises the error of an
+        output that could not be carried out (module header)."""
         self._running = True
         try:
+            while True:
+                await self._run_attached()
+                if self._failure is not None or self._switch is None:
+                    break
+                self._take_switch(self._switch)
+        finally:
+            self._running = False
+        if self._failure is not None:
+            raise self._failure
+
+    async def _run_attached(self) -> None:
+        """The tasks of the current attachment, until the node fails or an attach ends them."""
+        self._persister.start()
+        try:
             async with trio.open_nursery() as nursery:
+                self._background = nursery
                 nursery.start_soon(self.loop.run, _AcceptingCore(self.replica),
                                    self.replica.digest)
                 nursery.start_soon(self._first_start_setup)
-                await self._failed.wait()
+                await self._session_over.wait()
                 nursery.cancel_scope.cancel()
         except* NodeStopped:
             pass  # the tasks that met the stopped node afterwards: the failure is raised below
         finally:
-            self._running = False
+            self._background = None
             self._persister.stop()  # a clean stop commits what was delivered
-        if self._failure is not None:
-            raise self._failure
 
-    def _persisted(self, last_id: int, error: Exception | None) -> None:
+    async def attach(self, attachment: Attachment, *, wipe: bool) -> None:
+        """Run as `attachment` from now on (module header); with `wipe` the tree starts empty
+        and is taken from the cluster. New writes wait; `AttachError` when the writes in flight
+        are not answered within `ATTACH_DRAIN_TIMEOUT_S` (nothing changed then)."""
+        self._check_running()
+        if self._switch is not None or not self._attached.is_set():
+            raise AttachError("another change of this node's cluster membership is under way")
+        self._attached = trio.Event()
+        try:
+            with trio.move_on_after(ATTACH_DRAIN_TIMEOUT_S):
+                while self._waiters:
+                    await self._room.wait()
+                    self._check_running()
+            if self._waiters:
+                raise AttachError("writes are still in flight; try again")
+            switch = _Switch(attachment, wipe, trio.Event())
+            self._switch = switch
+            self._session_over.set()
+            await switch.done.wait()
+            self._check_running()
+        finally:
+            self._attached.set()
+
+    def _take_switch(self, switch: _Switch) -> None:
+        """In `run`, between two attachments: the old transport closes, the database starts
+        empty when asked, and the new attachment is installed."""
+        try:
+            self.transport.close()
+            if switch.wipe:
+                self.database = _emptied(self.database, self.data_dir)
+            self._install(switch.attachment, totem_params(switch.attachment.config))
+            self._members_version += 1
+            self._vmlist_version += 1
+            self._shown_quorate = None
+            self._invalidator((), True)
+            log.info("now %s: node %s, id %d", "standalone" if self.standalone else
+                     f"a member of cluster {self.config.cluster_name}", self._name, self.node_id)
+        finally:
+            self._switch = None
+            self._session_over = trio.Event()
+            switch.done.set()
+
+    def _persisted(self, generation: int, last_id: int, error: Exception | None) -> None:
         """The persister's report, in the trio thread: never raises (trio calls it)."""
-        if not self._running or self._failure is not None:
+        if not self._running or self._failure is not None or generation != self._generation:
             return
         try:
             if error is not None:
@@ -385,7 +510,7 @@ class ReplicaNode:
         """An output could not be carried out: stop the node (module header)."""
         log.error("cannot carry out the replica's outputs; stopping the node", exc_info=exc)
         self._failure = exc
-        self._failed.set()
+        self._session_over.set()
         for waiter in self._waiters.values():  # no reply will come: they raise NodeStopped
             waiter.done.set()
         self._room.set()
@@ -435,6 +560,8 @@ class ReplicaNode:
 
     def _on_confchg(self, c: ConfChange) -> None:
         if c.kind is ConfChangeKind.REGULAR:
+            now = self.wall_seconds()
+            self._joined = {m: self._joined.get(m, now) for m in c.members}
             self._members_version += 1
             log.info("membership %s.%d: %s", c.ring_id.rep, c.ring_id.seq,
                      ", ".join(self._names().get(m, str(m)) for m in c.members))
@@ -450,13 +577,45 @@ class ReplicaNode:
 
     def _take_config(self, text: str) -> None:
         """The cluster took a new corosync.conf (memdb validated it): status, nodes and .members
-        show it."""
+        show it, the transport takes its addresses, and what this run cannot take is logged
+        and listed in `status` (module header)."""
         config = check_config(text).config
         if config is None:
             return
-        self.config = config
+        old, self.config = self.config, config
         self.infos = config.node_infos()
         self._members_version += 1
+        if self.standalone:
+            return
+        if old == config:
+            return
+        addresses = {i.nodeid: i.addr for i in self.infos}
+        mine = {i.nodeid: i.addr for i in old.node_infos()}.get(self.node_id)
+        self._note_restart_needed(old, config, mine, addresses.get(self.node_id))
+        if addresses.get(self.node_id) == mine and self._background is not None:
+            self._background.start_soon(self._set_addresses, addresses)
+
+    def _note_restart_needed(self, old: ClusterConfig, new: ClusterConfig, mine_old: str | None,
+                             mine_new: str | None) -> None:
+        needs = [c.description for c in validate_update(old, new).restart_changes]
+        if mine_new is None:
+            needs.append(f"this node ({self._name}) is no longer in the nodelist")
+        elif mine_old != mine_new:
+            needs.append(f"this node's address {mine_old} -> {mine_new}")
+        for reason in needs:
+            if reason not in self.restart_needed:
+                log.warning("the new corosync.conf needs a restart of pmxfs on this node to "
+                            "take effect: %s", reason)
+                self.restart_needed.append(reason)
+
+    async def _set_addresses(self, addresses: dict[int, str]) -> None:
+        try:
+            await self.transport.set_addresses(addresses)
+        except (OSError, ValueError) as exc:
+            log.error("cannot take the new nodelist's addresses: %s", exc)
+            return
+        log.info("transport: nodelist now %s", ", ".join(
+            f"{nid}={addr}" for nid, addr in sorted(addresses.items())))
 
     def _write_local_config(self, text: str) -> None:
         if self.config_path is None:

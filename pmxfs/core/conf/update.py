@@ -56,8 +56,9 @@ def validate_update(current: ClusterConfig, new: ClusterConfig) -> UpdateResult:
     """Rules for replacing the running `current` config with `new` (both already valid).
 
     Refused: config_version not greater than the current one; a different cluster_name; a
-    different transport. Run-time changes: nodes added or removed, a node's votes, expected_votes,
-    two_node, totem timers and counts, logging. Everything else (node names and addresses,
+    different transport. Run-time changes: nodes added or removed, a node's votes and address (the
+    node whose own address changes needs a restart; the others take it), expected_votes,
+    two_node, totem timers and counts, logging. Everything else (node names,
     netmtu, mcastaddr, port, wait_for_all, last_man_standing(_window), auto_tie_breaker(_node),
     quorum device, unknown/kept keys) needs a restart of pmxfs on every node.
     """
@@ -124,11 +125,11 @@ def _diff_nodes(current: ClusterConfig, new: ClusterConfig, changes: list[Change
                 changes.append(Change(f"nodelist.{nid}.quorum_votes",
                                       f"nodelist: {label} quorum_votes {o.votes} -> {n.votes}",
                                       True))
-            for key in ("name", "ring0_addr"):
+            for key, runtime in (("name", False), ("ring0_addr", True)):
                 if getattr(o, key) != getattr(n, key):
                     changes.append(Change(f"nodelist.{nid}.{key}",
                                           f"nodelist: {label} {key} {getattr(o, key)} -> "
-                                          f"{getattr(n, key)}", False))
+                                          f"{getattr(n, key)}", runtime))
             if o.extras != n.extras:
                 changes.append(Change(f"nodelist.{nid}", f"nodelist: {label} other (kept) keys "
                                                          "changed", False))
