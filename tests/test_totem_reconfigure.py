@@ -1,0 +1,165 @@
+"""`Totem.reconfigure`: a configuration taken at run time changes who is heard and the timers.
+
+Every scenario runs real `Totem` objects on the simulated network with the totem checker
+active (agreed order, no duplicates, virtual synchrony), but unlike `TotemCluster`'s default
+each node starts with its own configured node set, as nodes do whose corosync.conf differs: a
+node that is not yet (or no longer) in a peer's configured set is ignored by that peer until a
+reconfigure says otherwise. All waiting is on simulated time with a deadline.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+
+from pmxfs.core.totem import State, Totem
+from pmxfs.core.totem_params import TotemParams, derive_params
+from pmxfs.sim.totem_sim import TotemCluster, sim_params
+
+
+class ConfiguredCluster(TotemCluster):
+    """Totem nodes on the simulated network, each started with its own configured node set."""
+
+    def __init__(self, configured: dict[int, Iterable[int]], seed: int) -> None:
+        self.configured = {n: sorted(nodes) for n, nodes in configured.items()}
+        super().__init__(sorted(configured), sim_params(3), random.Random(seed))
+        self.net.faults.min_delay = 1
+
+    def _make_core(self, node_id: int) -> Totem:
+        nodes = self.configured[node_id]
+        return Totem(node_id, nodes, sim_params(len(nodes)), self.net.now,
+                     ring_seq=self.disk.get(node_id, 0),
+                     on_event=lambda text: self.trace(f"{self.net.now} n{node_id} {text}"))
+
+    def reconfigure(self, node_ids: Iterable[int], nodes: Iterable[int],
+                    params: TotemParams | None = None) -> None:
+        """Hand `nodes` (and `params`, default the simulator's timers for that many nodes) to
+        every node of `node_ids` at the same moment, as a config applied in order does."""
+        nodes = sorted(nodes)
+        for n in node_ids:
+            self.configured[n] = nodes
+            self.core(n).reconfigure(self.net.now, nodes, params or sim_params(len(nodes)))
+            self.net.flush(self.net.nodes[n])
+
+    def wait(self, condition: Callable[[], bool], timeout: int, what: str) -> None:
+        assert self.net.run_while(lambda: not condition(), self.net.now + timeout, step=1), (
+            f"timed out after {timeout} ms of simulated time waiting for {what}")
+
+    def ring_stays(self, nodes: list[int], ms: int) -> None:
+        """`nodes` are one ring of exactly themselves, and still the same ring `ms` later."""
+        assert self.one_ring(nodes), f"{nodes} are not one ring"
+        ring = self.core(nodes[0]).ring.ring_id
+        end = self.net.now + ms
+        while self.net.now < end:
+            self.run_for(10)
+            assert self.one_ring(nodes), f"{nodes} are no ring any more at {self.net.now}"
+            assert self.core(nodes[0]).ring.ring_id == ring, f"a new ring at {self.net.now}"
+
+    def dropped(self, node_id: int) -> int:
+        return self.core(node_id).counters.get("dropped_unknown_node", 0)
+
+
+def test_a_node_outside_the_configured_set_is_ignored_until_the_others_reconfigure() -> None:
+    """n4 knows the others, they do not know n4: their ring of three is not disturbed by n4's
+    joins (dropped and counted); once the three take a config with n4, all four merge into one
+    ring through the protocol, and messages reach all four in one order."""
+    c = ConfiguredCluster({1: [1, 2, 3], 2: [1, 2, 3], 3: [1, 2, 3], 4: [1, 2, 3, 4]}, seed=3)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 10_000, "the ring of the three configured nodes")
+    c.ring_stays([1, 2, 3], 5_000)
+    assert all(c.dropped(n) > 0 for n in (1, 2, 3)), "n4's frames were not dropped"
+    assert 4 not in c.core(1).proc
+    c.reconfigure([1, 2, 3], [1, 2, 3, 4])
+    c.wait(lambda: c.one_ring([1, 2, 3, 4]), 10_000, "one ring of all four")
+    sent = [c.mcast(n) for n in (4, 1, 3)]
+    assert None not in sent
+    c.wait(lambda: all(p in c.checker.views[(n, 0)].delivered for n in (1, 2, 3, 4)
+                       for p in sent if p is not None), 3_000, "messages everywhere")
+    c.check_self_delivery()
+
+
+def test_removing_a_stopped_node_changes_nothing_and_keeps_it_out_when_it_returns() -> None:
+    """n3 crashed and the others formed a ring without it; taking a config without n3 leaves
+    that ring as it is (no new membership round), and n3 started again with its old config is
+    refused: its frames are dropped and the ring of n1 and n2 stays the same ring."""
+    c = ConfiguredCluster({n: [1, 2, 3] for n in (1, 2, 3)}, seed=5)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 10_000, "the first ring")
+    c.crash(3)
+    c.wait(lambda: c.one_ring([1, 2]), 10_000, "the ring without n3")
+    ring = c.core(1).ring.ring_id
+    gathers = c.core(1).counters.get("gather", 0)
+    c.reconfigure([1, 2], [1, 2])
+    assert c.core(1).state is State.OPERATIONAL
+    assert c.core(1).nodes == {1, 2}
+    c.restart(3)
+    c.ring_stays([1, 2], 5_000)
+    assert c.core(1).ring.ring_id == ring
+    assert c.core(1).counters.get("gather", 0) == gathers
+    assert c.dropped(1) > 0
+    assert c.dropped(2) > 0
+    assert c.core(3).ring.members == (3,) or c.core(3).state is not State.OPERATIONAL
+
+
+def test_removing_a_running_member_forms_a_ring_without_it_and_drops_its_frames() -> None:
+    """n1 and n2 take a config without n3 while n3 is a running member (still configured with
+    all three): they gather at once and form a ring of the two, delivering the messages of the
+    old ring with virtual synchrony; n3's later frames are dropped, so that ring stays."""
+    c = ConfiguredCluster({n: [1, 2, 3] for n in (1, 2, 3)}, seed=7)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 10_000, "the first ring")
+    before = [c.mcast(n) for n in (1, 2, 3)]
+    c.wait(lambda: all(p in c.checker.views[(n, 0)].delivered for n in (1, 2, 3)
+                       for p in before if p is not None), 3_000, "messages in the old ring")
+    queued = [c.mcast(n) for n in (1, 2)]
+    c.reconfigure([1, 2], [1, 2])
+    assert c.core(1).state is State.GATHER
+    assert c.core(2).state is State.GATHER
+    c.wait(lambda: c.one_ring([1, 2]), 2 * c.params.consensus, "the ring of n1 and n2")
+    c.wait(lambda: all(p in c.checker.views[(n, 0)].delivered for n in (1, 2)
+                       for p in queued if p is not None), 3_000, "queued messages in the new ring")
+    dropped = c.dropped(1)
+    c.ring_stays([1, 2], 5_000)
+    assert c.dropped(1) > dropped, "n3 went quiet instead of being refused"
+    assert 3 not in c.core(1).proc
+    assert 3 not in c.core(2).proc
+    assert c.core(3).nodes == {1, 2, 3}
+    c.check_self_delivery()
+
+
+def test_a_removed_node_in_the_consensus_round_is_not_waited_for() -> None:
+    """n3 crashed and n1, n2 are gathering, waiting for n3's join until the consensus timeout;
+    a config without n3 taken meanwhile lets them form their ring at once."""
+    c = ConfiguredCluster({n: [1, 2, 3] for n in (1, 2, 3)}, seed=9)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 10_000, "the first ring")
+    c.crash(3)
+    c.wait(lambda: c.core(1).state is State.GATHER and c.core(2).state is State.GATHER
+           and 3 in c.core(1).proc - c.core(1).fail, 5_000, "n1 and n2 gathering with n3")
+    c.reconfigure([1, 2], [1, 2])
+    c.wait(lambda: c.one_ring([1, 2]), c.params.consensus // 2, "a ring before the timeout")
+    assert c.core(1).counters.get("consensus_timeouts", 0) == 0
+
+
+def test_a_config_without_this_node_leaves_it_running() -> None:
+    """A node never removes itself: handed a config without it, it keeps itself configured."""
+    c = ConfiguredCluster({n: [1, 2, 3] for n in (1, 2, 3)}, seed=11)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 10_000, "the first ring")
+    c.reconfigure([3], [1, 2])
+    assert c.core(3).nodes == {1, 2, 3}
+    c.ring_stays([1, 2, 3], 2_000)
+
+
+def test_new_timers_apply_to_the_next_token_loss() -> None:
+    """With a token timeout of 4000 ms taken at run time, a crashed member is not noticed for
+    seconds (under the old 450 ms timeout it would be within a second: the last token a survivor
+    saw is at most a hold time old), and it is noticed within the new timeout plus consensus."""
+    c = ConfiguredCluster({n: [1, 2, 3] for n in (1, 2, 3)}, seed=13)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 10_000, "the first ring")
+    slow = derive_params(3, token=4000, token_coefficient=0, join=30, merge=100)
+    c.reconfigure([1, 2, 3], [1, 2, 3], slow)
+    assert c.core(1).params == slow
+    c.run_for(2 * slow.token)  # every timer armed under the old params has fired by now
+    c.crash(3)
+    c.run_for(slow.token // 2)
+    for n in (1, 2):
+        assert c.core(n).state is State.OPERATIONAL, f"n{n} noticed the crash too early"
+        assert c.core(n).ring.members == (1, 2, 3)
+        assert c.core(n).counters.get("token_lost", 0) == 0
+    c.wait(lambda: c.one_ring([1, 2]), slow.token + slow.consensus + 500, "the ring of two")
