@@ -67,6 +67,10 @@ COMMANDS: tuple[tuple[str, str, str | None], ...] = (
     ("status", "quorum and membership (like pvecm status)", "status"),
     ("nodes", "the nodes of the cluster (like pvecm nodes)", "nodes"),
     ("expected", "set the expected votes (like pvecm expected)", "expected"),
+    ("create", "create a cluster on this standalone node (like pvecm create)", "create"),
+    ("join-token", "print a one-time token for `pmxfs add`", "join_token"),
+    ("add", "join this standalone node to a cluster (like pvecm add)", "add"),
+    ("delnode", "remove a powered-off node from the cluster (like pvecm delnode)", "delnode"),
     ("log", "add a message to the cluster log", "log"),
     ("debug", "inspect a ring or a running node", None),
 )

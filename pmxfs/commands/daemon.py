@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pmxfs.commands import control
+from pmxfs.core.join_token import JOIN_PORT
 from pmxfs.core.replica import DEFAULT_VERIFY_INTERVAL_MS
 from pmxfs.runtime.daemon import DaemonSettings, serve
 
@@ -21,7 +22,9 @@ DEFAULT_DATA_DIR = "/var/lib/pmxfs"
 
 DESCRIPTION = """\
 Run this node of the cluster in the foreground: join the ring described by --config, keep the
-replicated tree in DATA_DIR/config.db and mount it with FUSE at --mount. The client commands
+replicated tree in DATA_DIR/config.db and mount it with FUSE at --mount. Without --config (a
+fresh host) it runs standalone -- a one-node tree, always quorate, as pmxcfs does -- until
+`pmxfs create` or `pmxfs add` makes it a cluster node, without a restart. The client commands
 (`pmxfs status`, `nodes`, `expected`, `log`, `debug`) talk to it over RUN_DIR/pmxfs.sock. It
 logs to stderr. systemd/pmxfs.service runs it with the default paths.
 
@@ -60,8 +63,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="where the control socket pmxfs.sock is made (default: the global "
                         f"--run-dir: $PMXFS_RUN_DIR, else {control.DEFAULT_RUN_DIR})")
     p.add_argument("--local", action="store_true",
-                   help="run as a one-node cluster without network, always quorate; --config "
-                        "and --authkey are not read")
+                   help="run standalone (a one-node tree without network, always quorate) even "
+                        "when --config exists; --config and --authkey are not read")
+    p.add_argument("--join-port", type=int, default=JOIN_PORT, metavar="PORT",
+                   help="TCP port of the join service, served on this node's ring0 address "
+                        "while a token from `pmxfs join-token` is valid (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="log debug messages")
     p.add_argument("--no-realtime", dest="realtime", action="store_false",
                    help="stay at normal scheduling priority (by default the daemon runs under "
@@ -80,4 +86,5 @@ def run(args: argparse.Namespace) -> int:
         mount=Path(os.path.realpath(args.mount)),  # as the mount table names it
         data_dir=Path(args.data_dir).absolute(),
         run_dir=Path(args.run_dir or args.global_run_dir), local=args.local,
-        verify_interval_ms=args.verify_interval * 1000, realtime=args.realtime))
+        verify_interval_ms=args.verify_interval * 1000, realtime=args.realtime,
+        join_port=args.join_port))

@@ -7,8 +7,13 @@ Start-up, in an order where every failure is one clear line and leaves nothing b
 1. the data and run directories (created, and logged, when missing -- their parents never are: a
    mistyped path is refused, not built), the data directory's lock (a second daemon on the same
    data is refused) and a first look at the mount point (the refusals below);
-2. the cluster config (`--local`: a one-node cluster of this host, always quorate), the node,
-   the authkey, the database (checked; a damaged one is refused, never rewritten);
+2. the database (checked; a damaged one is refused, never rewritten), then what the node runs
+   as (runtime/attachments.py): with `--local`, or when `--config` does not exist, standalone --
+   a one-node tree of this host, always quorate, as pmxcfs on a fresh host -- until `pmxfs
+   create` or `pmxfs add` makes it a cluster node; else a member of the cluster `--config`
+   describes, with the authkey. A missing `--config` is first taken from the tree when the
+   tree holds a corosync.conf naming this node and the cluster's authkey (a node whose data
+   directory was restored from a backup comes back with its identity, as pmxcfs does);
 3. the transport, the replica node, the mount point (below), the mount;
 4. the control socket, then `READY=1` to systemd once the mount answers.
 
@@ -44,18 +49,18 @@ import trio
 
 from pmxfs.core import conf
 from pmxfs.core.errors import LocalError
-from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
+from pmxfs.core.join_token import JOIN_PORT
+from pmxfs.core.memdb import COROSYNC_CONF, MemDB
+from pmxfs.runtime import attachments
 from pmxfs.runtime.config_file import load_checked
-from pmxfs.runtime.core_loop import FrameTransport
 from pmxfs.runtime.database import Database, DatabaseError
-from pmxfs.runtime.frame_crypto import FrameCrypto
+from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.fuse_ops import MOUNT_OPTIONS, PmxfsOperations
 from pmxfs.runtime.ipc import serve_control
-from pmxfs.runtime.memory_transport import MemoryHub
-from pmxfs.runtime.replica_node import ReplicaNode
-from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
+from pmxfs.runtime.lifecycle import TREE_AUTHKEY, Lifecycle, LifecyclePaths
+from pmxfs.runtime.replica_node import Attachment, ReplicaNode
+from pmxfs.runtime.ring_seq import RingSeqFileError
 from pmxfs.runtime.scheduling import use_realtime
-from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
 
 log = logging.getLogger("pmxfs")
 
@@ -72,7 +77,7 @@ class StartupError(LocalError):
 class DaemonSettings:
     """What `pmxfs daemon` was told (commands/daemon.py); paths absolute."""
 
-    config: Path  # the cluster's corosync.conf (not read with `local`)
+    config: Path  # the cluster's corosync.conf (missing: standalone; not read with `local`)
     authkey: Path
     node: str | None  # this node's name in the nodelist; None: the host name
     mount: Path  # as the mount table names it (symlinks resolved)
@@ -81,6 +86,7 @@ class DaemonSettings:
     local: bool  # a one-node cluster without network, always quorate
     verify_interval_ms: int
     realtime: bool = True  # run under SCHED_RR (runtime/scheduling.py), as corosync does
+    join_port: int = JOIN_PORT  # TCP port of the join service (runtime/lifecycle.py)
 
 
 def serve(settings: DaemonSettings) -> int:
@@ -142,25 +148,60 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def _local_config(name: str) -> conf.ClusterConfig:
-    text = (f"totem {{\n  version: 2\n  cluster_name: local\n  config_version: 1\n}}\n"
-            f"nodelist {{\n  node {{\n    name: {name}\n    nodeid: 1\n"
-            f"    ring0_addr: 127.0.0.1\n  }}\n}}\n"
-            f"quorum {{\n  provider: corosync_votequorum\n}}\n")
-    return conf.parse(text)
-
-
-def _load_config(settings: DaemonSettings, name: str) -> tuple[conf.ClusterConfig, int]:
+def _attachment_files(settings: DaemonSettings, name: str, database: Database) -> bool:
+    """Whether this node starts as a cluster member: `--config` exists, or was just written
+    from the tree with the authkey (module header)."""
     if settings.local:
-        return _local_config(name), 1
-    config = load_checked(str(settings.config))
-    if config is None:
-        raise StartupError(f"cannot start without a valid {settings.config}")
-    me = config.node_by_name(name)
-    if me is None or me.nodeid is None:
-        raise StartupError(f"node {name!r} is not in the nodelist of {settings.config} "
-                           "(use --node NAME)")
-    return config, me.nodeid
+        return False
+    if settings.config.exists():
+        return True
+    loaded = database.load()
+    tree = MemDB(loaded.entries, loaded.version)
+    conf_row, key_row = tree.lookup(COROSYNC_CONF), tree.lookup(TREE_AUTHKEY)
+    if conf_row is None or conf_row.is_dir:
+        return False
+    config = conf.check(conf_row.data.decode("utf-8", "replace")).config
+    if config is None or config.node_by_name(name) is None:
+        return False
+    if key_row is None or key_row.is_dir:
+        if not settings.authkey.exists():
+            log.warning("the tree holds the corosync.conf of cluster %s, but neither it nor %s "
+                        "holds the authkey: running standalone", config.cluster_name,
+                        settings.authkey)
+            return False
+    else:
+        _restore_file(settings.authkey, key_row.data, 0o400)
+    _restore_file(settings.config, conf_row.data, 0o644)
+    log.info("restored %s (cluster %s) from the tree", settings.config, config.cluster_name)
+    return True
+
+
+def _restore_file(path: Path, data: bytes, mode: int) -> None:
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        write_file(path, data, mode=mode)
+    except OSError as exc:
+        raise StartupError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+async def _attachment(settings: DaemonSettings, name: str,
+                      database: Database) -> Attachment:
+    try:
+        if not _attachment_files(settings, name, database):
+            if not settings.local:
+                log.info("no %s: running standalone (a one-node tree, always quorate); "
+                         "`pmxfs create` or `pmxfs add` makes this node a cluster member",
+                         settings.config)
+            return attachments.standalone(name, settings.data_dir)
+        config = load_checked(str(settings.config))
+        if config is None:
+            raise StartupError(f"cannot start without a valid {settings.config}")
+        node_id = attachments.node_id_of(config, name, settings.config)
+        return await attachments.cluster(config, node_id, config_path=settings.config,
+                                         authkey_path=settings.authkey,
+                                         data_dir=settings.data_dir)
+    except attachments.AttachmentError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _www_data_gid() -> int:
@@ -268,26 +309,6 @@ def _notify_systemd(message: str) -> None:
         sock.sendall(message.encode())
 
 
-async def _transport(config: conf.ClusterConfig, node_id: int, settings: DaemonSettings,
-                     boot_id: bytes) -> FrameTransport:
-    if settings.local:
-        return MemoryHub().transport(node_id)
-    try:
-        authkey = load_authkey(settings.authkey)
-    except AuthkeyError as exc:
-        raise StartupError(str(exc)) from None
-    infos = config.node_infos()
-    crypto = FrameCrypto(authkey, config.cluster_name, node_id, [i.nodeid for i in infos],
-                         boot_id=boot_id)
-    try:
-        return await UdpTransport.open(
-            node_id=node_id, addresses={i.nodeid: i.addr for i in infos}, port=config.port,
-            mode=config.transport,
-            mcastaddr=config.mcastaddr if config.transport == "udp" else None, crypto=crypto)
-    except OSError as exc:
-        raise StartupError(f"cannot open the cluster network: {exc}") from None
-
-
 async def _serve(settings: DaemonSettings) -> int:
     """The daemon, from its checks to the end of its mount."""
     data_dir, run_dir, mount = settings.data_dir, settings.run_dir, settings.mount
@@ -300,37 +321,44 @@ async def _serve(settings: DaemonSettings) -> int:
     lock_fd = _lock_data_dir(data_dir)
     try:
         _check_mount_point(mount)
-        config, node_id = _load_config(settings, name)
-        store = RingSeqStore(data_dir, node_id)
         try:
-            store.load()
-            boot_id = next_boot_id(data_dir, node_id)
             database = Database.open(data_dir)
-        except (RingSeqFileError, BootIdFileError, DatabaseError) as exc:
-            raise StartupError(str(exc)) from None
-        transport = await _transport(config, node_id, settings, boot_id)
-        try:
-            incarnation = int.from_bytes(boot_id, "big")
-            node = ReplicaNode(
-                node_id=node_id, config=config,
-                config_path=None if settings.local else settings.config,
-                params=conf.totem_params(config), transport=transport, database=database,
-                ring_seq_store=store, incarnation=incarnation, data_dir=data_dir,
-                verify_interval=settings.verify_interval_ms)
         except DatabaseError as exc:
             raise StartupError(str(exc)) from None
+        node = await _node(settings, name, database)
         try:
-            return await _mounted(node, mount, run_dir)
+            return await _mounted(node, settings)
         finally:
-            transport.close()
-            database.close()
+            node.transport.close()
+            node.database.close()
     finally:
         os.close(lock_fd)
 
 
-async def _mounted(node: ReplicaNode, mount: Path, run_dir: Path) -> int:
+async def _node(settings: DaemonSettings, name: str, database: Database) -> ReplicaNode:
+    """The node, as what `_attachment` finds; the database is closed when it cannot start."""
+    try:
+        attachment = await _attachment(settings, name, database)
+        try:
+            return ReplicaNode(
+                node_id=attachment.node_id, config=attachment.config,
+                config_path=attachment.config_path,
+                params=conf.totem_params(attachment.config), transport=attachment.transport,
+                database=database, ring_seq_store=attachment.ring_seq_store,
+                incarnation=attachment.incarnation, data_dir=settings.data_dir,
+                verify_interval=settings.verify_interval_ms)
+        except (DatabaseError, RingSeqFileError) as exc:
+            attachment.transport.close()
+            raise StartupError(str(exc)) from None
+    except BaseException:
+        database.close()
+        raise
+
+
+async def _mounted(node: ReplicaNode, settings: DaemonSettings) -> int:
     """Serve the mount until SIGTERM or SIGINT, which unmount (0). Anything else raises and
     leaves the mount dead (module docstring)."""
+    mount = settings.mount
     gid = _www_data_gid()
     ops = PmxfsOperations(node, gid=gid)
     _prepare_mount_point(mount)
@@ -339,9 +367,13 @@ async def _mounted(node: ReplicaNode, mount: Path, run_dir: Path) -> int:
         pyfuse3.init(ops, str(mount), options)
     except (RuntimeError, OSError) as exc:
         raise StartupError(f"cannot mount at {mount}: {exc}") from None
+    lifecycle = Lifecycle(node, LifecyclePaths(config=settings.config, authkey=settings.authkey,
+                                               data_dir=settings.data_dir,
+                                               join_port=settings.join_port))
     stopped = False
     try:
-        await _serve_until_signal(node, ops, mount, run_dir / "pmxfs.sock", gid)
+        await _serve_until_signal(node, ops, lifecycle, settings.run_dir / "pmxfs.sock", mount,
+                                  gid)
         stopped = True
     finally:
         if not stopped:
@@ -352,15 +384,16 @@ async def _mounted(node: ReplicaNode, mount: Path, run_dir: Path) -> int:
     return 0
 
 
-async def _serve_until_signal(node: ReplicaNode, ops: PmxfsOperations, mount: Path,
-                              socket_path: Path, gid: int) -> None:
+async def _serve_until_signal(node: ReplicaNode, ops: PmxfsOperations, lifecycle: Lifecycle,
+                              socket_path: Path, mount: Path, gid: int) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.run)
             nursery.start_soon(pyfuse3.main)
             nursery.start_soon(ops.run_invalidations)
+            nursery.start_soon(lifecycle.run_join_service)
             await nursery.start(functools.partial(
-                serve_control, socket_path, node, www_data_gid=gid or None))
+                serve_control, socket_path, node, lifecycle=lifecycle, www_data_gid=gid or None))
             nursery.start_soon(_ready_when_mounted, mount, node)
             async for signum in signals:
                 log.info("signal %d: unmounting %s and stopping", signum, mount)

@@ -33,7 +33,10 @@ an unknown command or bad arguments gets an error answer and the connection stay
 
 Commands: "status" -> `node.status()`; "nodes" -> `node.nodes()`; "expected" {"votes": N} ->
 {"expected_votes": N} or the refusal's reason as error; "log" {"priority", "tag", "user", "pid",
-"msg"} -> None; "debug" {"topic"} -> `node.debug(topic)`.
+"msg"} -> None; "debug" {"topic"} -> `node.debug(topic)`. The cluster's life (root only, each
+argument present, null where optional; `LifecycleControl`): "create" {"cluster_name", "link0",
+"nodeid", "votes", "port"}, "join-token" {"ttl"}, "add" {"host", "token", "link0", "nodeid",
+"votes", "force"}, "delnode" {"name"}; a refusal is the error answer.
 
 The client, `request(path, cmd, **args)`, is blocking (the CLI has no event loop): one connection
 per request, `TIMEOUT_S` for an answer (`EXPECTED_TIMEOUT_S` for "expected", which waits for the
@@ -55,11 +58,13 @@ from typing import Any, TypeVar
 import msgpack
 import trio
 
+from pmxfs.core.errors import LocalError
 from pmxfs.core.memdb import mode_of
 from pmxfs.runtime.ipc_client import (
     DEBUG_TOPICS,
     EXPECTED_TIMEOUT_S,
     HEADER,
+    LIFECYCLE_COMMANDS,
     MAX_ANSWER_BYTES,
     MAX_REQUEST_BYTES,
     READ_TOPICS,
@@ -69,7 +74,7 @@ from pmxfs.runtime.ipc_client import (
     frame,
     request,
 )
-from pmxfs.runtime.node_api import ControlNode
+from pmxfs.runtime.node_api import ControlNode, LifecycleControl
 
 __all__ = ["DEBUG_TOPICS", "EXPECTED_TIMEOUT_S", "MAX_ANSWER_BYTES", "MAX_REQUEST_BYTES",
            "READ_TOPICS", "TIMEOUT_S", "ControlCounters", "ControlError", "NoDaemonError",
@@ -104,6 +109,7 @@ class ControlCounters:
 
 
 async def serve_control(path: Path, node: ControlNode, *, www_data_gid: int | None,
+                        lifecycle: LifecycleControl | None = None,
                         counters: ControlCounters | None = None,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on `path` and answer requests for `node` until cancelled; removes the socket then.
@@ -112,7 +118,8 @@ async def serve_control(path: Path, node: ControlNode, *, www_data_gid: int | No
     socket cannot be created or another daemon listens on it.
     """
     sock, inode = await _bind(path, www_data_gid)
-    server = _Server(node, www_data_gid, counters if counters is not None else ControlCounters())
+    server = _Server(node, lifecycle, www_data_gid,
+                     counters if counters is not None else ControlCounters())
     try:
         async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, server.handle, [listener])
@@ -187,9 +194,10 @@ class _BadFrame(Exception):
 
 
 class _Server:
-    def __init__(self, node: ControlNode, www_data_gid: int | None,
-                 counters: ControlCounters) -> None:
+    def __init__(self, node: ControlNode, lifecycle: LifecycleControl | None,
+                 www_data_gid: int | None, counters: ControlCounters) -> None:
         self.node = node
+        self.lifecycle = lifecycle
         self.www_data_gid = www_data_gid
         self.counters = counters
         self.own_uid = os.geteuid()
@@ -322,7 +330,36 @@ class _Server:
             await self.node.log(priority=priority, tag=_arg(args, "tag", str),
                                 user=_arg(args, "user", str), pid=pid, msg=_arg(args, "msg", str))
             return None
+        if cmd in LIFECYCLE_COMMANDS and self.lifecycle is not None:
+            self._allow(peer, cmd, write=True)
+            try:
+                return await self._lifecycle(self.lifecycle, cmd, args)
+            except LocalError as exc:
+                raise ControlError(str(exc)) from None
         raise ControlError(f"unknown command {cmd!r}")
+
+    @staticmethod
+    async def _lifecycle(lifecycle: LifecycleControl, cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "create":
+            _expect_args(cmd, args, "cluster_name", "link0", "nodeid", "votes", "port")
+            return await lifecycle.create(
+                _arg(args, "cluster_name", str), link0=_optional(args, "link0", str),
+                nodeid=_arg(args, "nodeid", int), votes=_arg(args, "votes", int),
+                port=_optional(args, "port", int))
+        if cmd == "join-token":
+            _expect_args(cmd, args, "ttl")
+            return await lifecycle.join_token(_arg(args, "ttl", int))
+        if cmd == "add":
+            _expect_args(cmd, args, "host", "token", "link0", "nodeid", "votes", "force")
+            force = args.get("force")
+            if not isinstance(force, bool):
+                raise ControlError("argument 'force' must be of type bool")
+            return await lifecycle.add(
+                _optional(args, "host", str), _arg(args, "token", str),
+                link0=_optional(args, "link0", str), nodeid=_optional(args, "nodeid", int),
+                votes=_arg(args, "votes", int), force=force)
+        _expect_args(cmd, args, "name")
+        return await lifecycle.delnode(_arg(args, "name", str))
 
     def _allow(self, peer: _Peer, what: str, *, write: bool) -> None:
         if peer.may_write or (peer.may_read and not write):
@@ -365,6 +402,10 @@ def _expect_args(cmd: str, args: dict[str, Any], *names: str) -> None:
     unknown = sorted(set(args) - set(names))
     if unknown:
         raise ControlError(f"unknown argument(s) for {cmd}: {', '.join(map(str, unknown))}")
+
+
+def _optional(args: dict[str, Any], name: str, kind: type[_T]) -> _T | None:
+    return None if args.get(name) is None else _arg(args, name, kind)
 
 
 def _arg(args: dict[str, Any], name: str, kind: type[_T]) -> _T:

@@ -4,7 +4,8 @@ struct and msgpack modules, so a client command starts fast (see `pmxfs.cli`).
 
 Each request and each answer is one frame: a 4-byte big-endian length, then a msgpack map.
 `request(path, cmd, **args)` is blocking: one connection per request, `TIMEOUT_S` for an answer
-(`EXPECTED_TIMEOUT_S` for "expected", which waits for the ring to agree). Every failure is a
+(`EXPECTED_TIMEOUT_S` for "expected", which waits for the ring to agree, `LIFECYCLE_TIMEOUT_S`
+for the lifecycle commands). Every failure is a
 `ControlError` with a one-line message; no daemon listening is `NoDaemonError`.
 """
 
@@ -23,6 +24,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 TIMEOUT_S = 10.0
 EXPECTED_TIMEOUT_S = 60.0
+LIFECYCLE_COMMANDS = frozenset({"create", "join-token", "add", "delnode"})
+LIFECYCLE_TIMEOUT_S = 180.0  # they wait for quorum, a join exchange and a switch of the ring
 HEADER = struct.Struct(">I")
 READ_TOPICS = frozenset({"ring", "transport", "quorum", "tree", "checksum"})
 DEBUG_TOPICS = READ_TOPICS | {"verify"}
@@ -55,7 +58,8 @@ def request(path: Path, cmd: str, **args: Any) -> Any:
     if len(data) - HEADER.size > MAX_REQUEST_BYTES:
         raise ControlError(f"request too large: {len(data) - HEADER.size} bytes "
                            f"(at most {MAX_REQUEST_BYTES})")
-    timeout = EXPECTED_TIMEOUT_S if cmd == "expected" else TIMEOUT_S
+    timeout = (EXPECTED_TIMEOUT_S if cmd == "expected" else
+               LIFECYCLE_TIMEOUT_S if cmd in LIFECYCLE_COMMANDS else TIMEOUT_S)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         _connect(sock, path)

@@ -67,3 +67,18 @@ class ControlNode(Protocol):
         entry: path, type, size, version, writer, mtime), "checksum" (tree and state
         checksums, version), "verify" (start a verification round now). KeyError for an unknown
         topic."""
+
+
+class LifecycleControl(Protocol):
+    """The cluster-lifecycle commands of the control socket (runtime/lifecycle.py). Each
+    returns a JSON-able answer or raises a `LocalError` whose text is the refusal."""
+
+    async def create(self, cluster_name: str, *, link0: str | None, nodeid: int, votes: int,
+                     port: int | None) -> dict[str, Any]: ...
+
+    async def join_token(self, ttl: int) -> dict[str, Any]: ...
+
+    async def add(self, host: str | None, token_text: str, *, link0: str | None,
+                  nodeid: int | None, votes: int, force: bool) -> dict[str, Any]: ...
+
+    async def delnode(self, name: str) -> dict[str, Any]: ...

@@ -179,6 +179,7 @@ class ReplicaNode:
         self.started_at = int(time.time())
         self._wall_offset = int(time.time() * 1000)
         self._invalidator: Invalidator = lambda paths, everything: None
+        self._tree_listeners: list[Invalidator] = []
         self._waiters: dict[int, _Waiter] = {}
         self._room = trio.Event()  # set (and replaced) whenever a reply frees a pending slot
         self._failure: Exception | None = None  # the output that could not be carried out
@@ -254,6 +255,18 @@ class ReplicaNode:
 
     def set_invalidator(self, invalidator: Invalidator) -> None:
         self._invalidator = invalidator
+
+    def add_tree_listener(self, listener: Invalidator) -> None:
+        """`listener` is told the paths of every change of the tree, as the FUSE layer is."""
+        self._tree_listeners.append(listener)
+
+    async def wait_writable(self, timeout_s: float) -> bool:
+        """Wait until the node is quorate and synced; whether it is, after at most
+        `timeout_s`."""
+        with trio.move_on_after(timeout_s):
+            while not (self.quorate() and self.replica.synced()):
+                await self._writable_changed.wait()
+        return self.quorate() and self.replica.synced()
 
     async def write(self, op: FsOp) -> Reply:
         self._check_running()
@@ -443,6 +456,8 @@ class ReplicaNode:
             self._vmlist_version += 1
             self._shown_quorate = None
             self._invalidator((), True)
+            for listener in self._tree_listeners:
+                listener((), True)
             log.info("now %s: node %s, id %d", "standalone" if self.standalone else
                      f"a member of cluster {self.config.cluster_name}", self._name, self.node_id)
         finally:
@@ -557,6 +572,8 @@ class ReplicaNode:
             if any(guest_config(p) is not None for p in inv.paths):
                 self._vmlist_version += 1
         self._invalidator(inv.paths, inv.everything)
+        for listener in self._tree_listeners:
+            listener(inv.paths, inv.everything)
 
     def _on_confchg(self, c: ConfChange) -> None:
         if c.kind is ConfChangeKind.REGULAR:

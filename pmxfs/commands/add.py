@@ -1,0 +1,66 @@
+"""`pmxfs add HOST --token TOKEN`: join this standalone node to a cluster, like `pvecm add`
+(the daemon does it: runtime/lifecycle.py); then wait for quorum."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pmxfs.commands.control import ASKS_THE_DAEMON, handler
+from pmxfs.runtime.ipc_client import ControlError, request
+
+QUORUM_TIMEOUT_S = 120.0
+POLL_S = 0.2
+
+
+def configure(add: argparse.ArgumentParser) -> None:
+    """Fill in `pmxfs add` (see `pmxfs.cli`)."""
+    add.formatter_class = argparse.RawDescriptionHelpFormatter
+    add.description = """\
+Join this standalone node to the cluster a token from `pmxfs join-token` belongs to, like `pvecm
+add`: the daemon connects to HOST (or the member named in the token) over TLS, refusing any
+certificate but the one the token names, proves the token and sends this node's name, address
+and the VMIDs of its guest configs. The member refuses a name, address or node id already in
+use and VMIDs that exist in the cluster (naming them). Otherwise it adds this node to
+corosync.conf and answers with it and the authkey; this node backs up its database to
+DATA_DIR/backup/config-<unix time>.sql.gz, writes both files, switches to the cluster without
+unmounting and takes the cluster's tree. Then it waits for quorum.""" + ASKS_THE_DAEMON
+    add.epilog = """\
+examples:
+  pmxfs add 10.0.0.1 --token pmxfs-join-1:...
+  pmxfs add 10.0.0.1:5406 --token pmxfs-join-1:... --link0 10.0.0.4"""
+    add.add_argument("host", metavar="HOST", nargs="?",
+                     help="a member: ADDR or ADDR:PORT (default: the one in the token)")
+    add.add_argument("--token", required=True, metavar="TOKEN",
+                     help="from `pmxfs join-token` on a member")
+    add.add_argument("--link0", metavar="ADDR",
+                     help="this node's cluster address (default: the one that reaches HOST)")
+    add.add_argument("--nodeid", type=int, metavar="N",
+                     help="this node's id (default: the lowest free one)")
+    add.add_argument("--votes", type=int, default=1, metavar="N",
+                     help="this node's votes (default: %(default)s)")
+    add.add_argument("--force", action="store_true",
+                     help="re-add a node whose name is in the nodelist (it must be offline); "
+                          "VMID conflicts are refused all the same")
+    add.set_defaults(handler=handler(_add))
+
+
+def _add(args: argparse.Namespace, path: Path) -> int:
+    answer = request(path, "add", host=args.host, token=args.token, link0=args.link0,
+                     nodeid=args.nodeid, votes=args.votes, force=args.force)
+    print(f"joined cluster {answer['cluster']} as node {answer['nodeid']}; this node's old "
+          f"database is backed up in {answer['backup']}")
+    print("waiting for quorum...", end="", flush=True)
+    deadline = time.monotonic() + QUORUM_TIMEOUT_S
+    while True:
+        status = request(path, "status")
+        if status["quorum"]["quorate"] and status["fs"]["synced"]:
+            print("OK")
+            return 0
+        if time.monotonic() >= deadline:
+            print(file=sys.stdout)
+            raise ControlError(f"no quorum within {QUORUM_TIMEOUT_S:g} s; see `pmxfs status` "
+                               "and the daemon log")
+        time.sleep(POLL_S)

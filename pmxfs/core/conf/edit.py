@@ -1,0 +1,145 @@
+"""The corosync.conf edits of a cluster's life: the first config (`pmxfs create`), a node added
+(`pmxfs add`) and a node removed (`pmxfs delnode`), each a whole new text that `check` accepts.
+
+Every edit goes from text to text through the model and `render`, so the result is canonical and
+passes the same validation the tree applies to any write of corosync.conf (an edit that would be
+refused raises `EditError` here first, with the validator's reason). An edit of a running
+cluster's config raises config_version by exactly one, as pvecm does, so a concurrent edit made
+from the same base loses in the tree's update rule instead of silently overwriting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from pmxfs.core.conf.model import ClusterConfig, NodeEntry
+from pmxfs.core.conf.render import render
+from pmxfs.core.conf.validate import check, is_hostname, parse_address
+from pmxfs.core.errors import LocalError
+
+# pvecm's rule for a cluster name (corosync's is looser): it becomes part of paths and keys.
+CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]{0,14}\Z")
+MAX_NODE_ID = 2**32 - 1
+MAX_VOTES = 255  # votequorum's limit per node
+
+
+class EditError(LocalError):
+    """Why an edit cannot be made: one line for the admin."""
+
+
+def check_node_name(name: str) -> None:
+    """A node name as corosync.conf and the tree's `nodes/NAME` need it: a host name label."""
+    if "." in name or not is_hostname(name):
+        raise EditError(f"node name {name!r} is not valid: use letters, digits and inner "
+                        "hyphens (a host name without domain)")
+
+
+def check_address(address: str) -> None:
+    if parse_address(address) is None:
+        raise EditError(f"address {address!r} is not an IPv4 or IPv6 address")
+
+
+def check_votes(votes: int) -> None:
+    if not 1 <= votes <= MAX_VOTES:
+        raise EditError(f"votes must be 1-{MAX_VOTES} (got {votes})")
+
+
+def check_nodeid(nodeid: int) -> None:
+    if not 1 <= nodeid <= MAX_NODE_ID:
+        raise EditError(f"node id must be 1-{MAX_NODE_ID} (got {nodeid})")
+
+
+def new_cluster(cluster_name: str, node_name: str, nodeid: int, votes: int, address: str, *,
+                port: int | None = None) -> str:
+    """The first corosync.conf of a cluster: this node only, udpu, config_version 1."""
+    if not CLUSTER_NAME_RE.match(cluster_name):
+        raise EditError(f"cluster name {cluster_name!r} is not valid: 1-15 letters, digits and "
+                        "hyphens, starting with a letter or digit")
+    check_node_name(node_name)
+    check_nodeid(nodeid)
+    check_votes(votes)
+    check_address(address)
+    port_line = "" if port is None else f"  port: {port}\n"
+    text = (f"totem {{\n  version: 2\n  cluster_name: {cluster_name}\n  config_version: 1\n"
+            f"  transport: udpu\n{port_line}}}\n"
+            f"nodelist {{\n  node {{\n    name: {node_name}\n    nodeid: {nodeid}\n"
+            f"    quorum_votes: {votes}\n    ring0_addr: {address}\n  }}\n}}\n"
+            f"quorum {{\n  provider: corosync_votequorum\n}}\n")
+    return _checked(render(_parsed(text)), None)
+
+
+def free_nodeid(config: ClusterConfig) -> int:
+    """The lowest node id the nodelist does not use (pvecm's choice for a new node)."""
+    used = {n.nodeid for n in config.nodes}
+    nodeid = 1
+    while nodeid in used:
+        nodeid += 1
+    return nodeid
+
+
+def with_node(current_text: str, node_name: str, address: str, *, nodeid: int | None = None,
+              votes: int = 1, replace: bool = False) -> tuple[str, int]:
+    """`current_text` with a node added (config_version + 1) and the node id it got. Refused:
+    a name, address or node id already in use -- except, with `replace`, a node of the same
+    name, whose entry (and node id, unless another is asked for) the new one takes."""
+    config = _parsed(current_text)
+    check_node_name(node_name)
+    check_address(address)
+    check_votes(votes)
+    if nodeid is not None:
+        check_nodeid(nodeid)
+    same_name = next((n for n in config.nodes if n.name == node_name), None)
+    if same_name is not None and not replace:
+        raise EditError(f"a node named {node_name} is already in the cluster (node id "
+                        f"{same_name.nodeid}); --force re-adds a node of that name")
+    others = tuple(n for n in config.nodes if n is not same_name)
+    for node in others:
+        if node.ring0_addr is not None and _same_address(node.ring0_addr, address):
+            raise EditError(f"address {address} is already used by node {node.name}")
+        if nodeid is not None and node.nodeid == nodeid:
+            raise EditError(f"node id {nodeid} is already used by node {node.name}")
+    if nodeid is None:
+        nodeid = (same_name.nodeid if same_name is not None and same_name.nodeid is not None
+                  else free_nodeid(dataclasses.replace(config, nodes=others)))
+    entry = NodeEntry(name=node_name, nodeid=nodeid, ring0_addr=address, quorum_votes=votes)
+    nodes = tuple(sorted((*others, entry), key=lambda n: n.nodeid or 0))
+    return _checked(render(_bumped(dataclasses.replace(config, nodes=nodes))), config), nodeid
+
+
+def without_node(current_text: str, node_name: str) -> tuple[str, NodeEntry]:
+    """`current_text` without the node `node_name` (config_version + 1), and its old entry."""
+    config = _parsed(current_text)
+    gone = next((n for n in config.nodes if n.name == node_name), None)
+    if gone is None:
+        raise EditError(f"there is no node {node_name} in the nodelist")
+    if len(config.nodes) == 1:
+        raise EditError(f"{node_name} is the last node of the cluster")
+    nodes = tuple(n for n in config.nodes if n is not gone)
+    return _checked(render(_bumped(dataclasses.replace(config, nodes=nodes))), config), gone
+
+
+def _same_address(a: str, b: str) -> bool:
+    pa, pb = parse_address(a.split("%", 1)[0]), parse_address(b.split("%", 1)[0])
+    return a == b if pa is None or pb is None else pa == pb
+
+
+def _parsed(text: str) -> ClusterConfig:
+    result = check(text)
+    if result.config is None:
+        reasons = "; ".join(str(e) for e in result.errors) or "it cannot be read"
+        raise EditError(f"the cluster's corosync.conf is not valid: {reasons}")
+    return result.config
+
+
+def _bumped(config: ClusterConfig) -> ClusterConfig:
+    totem = dataclasses.replace(config.totem, config_version=config.config_version + 1)
+    return dataclasses.replace(config, totem=totem)
+
+
+def _checked(text: str, current: ClusterConfig | None) -> str:
+    result = check(text, current=current)
+    if not result.ok:
+        raise EditError("the edited corosync.conf would be refused: "
+                        + "; ".join(str(e) for e in result.errors))
+    return text
