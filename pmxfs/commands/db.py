@@ -1,9 +1,10 @@
-"""`pmxfs db check|dump|backup`: offline tools for a node's database, `DIR/config.db`.
+"""`pmxfs db check|dump|backup|restore`: offline tools for a node's database, `DIR/config.db`.
 
-They open the database read-only (a `mode=ro` SQLite URI: `config.db` is never changed, also when
-the daemon is running or the database is damaged) and go through the same checks as the daemon at
-start (`pmxfs.runtime.database`: SQLite integrity, the pmxcfs table layout, value types, then
-memdb's `check_tree`), so "check says ok" means "the daemon will load it".
+`check`, `dump` and `backup` open the database read-only (a `mode=ro` SQLite URI: `config.db` is
+never changed, also when the daemon is running or the database is damaged) and go through the same
+checks as the daemon at start (`pmxfs.runtime.database`: SQLite integrity, the pmxcfs table
+layout, value types, then memdb's `check_tree`), so "check says ok" means "the daemon will load
+it".
 
 * `check DIR`: exit 0 and `DIR/config.db: ok, N entries, version V` (N without the root);
   exit 1 and every problem on stderr, one per line, `DIR/config.db: problem`.
@@ -13,6 +14,16 @@ memdb's `check_tree`), so "check says ok" means "the daemon will load it".
   to a temporary file and linked to FILE, which must not exist; prints `DIR/config.db: copied to
   FILE, N entries, version V`. Only a sound database is copied: a damaged one is refused as by
   `check`, so a backup always loads.
+* `restore DIR FILE`: the way back, for a re-installed node (back up, wipe, restore, start: the
+  node rejoins as itself). FILE is what `backup` wrote or a `config-*.sql.gz` SQL dump such as
+  a join leaves in `DIR/backup/`. The daemon must not run meanwhile: the restore takes the
+  daemon's own lock, an exclusive flock on `DIR/pmxfs.lock`, without waiting, and holds it to
+  the end, so no daemon starts on DIR during a restore either (the lock file stays, as the
+  daemon leaves it: removing it could let two daemons lock two different files). DIR is created
+  (mode 0700) when missing. `restore_database` checks a copy of FILE as the daemon does at start
+  before it replaces `config.db`; a refused FILE leaves the database as it was. The ring seq and
+  boot id files in DIR stay: they must never go back. Prints `DIR/config.db: restored from FILE,
+  N entries, version V`.
 
 Any failure exits 1 with one line per problem and no traceback; usage mistakes exit 2 (argparse).
 """
@@ -20,12 +31,24 @@ Any failure exits 1 with one line per problem and no traceback; usage mistakes e
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pmxfs.core.entry import ROOT_INODE, Entry
-from pmxfs.runtime.database import Database, DatabaseError, LoadedTree
+from pmxfs.core.errors import LocalError
+from pmxfs.runtime.database import (
+    DB_NAME,
+    Database,
+    DatabaseError,
+    LoadedTree,
+    restore_database,
+)
+from pmxfs.runtime.durable_file import fsync_directory
+
+LOCK_NAME = "pmxfs.lock"  # the daemon's lock file in its data directory (runtime/daemon.py)
 
 DUMP_FORMAT = """\
 output format (stable; fields separated by one TAB):
@@ -41,18 +64,20 @@ type: dir or file. size: bytes of content (0 for a directory). version: the glob
 
 
 def configure(db: argparse.ArgumentParser) -> None:
-    """Fill in `pmxfs db` (see `pmxfs.cli`), with its `check`, `dump` and `backup`
+    """Fill in `pmxfs db` (see `pmxfs.cli`), with its `check`, `dump`, `backup` and `restore`
     subcommands."""
     raw = argparse.RawDescriptionHelpFormatter
     db.description = """\
 Offline tools for a node's database, DIR/config.db, where DIR is the daemon's --data-dir
-(/var/lib/pmxfs unless it was given another). The database is opened read-only, so they are
-safe while the daemon runs, and they check it as the daemon does at start."""
+(/var/lib/pmxfs unless it was given another). They check the database as the daemon does at
+start. check, dump and backup open it read-only, so they are safe while the daemon runs; restore
+replaces it, and refuses while a daemon uses DIR."""
     db.epilog = """\
 examples:
   pmxfs db check /var/lib/pmxfs
   pmxfs db dump /var/lib/pmxfs | grep qemu-server
-  pmxfs db backup /var/lib/pmxfs /root/config.db.backup"""
+  pmxfs db backup /var/lib/pmxfs /root/config.db.backup
+  pmxfs db restore /var/lib/pmxfs /root/config.db.backup   # with the daemon stopped"""
     db.formatter_class = raw
     commands = db.add_subparsers(dest="db_command", metavar="SUBCOMMAND", required=True)
     check = commands.add_parser(
@@ -84,6 +109,28 @@ by `pmxfs db check`, so a backup always loads.""",
     backup.add_argument("dir", metavar="DIR", help="the data directory holding config.db")
     backup.add_argument("file", metavar="FILE", help="where to write the copy (must not exist)")
     backup.set_defaults(handler=run_backup)
+    restore = commands.add_parser(
+        "restore", help="replace DIR/config.db by a backup (with the daemon stopped)",
+        description="""\
+Replace DIR/config.db by the database in FILE: what `pmxfs db backup` wrote, or an SQL dump
+(gzip) such as the DIR/backup/config-TIME.sql.gz a join leaves. FILE is checked as the daemon
+checks its database at start before anything changes: a damaged or foreign FILE is refused and
+DIR/config.db stays as it was. The daemon must be stopped: the restore refuses while one uses
+DIR, and no daemon can start on DIR until it is done. DIR is created when missing (its parent
+must exist). The node's other files in DIR (ring seq, boot id) are kept as they are.
+
+Re-installing a node: `pmxfs db backup` before, restore after the re-install, then start the
+daemon: the node rejoins the cluster as itself.""",
+        epilog="examples:\n"
+               "  systemctl stop pmxfs\n"
+               "  pmxfs db restore /var/lib/pmxfs /root/config.db.backup\n"
+               "  pmxfs db restore /var/lib/pmxfs /var/lib/pmxfs/backup/config-1714564800.sql.gz",
+        formatter_class=raw)
+    restore.add_argument("dir", metavar="DIR", help="the data directory whose config.db to "
+                                                    "replace")
+    restore.add_argument("file", metavar="FILE",
+                         help="an SQLite database (from `db backup`) or a gzip'd SQL dump")
+    restore.set_defaults(handler=run_restore)
 
 
 def _report(exc: DatabaseError) -> int:
@@ -127,6 +174,61 @@ def run_backup(args: argparse.Namespace) -> int:
     count = sum(1 for e in tree.entries if e.inode != ROOT_INODE)
     print(f"{db.path}: copied to {args.file}, {count} entries, version {tree.version}")
     return 0
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    """Handler of `pmxfs db restore`; returns the exit status."""
+    data_dir, source = Path(args.dir), Path(args.file)
+    try:
+        _make_data_dir(data_dir)
+        lock_fd = _lock_data_dir(data_dir)
+    except LocalError as exc:
+        print(f"pmxfs: {exc}", file=sys.stderr)
+        return 1
+    try:
+        tree = restore_database(data_dir, source)
+    except DatabaseError as exc:
+        return _report(exc)
+    finally:
+        os.close(lock_fd)
+    count = sum(1 for e in tree.entries if e.inode != ROOT_INODE)
+    print(f"{data_dir / DB_NAME}: restored from {source}, {count} entries, version {tree.version}")
+    return 0
+
+
+def _make_data_dir(data_dir: Path) -> None:
+    """Create `data_dir` (mode 0700; not its parent) unless it exists."""
+    try:
+        data_dir.mkdir(mode=0o700)
+        fsync_directory(data_dir.parent)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise LocalError(f"cannot create {data_dir}: {exc.strerror or exc}") from None
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """The daemon's lock on `data_dir`, taken without waiting (LocalError naming the daemon when
+    one holds it); closing the returned descriptor releases it."""
+    path = data_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LocalError(f"cannot use data directory {data_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise LocalError(f"a pmxfs daemon (pid {holder}) is using {data_dir}: stop it first"
+                         ) from None
+    except OSError as exc:
+        os.close(fd)
+        raise LocalError(f"cannot lock {path}: {exc.strerror or exc}") from None
+    os.ftruncate(fd, 0)  # as the daemon does: the holder's pid, for whoever finds it locked
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
 
 
 def dump_lines(tree: LoadedTree) -> list[str]:

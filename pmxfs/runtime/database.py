@@ -29,28 +29,62 @@ create the usual empty `-wal`/`-shm` companions of a WAL database, but never cha
 
 A `Database` is used by one caller at a time; it may be handed to a worker thread
 (`check_same_thread=False`) but is not safe for concurrent use.
+
+SQL dumps. `dump_sql_gz` writes what `sqlite3 config.db .dump | gzip` writes (`iterdump`), from a
+read-only connection of its own inside one read transaction: a consistent snapshot, taken in any
+thread while the daemon commits on its own connection. `backup_before_join` puts one at
+`<data dir>/backup/config-<unix time>.sql.gz` before a join replaces the tree, as `pvecm add`
+does. Like `backup`, a dump goes to a temporary file, is fsynced and hard-linked to its name.
+
+Restores. `restore_database` takes what `backup` wrote (an SQLite file) or an SQL dump (gzip),
+told apart by their first bytes, never by the name. It builds the database in a scratch directory
+inside the data directory, opens and loads it with `Database.open` and `load` (exactly the
+daemon's checks at start), and only then puts it in place: the stale `-wal`, `-shm` and
+`-journal` companions of the old `config.db` are removed first (SQLite would apply an old log to
+the new file), then the new file is renamed over `config.db` and the directory fsynced. Anything
+refused leaves the data directory as it was; a crash between the removal and the rename leaves the
+old `config.db` without its log, and running the restore again completes it. The per-node files
+beside the database (ring seq, boot id) are never touched: they must only ever grow. An SQL dump
+is run with an authorizer that lets it do nothing but create and fill pmxfs's tables (no ATTACH,
+no other table, no trigger), and is read whole, up to `MAX_DUMP_BYTES` of text. An SQLite source
+is copied byte for byte, so a `-wal` beside it that holds changes is refused rather than missed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
+import io
 import os
 import secrets
+import shutil
 import sqlite3
+import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from pmxfs.core.entry import ROOT_INODE, Entry, EntryType
 from pmxfs.core.errors import StoredStateError
-from pmxfs.core.memdb import check_tree
+from pmxfs.core.memdb import MAX_ENTRIES, MAX_TOTAL_BYTES, check_tree
 from pmxfs.core.persist import Persist
+from pmxfs.runtime.durable_file import fsync_directory
 
 DB_NAME = "config.db"
 PMXCFS_VERSION_NAME = "__version__"  # pmxcfs's name for the row that holds the global version
 SHOWN_PROBLEMS = 3  # problems spelled out in the one-line message; the rest are counted
 JOURNAL_SIZE_LIMIT = 16 << 20  # a large transaction (a full resync) does not leave a huge WAL
+BACKUP_DIR_NAME = "backup"  # <data dir>/backup/config-<unix time>.sql.gz, as pvecm add names them
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+GZIP_MAGIC = b"\x1f\x8b"
+# The most SQL text a restore reads from a dump: the tree's limits with every byte of data written
+# as two hex digits, and a generous KiB per row for its numbers, name and quoting.
+MAX_DUMP_BYTES = 2 * MAX_TOTAL_BYTES + MAX_ENTRIES * 1024
+_RESTORE_COMPANIONS = ("-wal", "-shm", "-journal")  # SQLite files that belong to one database
 
 # pmxcfs's statement, verbatim in meaning: "INTEGER PRIMARY KEY" makes inode the rowid.
 _CREATE_TREE = (
@@ -249,6 +283,47 @@ class Database:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
+    def dump_sql_gz(self, dest: Path) -> None:
+        """The database as gzip'd SQL text at `dest` (which must not exist), as `sqlite3
+        config.db .dump | gzip` writes it; from one read transaction of a read-only connection
+        of its own (so any thread may call it while this Database commits); written to a
+        temporary file, fsynced and then hard-linked to `dest` (module comment)."""
+        dest = Path(dest)
+        if os.path.lexists(dest):
+            raise DatabaseError(dest, ["exists; a backup never replaces a file"])
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                with open(fd, "wb") as raw:
+                    self._write_sql_gz(raw, dest.name)
+                    raw.flush()
+                    os.fsync(raw.fileno())
+                os.link(tmp, dest)
+                _fsync_path(dest.parent)
+            except FileExistsError:
+                raise DatabaseError(dest, ["exists; a backup never replaces a file"]) from None
+            except (OSError, sqlite3.Error) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise DatabaseError(dest, [f"cannot write the dump: {reason}"]) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def _write_sql_gz(self, raw: BinaryIO, name: str) -> None:
+        conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+                               isolation_level=None)
+        try:
+            conn.execute("BEGIN")  # one snapshot for every query iterdump makes
+            packed = gzip.GzipFile(filename=name, mode="wb", fileobj=raw)
+            with io.TextIOWrapper(packed, encoding="utf-8", newline="\n") as text:
+                for statement in conn.iterdump():
+                    text.write(statement)
+                    text.write("\n")
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
     def close(self) -> None:
         self._conn.close()
 
@@ -413,3 +488,169 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def backup_before_join(data_dir: Path, database: Database, now: int) -> Path:
+    """`pvecm add`'s copy of the joining node's database: an SQL dump of `database` at
+    `<data_dir>/backup/config-<now>.sql.gz` (`now` in seconds since the epoch), the directory
+    created with mode 0700 when missing; returns the path of the dump."""
+    directory = Path(data_dir) / BACKUP_DIR_NAME
+    try:
+        directory.mkdir(mode=0o700)
+        fsync_directory(directory.parent)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DatabaseError(directory, [f"cannot create: {exc.strerror or exc}"]) from None
+    dest = directory / f"config-{now}.sql.gz"
+    database.dump_sql_gz(dest)
+    return dest
+
+
+def restore_database(data_dir: Path, source: Path) -> LoadedTree:
+    """Replace `data_dir/config.db` by the database in `source` (what `Database.backup` or
+    `dump_sql_gz` wrote), once a copy of it passed every check of the daemon's start; returns
+    its tree. Refused (DatabaseError, `data_dir` unchanged) when it does not (module comment).
+    The caller makes sure no daemon uses `data_dir` meanwhile."""
+    data_dir, source = Path(data_dir), Path(source)
+    is_dump = _is_sql_dump(source)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=data_dir))
+    except OSError as exc:
+        raise DatabaseError(data_dir / DB_NAME, [f"cannot restore: {exc.strerror or exc}"]
+                            ) from None
+    try:
+        staged = staging / DB_NAME
+        try:
+            if is_dump:
+                _build_from_dump(source, staged)
+            else:
+                _copy_database(source, staged)
+            _fsync_path(staged)
+        except (OSError, sqlite3.Error) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise DatabaseError(source, [f"cannot copy into {data_dir}: {reason}"]) from None
+        try:
+            with Database.open(staging) as checked:
+                tree = checked.load()
+        except DatabaseError as exc:
+            raise DatabaseError(source, exc.problems) from None
+        try:
+            _put_in_place(staged, data_dir / DB_NAME)
+        except OSError as exc:
+            raise DatabaseError(data_dir / DB_NAME, [f"cannot replace: {exc.strerror or exc}"]
+                                ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return tree
+
+
+def _is_sql_dump(source: Path) -> bool:
+    """True for a gzip file (an SQL dump), False for an SQLite database; refuses the rest."""
+    try:
+        with open(source, "rb") as file:
+            head = file.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise DatabaseError(source, [f"cannot open: {exc.strerror or exc}"]) from None
+    if head == SQLITE_MAGIC:
+        return False
+    if head.startswith(GZIP_MAGIC):
+        return True
+    raise DatabaseError(source, ["neither an SQLite database nor a gzip'd SQL dump"])
+
+
+def _copy_database(source: Path, staged: Path) -> None:
+    wal = source.with_name(f"{source.name}-wal")
+    with contextlib.suppress(FileNotFoundError):
+        if wal.stat().st_size:
+            raise DatabaseError(source, [f"its write-ahead log {wal} holds changes that a copy "
+                                         "would miss: copy it with `pmxfs db backup` first"])
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as copy, open(source, "rb") as original:
+        shutil.copyfileobj(original, copy)
+
+
+def _build_from_dump(source: Path, staged: Path) -> None:
+    """Run the SQL text of `source` into a new database at `staged`, allowed to do nothing but
+    create and fill pmxfs's tables."""
+    text = _read_dump(source)
+    _new_file(staged)
+    conn = sqlite3.connect(f"{staged.absolute().as_uri()}?mode=rw", uri=True,
+                           isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = OFF")  # a scratch file: fsynced once, at the end
+        refused: list[str] = []
+        conn.set_authorizer(functools.partial(_authorize_dump, refused))
+        try:
+            conn.executescript(text)
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: a NUL character in the text
+            problem = refused[0] if refused else f"cannot run the SQL dump: {exc}"
+            raise DatabaseError(source, [problem]) from None
+        if conn.in_transaction:
+            raise DatabaseError(source, ["the SQL dump ends inside a transaction (cut short?)"])
+    finally:
+        conn.close()
+
+
+def _read_dump(source: Path) -> str:
+    try:
+        with gzip.open(source, "rb") as packed:
+            raw = packed.read(MAX_DUMP_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatabaseError(source, [f"not a readable gzip file: {exc}"]) from None
+    if len(raw) > MAX_DUMP_BYTES:
+        raise DatabaseError(source, [f"more than {MAX_DUMP_BYTES >> 20} MiB of SQL text: larger "
+                                     "than the dump of any pmxfs database"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatabaseError(source, [f"not an SQL dump: byte {exc.start} of its text is not "
+                                     "UTF-8"]) from None
+
+
+_DUMP_TABLES = frozenset({"tree", "pmxfs_meta"})
+_SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema"})  # CREATE TABLE writes there
+# typeof: the CHECKs of pmxcfs's table; replace, char, unistr: how the sqlite3 shell quotes text
+_DUMP_FUNCTIONS = frozenset({"typeof", "replace", "char", "unistr"})
+_AUTHORIZER_ACTIONS = {getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ") for name in (
+    "ALTER_TABLE", "ANALYZE", "ATTACH", "CREATE_INDEX", "CREATE_TABLE", "CREATE_TEMP_INDEX",
+    "CREATE_TEMP_TABLE", "CREATE_TEMP_TRIGGER", "CREATE_TEMP_VIEW", "CREATE_TRIGGER",
+    "CREATE_VIEW", "CREATE_VTABLE", "DELETE", "DETACH", "DROP_INDEX", "DROP_TABLE",
+    "DROP_TEMP_INDEX", "DROP_TEMP_TABLE", "DROP_TEMP_TRIGGER", "DROP_TEMP_VIEW", "DROP_TRIGGER",
+    "DROP_VIEW", "DROP_VTABLE", "FUNCTION", "INSERT", "PRAGMA", "READ", "RECURSIVE", "REINDEX",
+    "SAVEPOINT", "SELECT", "TRANSACTION", "UPDATE")}
+
+
+def _authorize_dump(refused: list[str], action: int, arg1: str | None, arg2: str | None,
+                    db_name: str | None, _trigger: str | None) -> int:
+    """SQLite's authorizer for a dump being run: what `iterdump` and the sqlite3 shell's
+    `.dump` write for pmxfs's tables, and nothing else; the first refusal is noted."""
+    allowed = db_name in (None, "main") and (
+        action == sqlite3.SQLITE_TRANSACTION
+        or (action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() == "foreign_keys")
+        or (action == sqlite3.SQLITE_CREATE_TABLE and arg1 in _DUMP_TABLES)
+        or (action == sqlite3.SQLITE_CREATE_INDEX and arg2 in _DUMP_TABLES
+            and (arg1 or "").startswith("sqlite_autoindex_"))  # a TEXT PRIMARY KEY's index
+        or (action in (sqlite3.SQLITE_INSERT, sqlite3.SQLITE_READ)
+            and (arg1 in _DUMP_TABLES or arg1 in _SCHEMA_TABLES))
+        or (action == sqlite3.SQLITE_UPDATE and arg1 in _SCHEMA_TABLES)
+        or (action == sqlite3.SQLITE_FUNCTION and arg2 in _DUMP_FUNCTIONS))
+    if allowed:
+        return sqlite3.SQLITE_OK
+    if not refused:
+        what = " ".join([_AUTHORIZER_ACTIONS.get(action, f"SQLite action {action}"),
+                         *(repr(arg) for arg in (arg1, arg2) if arg is not None)])
+        refused.append("not a pmxfs/pmxcfs SQL dump: it does more than create and fill the "
+                       f"tables tree and pmxfs_meta ({what})")
+    return sqlite3.SQLITE_DENY
+
+
+def _put_in_place(staged: Path, target: Path) -> None:
+    """Rename `staged` over `target` once no log of the old database is left beside it."""
+    for suffix in _RESTORE_COMPANIONS:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{target}{suffix}")
+    fsync_directory(target.parent)  # the old logs are gone for good before the new file appears
+    os.replace(staged, target)
+    fsync_directory(target.parent)
