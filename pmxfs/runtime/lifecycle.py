@@ -172,6 +172,17 @@ class Lifecycle:
 
     async def add(self, host: str | None, token_text: str, *, link0: str | None,
                   nodeid: int | None, votes: int, force: bool) -> dict[str, Any]:
+        """Join (module header); a failure is logged here too -- the member may never have
+        heard of it (a wrong fingerprint sends nothing)."""
+        try:
+            return await self._add(host, token_text, link0=link0, nodeid=nodeid, votes=votes,
+                                   force=force)
+        except LifecycleError as exc:
+            await self._log_refusal(f"joining a cluster failed: {exc}")
+            raise
+
+    async def _add(self, host: str | None, token_text: str, *, link0: str | None,
+                   nodeid: int | None, votes: int, force: bool) -> dict[str, Any]:
         self._require_standalone()
         try:
             token = decode_token(token_text)

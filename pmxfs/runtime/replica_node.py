@@ -40,6 +40,7 @@ The node also answers the FUSE layer (`FsNode`) and the control socket (`Control
 
 from __future__ import annotations
 
+import dataclasses
 import errno as E
 import functools
 import logging
@@ -366,7 +367,8 @@ class ReplicaNode:
             return {"node_id": st.node_id, "state": st.state.value,
                     "ring_id": f"{st.ring_id.rep}.{st.ring_id.seq}", "members": list(st.members),
                     "seq": st.seq, "aru": st.aru, "pending_messages": st.pending_messages,
-                    "counters": st.counters}
+                    "counters": st.counters,
+                    "params": dataclasses.asdict(self.replica.totem.params)}
         if topic == "transport":
             return dict(self.transport.counters)
         if topic == "quorum":
