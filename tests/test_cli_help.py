@@ -12,14 +12,18 @@ import pytest
 from pmxfs import cli
 from pmxfs.cli import main
 from pmxfs.commands import (
+    add,
     config_check,
     control,
+    create,
     daemon,
     db,
     debug,
     debug_cpg,
+    delnode,
     demo,
     expected,
+    join_token,
     keygen,
     log,
     nodes,
@@ -27,11 +31,12 @@ from pmxfs.commands import (
 )
 
 COMMANDS = [(), ("daemon",), ("demo",), ("status",), ("nodes",), ("expected",), ("log",),
+            ("create",), ("join-token",), ("add",), ("delnode",),
             ("keygen",), ("config",), ("config", "check"), ("db",), ("db", "check"),
-            ("db", "dump"), ("db", "backup"), ("debug",), ("debug", "cpg"),
+            ("db", "dump"), ("db", "backup"), ("db", "restore"), ("debug",), ("debug", "cpg"),
             *(("debug", topic) for topic in debug.DEBUG_TOPICS)]
-MODULES = [cli, config_check, control, daemon, db, debug, debug_cpg, demo, expected, keygen, log,
-           nodes, status]
+MODULES = [add, cli, config_check, control, create, daemon, db, debug, debug_cpg, delnode, demo,
+           expected, join_token, keygen, log, nodes, status]
 DAEMON_DEFAULTS = ["/etc/pmxfs/corosync.conf", "/etc/pmxfs/authkey", "/etc/pve",
                    "/var/lib/pmxfs", "/run/pmxfs"]
 
