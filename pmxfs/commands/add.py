@@ -26,7 +26,8 @@ and the VMIDs of its guest configs. The member refuses a name, address or node i
 use and VMIDs that exist in the cluster (naming them). Otherwise it adds this node to
 corosync.conf and answers with it and the authkey; this node backs up its database to
 DATA_DIR/backup/config-<unix time>.sql.gz, writes both files, switches to the cluster without
-unmounting and takes the cluster's tree. Then it waits for quorum.""" + ASKS_THE_DAEMON
+unmounting, takes the cluster's tree and puts its own guest configs into it. Then it waits for
+quorum.""" + ASKS_THE_DAEMON
     add.epilog = """\
 examples:
   pmxfs add 10.0.0.1 --token pmxfs-join-1:...

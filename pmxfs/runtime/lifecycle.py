@@ -22,8 +22,9 @@ How it works
   the token used (an exclusive create through the ring: of two concurrent uses exactly one wins),
   writes corosync.conf with the new node (config_version + 1; if that fails the token is given
   back) and answers with the corosync.conf and the authkey. The joiner backs up its database
-  (`<data-dir>/backup/config-<unix time>.sql.gz`), writes the two files, and attaches with an
-  empty tree, which the cluster's sync fills.
+  (`<data-dir>/backup/config-<unix time>.sql.gz`), writes the two files, attaches with an
+  empty tree, which the cluster's sync fills, and once quorate writes its guest configs into
+  it (their VMIDs were checked, so nothing of the cluster's is replaced).
 * `delnode`: refuses this node itself and a node that is in the ring ("power it off first"),
   else writes corosync.conf without it (config_version + 1). Every member's totem and transport
   drop the node from then on; `nodes/NAME` stays, as pvecm leaves it.
@@ -49,6 +50,7 @@ import trio
 
 from pmxfs.core import conf
 from pmxfs.core.conf import edit
+from pmxfs.core.entry import guest_config
 from pmxfs.core.errors import LocalError
 from pmxfs.core.fsop import CreateFile, FsOp, Mkdir, Unlink, WriteFile
 from pmxfs.core.join_limit import FailureLimiter
@@ -87,6 +89,7 @@ AUTHKEY_BYTES = 256
 WRITABLE_TIMEOUT_S = 30.0  # how long a lifecycle command waits for a quorate, synced tree
 LISTEN_TIMEOUT_S = 5.0  # join-token: how long it waits for the join service to listen
 JOIN_TIMEOUT_S = 30.0  # add: the whole exchange with the member
+GUESTS_TIMEOUT_S = 90.0  # add: how long the joiner waits for quorum to put its guests back
 JOIN_WORK_TIMEOUT_S = 10.0  # the member's work on one join (within join_tls's deadline)
 
 
@@ -213,10 +216,34 @@ class Lifecycle:
             raise LifecycleError(f"cannot back up this node's database before joining: {exc}; "
                                  f"the cluster already lists {self.node.node_name}: run `pmxfs "
                                  "add --force` again, or `pmxfs delnode` on a member") from None
+        guests = self._guest_configs()
         await self._become_member(config, my_id, text, authkey, wipe=True)
         log.info("joined cluster %s as node %d; the old database is backed up in %s",
                  config.cluster_name, my_id, backup)
+        await self._bring_guests(guests, backup)
         return {"cluster": config.cluster_name, "nodeid": my_id, "backup": str(backup)}
+
+    def _guest_configs(self) -> list[tuple[str, bytes]]:
+        """This node's guest configs (their VMIDs were checked against the cluster's)."""
+        memdb = self.node.memdb
+        return [(path, entry.data) for entry in memdb.entries()
+                if guest_config(path := memdb.path_of(entry.inode)) is not None]
+
+    async def _bring_guests(self, guests: list[tuple[str, bytes]], backup: Path) -> None:
+        """Put this node's guest configs into the cluster's tree, which replaced its own."""
+        if not guests:
+            return
+        if not await self.node.wait_writable(GUESTS_TIMEOUT_S):
+            raise LifecycleError(f"joined, but no quorum within {GUESTS_TIMEOUT_S:g} s to put "
+                                 f"this node's {len(guests)} guest config(s) back: they are in "
+                                 f"{backup}")
+        for path, data in guests:
+            try:
+                await self._put(path, data)
+            except LifecycleError as exc:
+                log.error("cannot put guest config %s back after the join (%s); it is in %s",
+                          path, exc, backup)
+        log.info("put %d guest config(s) of this node into the cluster's tree", len(guests))
 
     # ------------------------------------------------------------------ delnode
 
