@@ -674,6 +674,9 @@ class ReplicaNode:
             await waiter.done.wait()
         finally:
             del self._waiters[request]
+            if not self._waiters:  # an attach waits for this
+                self._room.set()
+                self._room = trio.Event()
         if waiter.reply is None:  # woken by the node stopping
             self._check_running()
         assert waiter.reply is not None
