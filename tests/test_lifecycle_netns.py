@@ -35,10 +35,10 @@ from lifecycle_harness import (
 
 from pmxfs.core.join_token import decode_token, encode_token
 
-pytestmark = [pytest.mark.netns, pytest.mark.root]
+pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.fuse]
 
 EXPIRING_TTL_S = 10  # the shortest TTL `join-token` accepts
-RATE_LIMIT = 5  # failed joins from one source within 60 s before the member stops listening
+RATE_LIMIT = 5  # failed joins from one source within 60 s; the member refuses it after that
 QUIET_S = 3.0  # how long a removed node is watched not disturbing the ring
 LOAD_AFTER_JOIN = 20  # acknowledged writes each writer makes once the fourth node is in
 
