@@ -1,7 +1,10 @@
-"""`pmxfs demo`: the generated cluster (config, addresses, port, timers, demo.json), the choice of
-free addresses, the preparation of its directory (reuse, refusals) and argument errors, all
-without starting a daemon; then end-to-end runs with real daemons and FUSE mounts (root and
-/dev/fuse, skipped otherwise), one of them while its default addresses are in use.
+"""`pmxfs demo`: the planned cluster (config, addresses, port, timers, demo.json) and that create,
+the demo's timers and the adds build exactly it, the choice of free addresses (the join port
+included), the preparation of its directory (a new one, reuse, an unfinished build, refusals),
+a failed step and argument errors, all without starting a daemon; then end-to-end runs with real
+daemons and FUSE mounts (root and /dev/fuse, skipped otherwise): a new DIR built with create and
+add and a second run that reuses it, a failed create, and a run while its default addresses are
+in use.
 
 No test runs or binds the demo's defaults (127.0.0.11... on port 5405): the suite passes while
 a `pmxfs demo` runs on this machine."""
@@ -29,9 +32,11 @@ from cpg_harness import PORT_RANGE, random_port, wait_until
 from pmxfs.cli import build_parser, main
 from pmxfs.commands import daemon, demo
 from pmxfs.core import conf
+from pmxfs.core.conf import edit
+from pmxfs.core.join_token import JOIN_PORT
 
 NODE_KEYS = {"name", "nodeid", "pid", "argv", "config", "authkey", "data_dir", "run_dir", "mount"}
-END_TO_END_TIMEOUT_S = 60.0
+SLACK_S = 30.0  # beyond the demo's own start deadline: the demo reports first
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str], list[str]]:
@@ -43,10 +48,21 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[s
 # ---------------------------------------------------------------------------- the plan
 
 
+def seed(plan: demo.DemoPlan, count: int | None = None) -> str:
+    """Write the corosync.conf of a cluster of the plan's first `count` nodes (all by default)
+    into each of their homes, as an earlier run (or tools/bench_fs.py) leaves them; the text."""
+    count = len(plan.nodes) if count is None else count
+    text = conf.render(demo.cluster_config(count, plan.port, plan.subnet))
+    for node in plan.nodes[:count]:
+        node.home.mkdir(parents=True, exist_ok=True)
+        node.config.write_text(text)
+    return text
+
+
 @pytest.mark.parametrize("count", [1, 3, 5, demo.MAX_NODES])
-def test_generated_config_passes_the_check(tmp_path: Path, count: int) -> None:
-    plan = demo.plan_demo(count, tmp_path / "d")
-    result = conf.check(plan.config_text)
+def test_planned_config_passes_the_check(tmp_path: Path, count: int) -> None:
+    demo.plan_demo(count, tmp_path / "d")
+    result = conf.check(conf.render(demo.cluster_config(count)))
     problems = [str(e) for e in result.errors + result.warnings]
     assert result.ok, problems
     assert not result.warnings, problems
@@ -61,6 +77,49 @@ def test_generated_config_passes_the_check(tmp_path: Path, count: int) -> None:
     assert params.consensus == 1200
     assert params.hold < params.token_retransmit < params.token
     assert not (tmp_path / "d").exists()  # planning touches nothing
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, demo.MAX_NODES])
+def test_create_timers_and_adds_build_the_planned_cluster(count: int) -> None:
+    """What `pmxfs create`, the demo's timers and `pmxfs add` write, node by node (the same
+    edits of corosync.conf the daemons make), is the planned cluster."""
+    port = 6000
+    planned = demo.cluster_config(count, port, subnet=4)
+    first = planned.node_infos()[0]
+    text = edit.new_cluster(demo.CLUSTER_NAME, first.name, first.nodeid, 1, first.addr,
+                            port=port)
+    text = demo.with_demo_timers(text)
+    for info in planned.node_infos()[1:]:
+        text, nodeid = edit.with_node(text, info.name, info.addr, nodeid=info.nodeid)
+        assert nodeid == info.nodeid
+    built = conf.check(text).config
+    assert built is not None
+    assert built.config_version == count + 1  # create, the timers, one per add
+    assert (built.cluster_name, built.transport, built.port) == (
+        planned.cluster_name, planned.transport, planned.port)
+    assert [(i.name, i.nodeid, i.addr, i.votes) for i in built.node_infos()] == [
+        (i.name, i.nodeid, i.addr, i.votes) for i in planned.node_infos()]
+    assert conf.totem_params(built) == conf.totem_params(planned)
+    assert conf.totem_params(built).token == demo.TOKEN_MS
+
+
+def test_the_demo_timers_are_an_update_the_tree_takes() -> None:
+    created = edit.new_cluster("demo", "node1", 1, 1, "127.0.9.11", port=6000)
+    assert conf.totem_params(conf.parse(created)).token == 3000  # corosync's default
+    timed = demo.with_demo_timers(created)
+    result = conf.check(timed, current=conf.parse(created))
+    assert result.ok, result.errors
+    assert result.config is not None
+    assert result.config.config_version == 2
+    assert (result.config.totem.token, result.config.totem.token_coefficient) == (1000, 0)
+    with pytest.raises(demo.DemoError, match="not valid"):
+        demo.with_demo_timers("totem {")
+
+
+def test_start_deadline_grows_with_the_steps() -> None:
+    assert demo.start_timeout(0) == demo.START_TIMEOUT_S
+    assert demo.start_timeout(3) == demo.START_TIMEOUT_S + 3 * demo.STEP_TIMEOUT_S
+    assert demo.start_timeout(demo.MAX_NODES) < 600  # bounded
 
 
 def test_plan_paths_and_argv(tmp_path: Path) -> None:
@@ -142,9 +201,8 @@ def test_ready_means_every_node_online_and_quorate() -> None:
 
 def test_plan_on_another_port_and_subnet(tmp_path: Path) -> None:
     plan = demo.plan_demo(2, tmp_path, port=6000, subnet=7)
-    config = conf.parse(plan.config_text)
-    assert config.port == 6000 == plan.port
-    assert [i.addr for i in config.node_infos()] == ["127.0.7.11", "127.0.7.12"]
+    assert plan.port == 6000
+    assert [n.addr for n in plan.nodes] == ["127.0.7.11", "127.0.7.12"]
     assert plan.addresses == "127.0.7.11 to 127.0.7.12, port 6000"
     assert demo.plan_demo(1, tmp_path, port=6000).addresses == "127.0.0.11, port 6000"
 
@@ -164,7 +222,6 @@ def test_free_addresses_are_picked_when_the_defaults_are_in_use(tmp_path: Path) 
         plan, note = demo.settle_network(demo.plan_demo(3, tmp_path), port)
     assert (plan.port, plan.subnet) == (port, 1)
     assert [n.addr for n in plan.nodes] == ["127.0.1.11", "127.0.1.12", "127.0.1.13"]
-    assert "127.0.1.11" in plan.config_text
     assert note == (f"127.0.0.11 to 127.0.0.13, port {port} are in use (another demo?), so "
                     f"this demo uses 127.0.1.11 to 127.0.1.13, port {port}.")
     assert demo.settle_network(demo.plan_demo(3, tmp_path), port) == (
@@ -182,10 +239,27 @@ def test_another_port_when_no_address_is_free_on_the_first(tmp_path: Path) -> No
             demo.free_network(2, tmp_path, [first, second], subnets=[0, 1])
 
 
+def test_the_join_port_must_be_free_too(tmp_path: Path) -> None:
+    """Each node's join service listens on TCP 5406 of its own address: an address where that
+    port is taken is not used (a subnet the demo's defaults never use)."""
+    port, subnet = random_port(), random.randrange(100, 250)
+    plan = demo.plan_demo(2, tmp_path, port, subnet)
+    assert demo.bindable(plan)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind((plan.nodes[1].addr, JOIN_PORT))
+        listener.listen()
+        assert not demo.bindable(plan)
+        settled = demo.free_network(2, tmp_path, [port], subnets=[subnet, subnet + 1])
+        assert settled.subnet == subnet + 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind((plan.nodes[0].addr, JOIN_PORT))  # UDP 5406 is not the join service's
+        assert demo.bindable(plan)
+
+
 def test_a_dir_keeps_its_addresses_and_port(tmp_path: Path) -> None:
     port = random_port()
     made = demo.plan_demo(2, tmp_path, port, subnet=3)
-    demo.prepare(made)
+    seed(made)
     assert demo.existing_network(tmp_path) == (port, 3)
     assert demo.settle_network(demo.plan_demo(2, tmp_path), None) == (made, "")
     assert demo.settle_network(demo.plan_demo(2, tmp_path), port) == (made, "")
@@ -212,16 +286,32 @@ def test_guide_says_why_the_addresses_are_not_the_defaults(tmp_path: Path) -> No
 # ---------------------------------------------------------------------------- the directory
 
 
-def test_prepare_creates_the_layout(tmp_path: Path) -> None:
+def test_prepare_makes_a_new_dir_with_directories_only(tmp_path: Path) -> None:
+    """A new DIR gets no config and no key: its daemons start standalone, and create and add
+    make the cluster."""
     plan = demo.plan_demo(3, tmp_path / "d")
+    demo.prepare(plan)
+    assert demo.existing_cluster(plan) is None
+    for node in plan.nodes:
+        assert not node.config.exists()
+        assert not node.authkey.exists()
+        for sub in (node.data_dir, node.run_dir, node.mount):
+            assert sub.is_dir()
+    assert stat.S_IMODE(plan.nodes[0].data_dir.stat().st_mode) == 0o700
+
+
+def test_prepare_gives_every_node_the_cluster_files(tmp_path: Path) -> None:
+    """A DIR holding the cluster's config (tools/bench_fs.py writes only configs): every node
+    gets the config and one authkey."""
+    plan = demo.plan_demo(3, tmp_path / "d")
+    text = seed(plan)
+    plan.nodes[2].config.unlink()
     demo.prepare(plan)
     keys = set()
     for node in plan.nodes:
-        assert node.config.read_text() == plan.config_text
+        assert node.config.read_text() == text
         assert stat.S_IMODE(node.authkey.stat().st_mode) == 0o400
         keys.add(node.authkey.read_bytes())
-        for sub in (node.data_dir, node.run_dir, node.mount):
-            assert sub.is_dir()
         assert not any(p.name.endswith(".tmp") for p in node.home.iterdir())
     assert len(keys) == 1
     assert len(next(iter(keys))) == 256
@@ -229,11 +319,11 @@ def test_prepare_creates_the_layout(tmp_path: Path) -> None:
 
 def test_prepare_again_reuses_config_key_and_data(tmp_path: Path) -> None:
     plan = demo.plan_demo(3, tmp_path / "d")
+    text = seed(plan)
     demo.prepare(plan)
     n1, n2, n3 = plan.nodes
     key = n1.authkey.read_bytes()
-    newer = plan.config_text.replace("config_version: 1", "config_version: 2")
-    n1.config.chmod(0o644)
+    newer = text.replace("config_version: 1", "config_version: 2")
     n1.config.write_text(newer)  # as the cluster rewrites it after a change through the tree
     (n2.data_dir / "config.db").write_bytes(b"kept")
     n3.config.unlink()
@@ -245,9 +335,28 @@ def test_prepare_again_reuses_config_key_and_data(tmp_path: Path) -> None:
     assert (n2.data_dir / "config.db").read_bytes() == b"kept"
 
 
+def test_prepare_keeps_an_unfinished_build(tmp_path: Path) -> None:
+    """A build cut short: the cluster lists node1 and node2 (node2's add was answered, but it
+    never wrote its files), node3 never joined. node2 gets the files; node3 stays without, so
+    the run adds it."""
+    plan = demo.plan_demo(3, tmp_path / "d", random_port())
+    demo.prepare(plan)  # all homes, as the first run made them
+    n1, n2, n3 = plan.nodes
+    text = conf.render(demo.cluster_config(2, plan.port))
+    n1.config.write_text(text)
+    n1.authkey.write_bytes(os.urandom(256))
+    demo.prepare(plan)
+    existing = demo.existing_cluster(plan)
+    assert existing == demo.ExistingCluster(text, frozenset({"node1", "node2"}))
+    assert n2.config.read_text() == text
+    assert n2.authkey.read_bytes() == n1.authkey.read_bytes()
+    assert not n3.config.exists()
+    assert not n3.authkey.exists()
+
+
 def test_refuses_a_dir_of_another_node_count(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    demo.prepare(demo.plan_demo(3, tmp_path, random_port()))
+    seed(demo.plan_demo(3, tmp_path, random_port()))
     before = {p: p.read_bytes() for p in tmp_path.glob("node*/*") if p.is_file()}
     code, out, err = run_cli(capsys, "--nodes", "2", "--dir", str(tmp_path))
     assert (code, out) == (1, [])
@@ -257,8 +366,24 @@ def test_refuses_a_dir_of_another_node_count(tmp_path: Path,
     assert not (tmp_path / "node4").exists()
 
 
+@pytest.mark.parametrize("configs", [0, 2])
+def test_refuses_a_smaller_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               configs: int) -> None:
+    """A finished 2-node demo (or a new DIR prepared for 2 nodes) is not grown to 3: only a
+    DIR made for 3 nodes, with all their homes, may hold fewer members while it is built."""
+    plan = demo.plan_demo(2, tmp_path, random_port())
+    demo.prepare(plan)
+    seed(plan, configs)
+    code, out, err = run_cli(capsys, "--nodes", "3", "--dir", str(tmp_path))
+    assert (code, out) == (1, [])
+    assert err == [f"pmxfs: {tmp_path} holds a demo of 2 nodes ({tmp_path}/node2); run with "
+                   "--nodes 2 or use another --dir"]
+    assert not (tmp_path / "node3").exists()
+
+
 def test_refuses_differing_authkeys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plan = demo.plan_demo(2, tmp_path, random_port())
+    seed(plan)
     demo.prepare(plan)
     plan.nodes[1].authkey.unlink()
     plan.nodes[1].authkey.write_bytes(os.urandom(256))
@@ -356,11 +481,21 @@ def runs(pid: int, argv: list[str]) -> bool:
     return cmdline.split(b"\0")[:-1] == [a.encode() for a in argv]
 
 
+def daemons_running(root: Path, count: int) -> list[int]:
+    """The PIDs of processes running exactly the argv of one of the demo's daemons in `root`
+    (its paths are this test's own), whether or not demo.json still names them."""
+    argvs = [node.argv() for node in demo.plan_demo(count, root).nodes]
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [pid for pid in pids if any(runs(pid, argv) for argv in argvs)]
+
+
 class RunningDemo:
     """A `pmxfs demo` process started by a test, its output and the nodes of its demo.json."""
 
-    def __init__(self, root: Path, output: Path, proc: subprocess.Popen[bytes]) -> None:
-        self.root, self.output, self.proc = root, output, proc
+    def __init__(self, root: Path, count: int, output: Path,
+                 proc: subprocess.Popen[bytes]) -> None:
+        self.root, self.count, self.output, self.proc = root, count, output, proc
+        self.timeout_s = demo.start_timeout(count) + SLACK_S
         self.nodes: list[dict[str, Any]] = []
 
     def details(self) -> str:
@@ -374,52 +509,56 @@ class RunningDemo:
                                               f"{self.details()}")
             return load_record(self.root / "demo.json")
 
-        record = wait_until(started, END_TO_END_TIMEOUT_S, "demo.json", self.details)
+        record = wait_until(started, self.timeout_s, "demo.json", self.details)
         self.nodes = record["nodes"]
         assert all(set(n) == NODE_KEYS for n in self.nodes)
         mounts = [Path(n["mount"]) for n in self.nodes]
         wait_until(lambda: all(str(m) in demo.mount_points() and (m / ".members").exists()
                                for m in mounts),
-                   END_TO_END_TIMEOUT_S, "the mounts", self.details)
+                   self.timeout_s, "the mounts", self.details)
         return mounts
 
-    def replicates(self, mounts: list[Path]) -> None:
-        (mounts[0] / "hello").write_text("hi\n")
-        wait_until(lambda: read(mounts[1] / "hello") == "hi\n", END_TO_END_TIMEOUT_S,
+    def replicates(self, mounts: list[Path], text: str = "hi\n") -> None:
+        (mounts[0] / "hello").write_text(text)
+        wait_until(lambda: read(mounts[1] / "hello") == text, self.timeout_s,
                    "node2 to read what node1 wrote", self.details)
 
     def interrupt(self) -> None:
         """SIGINT: every daemon stops, every mount is gone, demo.json too."""
         self.proc.send_signal(signal.SIGINT)
-        assert self.proc.wait(END_TO_END_TIMEOUT_S) == 0, self.details()
-        assert not [n["mount"] for n in self.nodes if n["mount"] in demo.mount_points()]
-        assert not [n["name"] for n in self.nodes if runs(n["pid"], n["argv"])]
+        assert self.proc.wait(self.timeout_s) == 0, self.details()
+        self.assert_all_stopped()
+
+    def assert_all_stopped(self) -> None:
+        assert not [m for m in self.root.glob("node*/mnt") if str(m) in demo.mount_points()]
+        assert daemons_running(self.root, self.count) == []
         assert not (self.root / "demo.json").exists()  # its PIDs are stale now
 
 
 @contextlib.contextmanager
-def running_demo(tmp_path: Path, *args: str) -> Iterator[RunningDemo]:
-    """`pmxfs demo --dir TMP/demo ARGS`; whatever happens, the demo, its daemons and their mounts
-    are gone afterwards."""
+def running_demo(tmp_path: Path, count: int, *args: str,
+                 output: str = "demo.out") -> Iterator[RunningDemo]:
+    """`pmxfs demo --dir TMP/demo --nodes COUNT ARGS`; whatever happens, the demo, its daemons
+    and their mounts are gone afterwards."""
     reason = fuse_unavailable()
     if reason is not None:
         pytest.skip(reason)
     root = tmp_path.resolve() / "demo"  # as the demo and /proc/self/mountinfo name it
-    output = tmp_path / "demo.out"
-    with open(output, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pmxfs", "demo", "--dir", str(root), *args],
+    out_path = tmp_path / output
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pmxfs", "demo", "--dir", str(root),
+                                 "--nodes", str(count), *args],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    running = RunningDemo(root, output, proc)
+    running = RunningDemo(root, count, out_path, proc)
     try:
         yield running
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
-        for node in running.nodes:  # a killed demo leaves its daemons (own sessions) running
-            if runs(node["pid"], node["argv"]):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(node["pid"], signal.SIGKILL)
+        for pid in daemons_running(root, count):  # a killed demo leaves its daemons running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for mount in sorted(root.glob("node*/mnt")):
             if str(mount) in demo.mount_points():
                 subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30,
@@ -428,16 +567,93 @@ def running_demo(tmp_path: Path, *args: str) -> Iterator[RunningDemo]:
 
 @pytest.mark.fuse
 @pytest.mark.root
-def test_demo_end_to_end(tmp_path: Path) -> None:
+def test_demo_builds_its_cluster_and_a_second_run_reuses_it(tmp_path: Path) -> None:
+    """A new DIR: the daemons start standalone, node1 creates the cluster and the others join
+    it with tokens; every corosync.conf is written by a daemon and all are the same. A second
+    run starts the members from those files: nothing is created or joined again, data kept."""
     port = random_port()
-    with running_demo(tmp_path, "--nodes", "3", "--port", str(port)) as running:
-        mounts = running.wait_up()
-        assert [(n["name"], n["nodeid"]) for n in running.nodes] == [
+    with running_demo(tmp_path, 3, "--port", str(port)) as first:
+        mounts = first.wait_up()
+        assert [(n["name"], n["nodeid"]) for n in first.nodes] == [
             ("node1", 1), ("node2", 2), ("node3", 3)]
-        config = conf.parse(Path(running.nodes[0]["config"]).read_text())
+        configs = [Path(n["config"]).read_bytes() for n in first.nodes]
+        assert len(set(configs)) == 1, configs
+        config = conf.parse(configs[0].decode())
         assert config.port == port
-        running.replicates(mounts)
-        running.interrupt()
+        assert config.config_version == 3 + 1  # create, the demo's timers, two adds
+        assert conf.totem_params(config).token == demo.TOKEN_MS
+        assert len({Path(n["authkey"]).read_bytes() for n in first.nodes}) == 1
+        logs = [read(first.root / f"node{i}" / "daemon.log") or "" for i in (1, 2, 3)]
+        assert "created cluster demo: node node1, id 1" in logs[0], first.details()
+        for i in (2, 3):
+            assert f"joined cluster demo as node {i}" in logs[i - 1], first.details()
+        output = read(first.output) or ""
+        first_addr = config.node_infos()[0].addr  # 127.0.0.11 unless that is in use
+        assert (f"pmxfs demo: node1 created cluster demo (pmxfs create demo --link0 "
+                f"{first_addr} --nodeid 1 --port {port})") in output, output
+        assert "pmxfs demo: node1 set token 1000 ms in corosync.conf" in output, output
+        assert "pmxfs demo: node2 joined with a token from node1" in output, output
+        assert "pmxfs demo: node3 joined with a token from node1" in output, output
+        first.replicates(mounts)
+        first.interrupt()
+    with running_demo(tmp_path, 3, output="again.out") as again:  # its port from the DIR
+        mounts = again.wait_up()
+        assert [Path(n["config"]).read_bytes() for n in again.nodes] == configs
+        assert read(mounts[2] / "hello") == "hi\n"
+        output = read(again.output) or ""
+        assert "created cluster" not in output, output
+        assert "joined" not in output, output
+        again.replicates(mounts, "again\n")
+        again.interrupt()
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_demo_finishes_an_unfinished_build(tmp_path: Path) -> None:
+    """A DIR made for 3 nodes whose cluster has 2 (a build cut short; here a 2-node demo and a
+    third home): the members start from their files, node1 makes a token, node3 joins."""
+    port = random_port()
+    with running_demo(tmp_path, 2, "--port", str(port)) as first:
+        first.wait_up()
+        first.interrupt()
+    (first.root / "node3").mkdir()
+    with running_demo(tmp_path, 3, output="finish.out") as finish:
+        mounts = finish.wait_up()
+        output = read(finish.output) or ""
+        assert "created cluster" not in output, output
+        assert "node2 joined" not in output, output
+        assert "pmxfs demo: node3 joined with a token from node1" in output, output
+        configs = {Path(n["config"]).read_bytes() for n in finish.nodes}
+        assert len(configs) == 1, configs
+        config = conf.parse(configs.pop().decode())
+        assert config.config_version == 4  # create, the demo's timers, two adds
+        assert [i.name for i in config.node_infos()] == ["node1", "node2", "node3"]
+        finish.replicates([mounts[2], mounts[0]])
+        finish.interrupt()
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_demo_reports_a_failed_create(tmp_path: Path) -> None:
+    """A step that fails is reported as a daemon that fails to start: the node, the reason, the
+    tail of its log, and every daemon stopped. Here every corosync.conf was removed, so the
+    demo creates the cluster again -- but each daemon takes its config back from its tree
+    (the restore path) and node1 refuses the create."""
+    port = random_port()
+    with running_demo(tmp_path, 2, "--port", str(port)) as first:
+        first.wait_up()
+        first.interrupt()
+    for config in first.root.glob("node*/corosync.conf"):
+        config.unlink()
+    with running_demo(tmp_path, 2, "--port", str(port), output="failed.out") as failed:
+        assert failed.proc.wait(failed.timeout_s) == 1, failed.details()
+        output = read(failed.output) or ""
+        node1 = failed.root / "node1"
+        assert (f"pmxfs: node1: `pmxfs create` failed: this node is already in a cluster "
+                f"({node1}/corosync.conf exists)") in output, output
+        assert f"--- last lines of {node1}/daemon.log:" in output, output
+        assert f"restored {node1}/corosync.conf (cluster demo) from the tree" in output, output
+        failed.assert_all_stopped()
 
 
 @pytest.mark.fuse
@@ -450,7 +666,7 @@ def test_demo_end_to_end_while_its_default_addresses_are_in_use(tmp_path: Path) 
         for nodeid in (1, 2):
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
             sock.bind((f"127.0.0.{10 + nodeid}", port))
-        with running_demo(tmp_path, "--nodes", "2", "--port", str(port)) as running:
+        with running_demo(tmp_path, 2, "--port", str(port)) as running:
             mounts = running.wait_up()
             addrs = [i.addr for i in conf.parse(Path(running.nodes[0]["config"]).read_text())
                      .node_infos()]

@@ -1,41 +1,64 @@
 """`pmxfs demo`: a whole cluster of N daemons on this machine, to try pmxfs.
 
 Node i (1..N) is `node<i>`, node id i, on 127.0.K.(10+i) with K = 0 and port 5405 by default;
-transport udpu, cluster name "demo", one authkey for all. Each node has `DIR/node<i>/` with
+transport udpu, cluster name "demo", token 1000 ms. Each node has `DIR/node<i>/` with
 `corosync.conf`, `authkey`, `data/`, `run/`, the mount `mnt/` and the daemon's output `daemon.log`.
 
+The cluster is built as an admin builds one (README, "Build a cluster"): every daemon starts
+standalone, `pmxfs create` on node1 makes a cluster of one, and every other node joins it with
+`pmxfs add` and a token from `pmxfs join-token` on node1. The daemons write every corosync.conf
+and authkey; the demo writes them only into a DIR that already holds the cluster (below).
+
 How it works:
-1. Plan (`plan_demo`, no I/O): names, ids, addresses, port, paths, each daemon's argv and the
-   corosync.conf text, which must pass `conf.check`.
+1. Plan (`plan_demo`, no I/O): names, ids, addresses, port, paths and each daemon's argv; the
+   cluster they form (`cluster_config`) must pass `conf.check`.
 2. Network (`settle_network`): a DIR that already holds the demo's configs keeps their addresses
    and port (refused when they are in use, or when --port asks for another one). A new DIR gets
    the default addresses on the port asked for (5405 without --port) when every one of them can
-   be bound, else the first K in 1..255 whose addresses can, else (without --port) the same
-   search on other ports; the guide says why the addresses are not the defaults.
+   be bound -- UDP on the cluster's port and TCP on the join port 5406 -- else the first K in
+   1..255 whose addresses can, else (without --port) the same search on other ports; the guide
+   says why the addresses are not the defaults.
 3. Prepare (`prepare`): DIR is locked against a second demo (`DIR/demo.lock`); a mount left dead
    by a crashed run is unmounted (one that still answers is refused: a daemon this demo did not
-   start serves it); each node's config and authkey are written only when missing, so a later
-   run reuses config, key and data, and a DIR holding a cluster of another size is refused.
+   start serves it). A DIR is made for one node count: it holds node1..nodeN, all made before
+   any daemon starts, so a DIR holding a cluster of another size is refused. In a DIR that holds
+   the cluster's corosync.conf (a later run), a node the newest one lists but whose file is
+   missing gets it, and the cluster's authkey; a new DIR gets directories only.
 4. Run: every daemon is started in its own session (a Ctrl-C reaches only the demo, which stops
-   them in order) with its output appended to its log. Once every mount answers and its
-   `.members` shows all nodes online and quorate -- so the tree takes writes -- `DIR/demo.json`
-   is written and a guide printed; a daemon that exits first or the deadline START_TIMEOUT_S
-   stops everything, with the failed node and the tail of its log printed. A daemon that dies
-   later is reported in one line; the demo keeps running.
+   them in order) with its output appended to its log. A node with a corosync.conf is a member
+   from its files; the others start standalone and `_build` makes them members once their
+   control sockets answer, each step the `pmxfs` CLI run as a child process:
+   - when no node has a config (a new DIR): `pmxfs create demo --link0 ADDR --nodeid 1 --port
+     PORT` on node1, then the demo's token timers written into corosync.conf through node1's
+     mount (config_version 2; create writes no timers, and corosync's defaults would make a
+     killed node leave three times later: 3650 ms token for three nodes);
+   - then, node by node, once node1's `.members` shows a quorate ring of all members so far:
+     `pmxfs join-token` on node1 and `pmxfs add --token TOKEN --link0 ADDR --nodeid i` on the
+     node, which returns once that node is quorate and synced.
+   A build cut short (a failure, Ctrl-C) leaves a smaller cluster: the next run starts it from
+   its files and adds the nodes it lacks. Once every mount answers and its `.members` shows all
+   nodes online and quorate -- so the tree takes writes -- `DIR/demo.json` is written and a
+   guide printed. A daemon that exits first, a step that fails or the deadline (START_TIMEOUT_S,
+   plus STEP_TIMEOUT_S per create or add) stops everything, with the failed node, the reason and
+   the tail of its log printed. A daemon that dies later is reported in one line; the demo keeps
+   running.
 5. Stop, on SIGINT, SIGTERM or SIGHUP: SIGTERM to every daemon the demo started (by PID; a node
    restarted by hand is not the demo's), a wait with a deadline (SIGKILL after it), then every
    dead mount is unmounted and demo.json, whose PIDs are now stale, removed. Exit 0 when
    everything stopped cleanly.
 
-Signals and daemon exits are waited for with `poll` on a signal wake-up pipe and the daemons'
-pidfds; the only periodic check is whether the nodes are ready yet, until the start deadline.
+Signals, daemon exits and the steps' exits are waited for with `poll` on a signal wake-up pipe
+and pidfds; the only periodic checks are whether the nodes are up or ready yet, until the start
+deadline.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import json
 import os
 import re
@@ -46,15 +69,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from pmxfs.commands import keygen
+from pmxfs.commands.control import SOCKET_NAME
 from pmxfs.core import conf
 from pmxfs.core.errors import LocalError
+from pmxfs.core.join_token import JOIN_PORT
 from pmxfs.runtime.daemon import answers, mount_table, unmount
 
 DEFAULT_NODES = 3
@@ -71,11 +96,15 @@ OTHER_PORTS = tuple(range(DEFAULT_PORT + 10, DEFAULT_PORT + 110, 10))  # tried w
 # later.
 TOKEN_MS = 1000
 TOKEN_COEFFICIENT_MS = 0
-START_TIMEOUT_S = 30.0
+JOIN_TOKEN_TTL = "2m"  # each token is used at once; one left by a failed add expires soon
+START_TIMEOUT_S = 30.0  # starting the daemons and the final wait for a quorate cluster
+STEP_TIMEOUT_S = 10.0  # added for each create or add (measured: well under a second each)
+CONTROL_PROBE_TIMEOUT_S = 1.0
 STOP_TIMEOUT_S = 20.0
 READY_POLL_S = 0.05
 LOG_TAIL_LINES = 20
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+NODE_HOME = re.compile(r"node([1-9][0-9]*)")
 
 
 class DemoError(LocalError):
@@ -128,7 +157,6 @@ class DemoPlan:
 
     root: Path
     nodes: tuple[DemoNode, ...]
-    config_text: str
     port: int
     subnet: int  # K of the nodes' addresses 127.0.K.(10+i)
 
@@ -154,12 +182,15 @@ class DemoPlan:
 DESCRIPTION = f"""\
 Run a whole cluster on this machine to try pmxfs: N `pmxfs daemon` processes, node i on
 127.0.0.(10+i) (udpu, port {DEFAULT_PORT}, token {TOKEN_MS} ms), each with its own FUSE mount
-DIR/node<i>/mnt. It waits until every mount shows all nodes online and quorate, then prints a
-guide (the mounts, pids and commands to try) and keeps running; Ctrl-C (or SIGTERM) stops every
-daemon it started and unmounts.
+DIR/node<i>/mnt. In a new DIR the daemons start standalone and the cluster is built as on real
+machines: `pmxfs create` on node1, then for each other node `pmxfs join-token` on node1 and
+`pmxfs add` on that node. It waits until every mount shows all nodes online and quorate, then
+prints a guide (the mounts, pids and commands to try) and keeps running; Ctrl-C (or SIGTERM)
+stops every daemon it started and unmounts.
 
-When the default addresses or port are in use (another demo, say), free loopback addresses
-127.0.K.(10+i) -- and, without --port, another port -- are picked, and the guide says so.
+When the default addresses or port (or TCP port {JOIN_PORT} of the joins on them) are in use
+(another demo, say), free loopback addresses 127.0.K.(10+i) -- and, without --port, another
+port -- are picked, and the guide says so.
 Each node keeps corosync.conf, authkey, data/, run/ (control socket), mnt/ and daemon.log in
 DIR/node<i>/; DIR/demo.json lists each node's name, node id, pid, paths and the argv that
 restarts it. A later run on the same DIR reuses its config, key, data and addresses. Needs root
@@ -241,14 +272,35 @@ def plan_demo(count: int, directory: str | os.PathLike[str], port: int = DEFAULT
     """The demo of `count` nodes in `directory` on 127.0.`subnet`.x and `port`; touches
     nothing."""
     root = Path(directory).resolve()  # as /proc/self/mountinfo names the mounts
-    text = conf.render(cluster_config(count, port, subnet))
-    result = conf.check(text, "generated corosync.conf")
-    if not result.ok or result.warnings:
+    result = conf.check(conf.render(cluster_config(count, port, subnet)), "demo corosync.conf")
+    if result.config is None or result.warnings:
         problem = (result.errors or result.warnings)[0]
-        raise DemoError(f"the generated demo config does not pass the check: {problem}")
+        raise DemoError(f"the demo's cluster config does not pass the check: {problem}")
     nodes = tuple(DemoNode(info.name, info.nodeid, info.addr, root / info.name)
-                  for info in conf.parse(text).node_infos())
-    return DemoPlan(root, nodes, text, port, subnet)
+                  for info in result.config.node_infos())
+    return DemoPlan(root, nodes, port, subnet)
+
+
+def with_demo_timers(text: str) -> str:
+    """`text`, the corosync.conf `pmxfs create` wrote (no timers: corosync's defaults), with
+    the demo's token timers and config_version + 1, as the tree takes an update."""
+    current = conf.check(text).config
+    if current is None:
+        raise DemoError("the cluster's corosync.conf is not valid")
+    totem = dataclasses.replace(current.totem, token=TOKEN_MS,
+                                token_coefficient=TOKEN_COEFFICIENT_MS,
+                                config_version=current.config_version + 1)
+    new = conf.render(dataclasses.replace(current, totem=totem))
+    result = conf.check(new, current=current)
+    if not result.ok:
+        raise DemoError(f"the cluster's corosync.conf with the demo's timers would be refused: "
+                        f"{result.errors[0]}")
+    return new
+
+
+def start_timeout(steps: int) -> float:
+    """The start deadline (s) of a demo that runs `steps` creates and adds."""
+    return START_TIMEOUT_S + STEP_TIMEOUT_S * steps
 
 
 def demo_record(plan: DemoPlan, pids: Mapping[str, int]) -> dict[str, Any]:
@@ -273,11 +325,12 @@ def settle_network(plan: DemoPlan, port: int | None) -> tuple[DemoPlan, str]:
             raise DemoError(f"the demo in {plan.root} uses port {reused[0]}; run it without "
                             f"--port (or with --port {reused[0]}), or use another --dir")
         settled = plan_demo(count, plan.root, *reused)
-        _cluster_config_text(settled)  # its refusals before any address is tried
+        existing_cluster(settled)  # its refusals before any address is tried
         if not bindable(settled):
             raise DemoError(f"the demo in {plan.root} uses {settled.addresses}, which are in "
                             "use (is it still running?); stop what uses them or use another --dir")
         return settled, ""
+    existing_cluster(plan)  # a DIR of another size is refused before any address is tried
     wanted = plan_demo(count, plan.root, DEFAULT_PORT if port is None else port)
     ports = [wanted.port] if port is not None else [DEFAULT_PORT, *OTHER_PORTS]
     settled = free_network(count, plan.root, ports)
@@ -320,12 +373,17 @@ def free_network(count: int, root: Path, ports: Sequence[int],
 
 
 def bindable(plan: DemoPlan) -> bool:
-    """Whether every node's address and port can be bound (as the daemons will) right now."""
+    """Whether every node's address can be bound right now as its daemon will bind it: UDP on
+    the cluster's port, and TCP on the join port (with SO_REUSEADDR, as the join service
+    listens: a connection of an earlier join waiting out TIME_WAIT does not count)."""
     with contextlib.ExitStack() as stack:
         for node in plan.nodes:
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            udp = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            tcp = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((node.addr, plan.port))
+                udp.bind((node.addr, plan.port))
+                tcp.bind((node.addr, JOIN_PORT))
             except OSError:
                 return False
     return True
@@ -355,22 +413,27 @@ def _locked(plan: DemoPlan) -> Iterator[None]:
 
 
 def prepare(plan: DemoPlan) -> None:
-    """Make DIR ready to start the daemons: stale mounts gone, config, key and directories there;
-    what a previous run left is reused, never overwritten."""
+    """Make DIR ready to start the daemons: stale mounts gone, every node's directories there,
+    and, in a DIR that holds the cluster already, the config and authkey of every node its newest
+    config lists. What a previous run left is reused, never overwritten. A new DIR gets no config
+    and no key: its daemons start standalone and `_build` makes the cluster."""
     plan.demo_json.unlink(missing_ok=True)  # present again only once this run's nodes answer
     for node in plan.nodes:
         _clear_stale_mount(node)
-    config_text = _cluster_config_text(plan)
+    existing = existing_cluster(plan)
     try:
         for node in plan.nodes:
             node.home.mkdir(parents=True, exist_ok=True, mode=0o755)
-        key = _shared_authkey(plan)
-        for node in plan.nodes:
             node.data_dir.mkdir(exist_ok=True, mode=0o700)
             node.run_dir.mkdir(exist_ok=True, mode=0o755)
             node.mount.mkdir(exist_ok=True, mode=0o755)
+        if existing is None:
+            return
+        listed = [n for n in plan.nodes if n.name in existing.members]
+        key = _shared_authkey(listed)
+        for node in listed:
             if not node.config.exists():
-                _create(node.config, config_text.encode(), 0o644)
+                _create(node.config, existing.config_text.encode(), 0o644)
             if not node.authkey.exists():
                 _create(node.authkey, key, 0o400)
     except OSError as exc:
@@ -378,11 +441,22 @@ def prepare(plan: DemoPlan) -> None:
                         f"{exc.strerror or exc}") from None
 
 
-def _cluster_config_text(plan: DemoPlan) -> str:
-    """The config for nodes that have none yet: the newest one in DIR (the cluster may have
-    changed it through the tree), else the generated one. Every config in DIR must be valid and
-    describe exactly the planned nodes."""
-    newest: tuple[int, str] | None = None
+@dataclass(frozen=True)
+class ExistingCluster:
+    """The cluster a DIR holds from an earlier run: its newest corosync.conf (the cluster may
+    have changed it through the tree) and the names of the nodes that lists."""
+
+    config_text: str
+    members: frozenset[str]
+
+
+def existing_cluster(plan: DemoPlan) -> ExistingCluster | None:
+    """The cluster in DIR, None for a new DIR; refused (DemoError) when DIR does not fit `plan`.
+    Every config in DIR must be valid, on the plan's port, and list only planned nodes -- fewer
+    only while a build is unfinished, when DIR holds the homes of all planned nodes (`prepare`
+    makes them all before the first daemon starts). A DIR is for one node count: homes beyond
+    the plan are refused too."""
+    newest: tuple[int, str, conf.ClusterConfig] | None = None
     want = {(n.name, n.nodeid, n.addr) for n in plan.nodes}
     for path in sorted(plan.root.glob("node*/corosync.conf")):
         try:
@@ -393,23 +467,44 @@ def _cluster_config_text(plan: DemoPlan) -> str:
         if result.config is None:
             raise DemoError(f"{result.errors[0]} (fix it or use another --dir)")
         infos = result.config.node_infos()
-        if len(infos) != len(plan.nodes):
-            raise DemoError(f"{plan.root} holds a demo of {len(infos)} nodes ({path}); run with "
-                            f"--nodes {len(infos)} or use another --dir")
-        if {(i.name, i.nodeid, i.addr) for i in infos} != want:
+        if len(infos) > len(plan.nodes):
+            raise _size_error(plan, len(infos), path)
+        if not {(i.name, i.nodeid, i.addr) for i in infos} <= want:
             raise DemoError(f"{path} does not describe the demo's nodes; use another --dir")
         if result.config.port != plan.port:
             raise DemoError(f"{path} uses port {result.config.port}, not {plan.port}; "
                             "use another --dir")
         if newest is None or result.config.config_version > newest[0]:
-            newest = (result.config.config_version, text)
-    return plan.config_text if newest is None else newest[1]
+            newest = (result.config.config_version, text, result.config)
+    homes = _homes(plan.root)
+    if homes and max(homes) != len(plan.nodes):
+        raise _size_error(plan, max(homes), plan.root / f"node{max(homes)}")
+    if newest is None:
+        return None
+    return ExistingCluster(newest[1], frozenset(i.name for i in newest[2].node_infos()))
 
 
-def _shared_authkey(plan: DemoPlan) -> bytes:
-    """The one authkey of the demo: the one its nodes have, else a new one for node1."""
+def _homes(root: Path) -> list[int]:
+    """The i of every node<i> directory in `root`."""
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise DemoError(f"cannot read {root}: {exc.strerror or exc}") from None
+    return [int(m[1]) for p in entries if (m := NODE_HOME.fullmatch(p.name)) and p.is_dir()]
+
+
+def _size_error(plan: DemoPlan, count: int, where: Path) -> DemoError:
+    return DemoError(f"{plan.root} holds a demo of {count} nodes ({where}); run with --nodes "
+                     f"{count} or use another --dir")
+
+
+def _shared_authkey(nodes: Sequence[DemoNode]) -> bytes:
+    """The one authkey of the cluster's nodes: the one they have, else a new one for the
+    first."""
     keys: dict[bytes, Path] = {}
-    for node in plan.nodes:
+    for node in nodes:
         try:
             keys.setdefault(node.authkey.read_bytes(), node.authkey)
         except FileNotFoundError:
@@ -421,7 +516,7 @@ def _shared_authkey(plan: DemoPlan) -> bytes:
         raise DemoError(f"{first} and {second} differ; every node needs the same authkey")
     if keys:
         return next(iter(keys))
-    first_key = plan.nodes[0].authkey
+    first_key = nodes[0].authkey
     try:
         keygen.write_authkey(first_key)
         return first_key.read_bytes()
@@ -544,11 +639,16 @@ def _start(node: DemoNode) -> _Daemon:
 
 def _run_cluster(plan: DemoPlan, note: str) -> int:
     daemons: list[_Daemon] = []
+    joining = [n for n in plan.nodes if not n.config.exists()]  # before a daemon may write one
+    everyone = frozenset(n.name for n in plan.nodes)
     with _Signals() as signals:
         try:
             for node in plan.nodes:
                 daemons.append(_start(node))
-            if _wait_ready(daemons, signals):
+            startup = _Startup(daemons, signals, start_timeout(len(joining)))
+            if _build(plan, joining, startup) and startup.wait(
+                    functools.partial(_without_ring, plan.nodes, everyone),
+                    f"no quorate cluster of all {len(everyone)} nodes at the mount"):
                 _write_json(plan, {d.node.name: d.proc.pid for d in daemons})
                 _print_guide(plan, daemons, note)
                 _watch(daemons, signals)
@@ -562,6 +662,165 @@ def _run_cluster(plan: DemoPlan, note: str) -> int:
             for problem in problems:
                 print(f"pmxfs: {problem}", file=sys.stderr)
     return 0 if ok and not problems else 1
+
+
+class _Startup:
+    """The start of the demo's daemons until its deadline: each wait ends when what it waits for
+    is there, or on a stop signal (the call says so); a daemon that exits meanwhile, or the
+    deadline, raises _StartFailed."""
+
+    def __init__(self, daemons: Sequence[_Daemon], signals: _Signals, timeout_s: float) -> None:
+        self.daemons = daemons
+        self.signals = signals
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+
+    def wait(self, waiting: Callable[[], Sequence[DemoNode]], what: str) -> bool:
+        """Until `waiting()`, the nodes not there yet, is empty (True) or a stop signal came
+        (False); at the deadline the report names those nodes and `what` they lack."""
+        while True:
+            self._check_daemons()
+            pending = waiting()
+            if not pending:
+                return True
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _StartFailed(f"{', '.join(n.name for n in pending)}: {what} within "
+                                   f"{self.timeout_s:.0f} s", pending)
+            if self._stop_requested([], min(READY_POLL_S, left)):
+                return False
+
+    def command(self, node: DemoNode, *args: str) -> str | None:
+        """Run `pmxfs --run-dir RUN ARGS` for `node` (a child process in its own session, so a
+        Ctrl-C reaches only the demo) and return what it printed, or None when a stop signal
+        came first (the command is killed). A failure raises _StartFailed with its reason."""
+        what = f"`pmxfs {args[0]}`"
+        argv = [sys.executable, "-m", "pmxfs", "--run-dir", str(node.run_dir), *args]
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            raise _StartFailed(f"{node.name}: cannot run {what}: {exc.strerror or exc}",
+                               [node]) from None
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            stopped = False
+            while not stopped and proc.poll() is None:
+                self._check_daemons()
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise _StartFailed(f"{node.name}: {what} did not finish within "
+                                       f"{self.timeout_s:.0f} s of the start", [node])
+                stopped = self._stop_requested([pidfd], left)
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # by its Popen: never a PID it has already reaped
+            out, err = proc.communicate()  # reaps it and closes its pipes
+            os.close(pidfd)
+        if stopped:
+            return None
+        if proc.returncode != 0:
+            lines = err.decode(errors="replace").split("\n")
+            reason = next((line.strip() for line in reversed(lines) if line.strip()),
+                          f"exit status {proc.returncode}")
+            raise _StartFailed(f"{node.name}: {what} failed: {reason.removeprefix('pmxfs: ')}",
+                               [node])
+        return out.decode(errors="replace")
+
+    def _check_daemons(self) -> None:
+        for d in self.daemons:
+            if d.proc.poll() is not None:
+                raise _StartFailed(f"{d.node.name} (pid {d.proc.pid}) {d.describe_exit()} while "
+                                   "starting", [d.node])
+
+    def _stop_requested(self, fds: Sequence[int], timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a signal, a daemon's exit or one of `fds`; whether it was
+        a stop signal."""
+        ready = _poll([self.signals.fd, *fds, *(d.pidfd for d in self.daemons)], timeout_s)
+        return self.signals.fd in ready and self.signals.stop_requested()
+
+
+def _build(plan: DemoPlan, joining: Sequence[DemoNode], startup: _Startup) -> bool:
+    """Make the `joining` nodes (started standalone) members of the cluster, as the module
+    header says; False when a stop signal came first."""
+    if not joining:
+        return True
+    members = [n for n in plan.nodes if n not in joining]
+    sponsor = members[0] if members else joining[0]  # it makes the tokens
+    asked = list(dict.fromkeys([sponsor, *joining]))
+    if not startup.wait(functools.partial(_without_control, asked),
+                        "the control socket does not answer"):
+        return False
+    if not members:
+        if not _create_cluster(plan, sponsor, startup):
+            return False
+        members.append(sponsor)
+    for node in (n for n in joining if n is not sponsor):
+        names = frozenset(m.name for m in members)
+        if not startup.wait(functools.partial(_without_ring, [sponsor], names),
+                            f"no quorate cluster of {', '.join(m.name for m in members)}"):
+            return False
+        token = startup.command(sponsor, "join-token", "--ttl", JOIN_TOKEN_TTL)
+        if token is None:
+            return False
+        add = ["add", "--token", token.strip(), "--link0", node.addr,
+               "--nodeid", str(node.nodeid)]
+        if startup.command(node, *add) is None:
+            return False
+        print(f"pmxfs demo: {node.name} joined with a token from {sponsor.name} "
+              f"(pmxfs add --token TOKEN --link0 {node.addr} --nodeid {node.nodeid})", flush=True)
+        members.append(node)
+    return True
+
+
+def _create_cluster(plan: DemoPlan, node: DemoNode, startup: _Startup) -> bool:
+    """`pmxfs create` on `node`, then the demo's timers; False when a stop signal came first."""
+    create = ["create", CLUSTER_NAME, "--link0", node.addr, "--nodeid", str(node.nodeid),
+              "--port", str(plan.port)]
+    if startup.command(node, *create) is None:
+        return False
+    print(f"pmxfs demo: {node.name} created cluster {CLUSTER_NAME} (pmxfs {shlex.join(create)})",
+          flush=True)
+    _set_timers(node)
+    print(f"pmxfs demo: {node.name} set token {TOKEN_MS} ms in corosync.conf (written through "
+          "its mount)", flush=True)
+    return True
+
+
+def _set_timers(node: DemoNode) -> None:
+    """Write the demo's timers into the cluster's corosync.conf through `node`'s mount, as
+    Proxmox's tools write it: a new file renamed over the old one."""
+    path, new = node.mount / "corosync.conf", node.mount / "corosync.conf.new"
+    try:
+        new.write_text(with_demo_timers(path.read_text()))
+        os.rename(new, path)
+    except (OSError, UnicodeDecodeError, DemoError) as exc:
+        with contextlib.suppress(OSError):
+            new.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _StartFailed(f"{node.name}: cannot set the demo's timers in {path}: {reason}",
+                           [node]) from None
+
+
+def _without_control(nodes: Sequence[DemoNode]) -> list[DemoNode]:
+    """The nodes whose control socket does not accept a connection yet."""
+    return [n for n in nodes if not _control_answers(n)]
+
+
+def _control_answers(node: DemoNode) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CONTROL_PROBE_TIMEOUT_S)
+        try:
+            sock.connect(str(node.run_dir / SOCKET_NAME))
+        except OSError:
+            return False
+    return True
+
+
+def _without_ring(nodes: Sequence[DemoNode], names: Set[str]) -> list[DemoNode]:
+    """The nodes whose mount does not show a quorate cluster of exactly `names` online yet."""
+    mounted = mount_points()
+    return [n for n in nodes if not _ready(n, mounted, names)]
 
 
 def members_ready(members: bytes, names: Set[str]) -> bool:
@@ -582,30 +841,6 @@ def _ready(node: DemoNode, mounted: Set[str], names: Set[str]) -> bool:
         return members_ready((node.mount / ".members").read_bytes(), names)
     except OSError:
         return False
-
-
-def _wait_ready(daemons: Sequence[_Daemon], signals: _Signals) -> bool:
-    """Until every node's mount shows the whole cluster quorate (True) or a stop signal came
-    (False); raises _StartFailed when a daemon exits or the deadline passes first."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    names = {d.node.name for d in daemons}
-    while True:
-        for d in daemons:
-            if d.proc.poll() is not None:
-                raise _StartFailed(f"{d.node.name} (pid {d.proc.pid}) {d.describe_exit()} while "
-                                   "starting", [d.node])
-        mounted = mount_points()
-        waiting = [d.node for d in daemons if not _ready(d.node, mounted, names)]
-        if not waiting:
-            return True
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _StartFailed(f"{', '.join(n.name for n in waiting)}: no quorate cluster of all "
-                               f"{len(names)} nodes at the mount within {START_TIMEOUT_S:.0f} s",
-                               waiting)
-        ready = _poll([signals.fd, *(d.pidfd for d in daemons)], min(READY_POLL_S, left))
-        if signals.fd in ready and signals.stop_requested():
-            return False
 
 
 def _report_start_failure(exc: _StartFailed) -> None:
