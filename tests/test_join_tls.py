@@ -410,3 +410,36 @@ async def test_a_bad_answer_is_a_join_error(reply: bytes, reason: str, tmp_path:
             await request_join(HOST, port, fingerprint(PEM), {"n": 1})
         assert f"{HOST}:{port}" in str(caught.value)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stop_closes_the_listener_and_the_exchange_under_way_gets_its_answer() -> None:
+    """What the join service relies on when its last token is used: the joiner whose request
+    used it must still get the answer (before, the stop cancelled the exchange mid-way)."""
+    entered, release = trio.Event(), trio.Event()
+
+    async def slow(request: dict[str, Any], peer: str) -> dict[str, Any]:
+        entered.set()
+        await release.wait()
+        return {"ok": True, "request": request}
+
+    port = free_port()
+    stop = trio.Event()
+    answers: list[dict[str, Any]] = []
+    with trio.fail_after(EXCHANGE_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(serve_join, HOST, port, PEM, slow, stop=stop))
+
+            async def ask() -> None:
+                answers.append(await request_join(HOST, port, fingerprint(PEM), {"n": 1}))
+
+            nursery.start_soon(ask)
+            await entered.wait()
+            stop.set()
+            while True:  # the listener closes although an exchange is under way
+                try:
+                    await (await trio.open_tcp_stream(HOST, port)).aclose()
+                except OSError:
+                    break
+                await trio.sleep(0.01)
+            release.set()
+    assert answers == [{"ok": True, "request": {"n": 1}}]

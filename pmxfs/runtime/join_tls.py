@@ -60,6 +60,7 @@ MAX_MESSAGE_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
 EXCHANGE_TIMEOUT_S = HANDSHAKE_TIMEOUT_S + 5.0  # server side: a whole connection
 MAX_CONNECTIONS = 32  # served at once; more are closed at once
+ACCEPT_RETRY_S = 0.1  # after a failed accept (no descriptors left, say)
 CERT_VALID_DAYS = 20 * 365 + 5  # 20 years, leap days included
 
 HEADER = struct.Struct(">I")
@@ -114,18 +115,44 @@ def fingerprint(pem: bytes) -> str:
 
 
 async def serve_join(host: str, port: int, pem: bytes, handler: JoinHandler, *,
+                     stop: trio.Event | None = None,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer join requests on TCP `host`:`port` with `handler` until cancelled; an empty
-    `host` listens on every address.
+    """Answer join requests on TCP `host`:`port` with `handler` until `stop` is set (or the
+    call is cancelled); an empty `host` listens on every address.
 
     Signals `task_status.started()` once listening. Raises `OSError` when the port cannot be
-    bound and `JoinError` when `pem` holds no usable key and certificate.
+    bound and `JoinError` when `pem` holds no usable key and certificate. When `stop` is set the
+    listeners close at once and the call returns once the exchanges under way are over (each
+    bounded by `EXCHANGE_TIMEOUT_S`): a joiner whose request was taken gets its answer.
     """
     server = _JoinServer(_server_context(pem), handler)
     listeners = await trio.open_tcp_listeners(port, host=host or None)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, server.handle, listeners)
-        task_status.started()
+    try:
+        async with trio.open_nursery() as exchanges:
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(_accept, listener, server, exchanges)
+                task_status.started()
+                await (trio.Event() if stop is None else stop).wait()
+                accepting.cancel_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+
+
+async def _accept(listener: trio.SocketListener, server: _JoinServer,
+                  exchanges: trio.Nursery) -> None:
+    """Hand every connection to `server` in `exchanges` until cancelled."""
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:  # out of descriptors, say: the server goes on after a pause
+            log.warning("cannot accept a join connection: %s", exc)
+            await trio.sleep(ACCEPT_RETRY_S)
+            continue
+        exchanges.start_soon(server.handle_and_close, stream)
 
 
 def _server_context(pem: bytes) -> ssl.SSLContext:
@@ -150,8 +177,15 @@ class _JoinServer:
         self.handler = handler
         self.open = 0  # connections being served now
 
+    async def handle_and_close(self, stream: trio.SocketStream) -> None:
+        """One connection, closed at the end whatever happened."""
+        try:
+            await self.handle(stream)
+        finally:
+            await trio.aclose_forcefully(stream)
+
     async def handle(self, stream: trio.SocketStream) -> None:
-        """One connection (run by `trio.serve_listeners`, which closes the stream after)."""
+        """One connection (the caller closes the stream after)."""
         if self.open >= MAX_CONNECTIONS:
             log.debug("join connection refused: %d connections open", self.open)
             return

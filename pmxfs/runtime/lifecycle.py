@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno as E
+import functools
 import logging
 import math
 import os
@@ -114,7 +115,6 @@ class Lifecycle:
         self.limiter = FailureLimiter()
         self._tokens_changed = trio.Event()
         self._listening: tuple[str, int] | None = None
-        self._joins_in_progress = 0  # the service stops only once they are answered
         self._listening_changed = trio.Event()
         node.add_tree_listener(self._on_tree_change)
 
@@ -284,9 +284,11 @@ class Lifecycle:
             if pem is None:
                 await self._tokens_changed.wait()
                 continue
+            stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 try:
-                    await nursery.start(serve_join, where[0], where[1], pem, self._serve_one)
+                    await nursery.start(functools.partial(
+                        serve_join, where[0], where[1], pem, self._serve_one, stop=stop))
                 except (OSError, JoinError) as exc:
                     log.error("cannot serve joins on %s: %s", format_host_port(*where), exc)
                     await self._tokens_changed.wait()
@@ -297,11 +299,10 @@ class Lifecycle:
                     while True:
                         await self._tokens_changed.wait()
                         self._tokens_changed = trio.Event()
-                        if self._joins_in_progress == 0 and (
-                                self.node.standalone or self._last_expiry() is None
+                        if (self.node.standalone or self._last_expiry() is None
                                 or (self._my_address(), self.paths.join_port) != where):
                             break
-                nursery.cancel_scope.cancel()
+                stop.set()  # no new connections; the exchanges under way get their answers
             self._set_listening(None)
             log.info("no valid join token left: stopped serving joins on %s",
                      format_host_port(*where))
@@ -313,10 +314,9 @@ class Lifecycle:
                        f"{math.ceil(wait)} s")
             await self._log_refusal(message)
             return {"ok": False, "error": message}
-        self._joins_in_progress += 1
         try:
             # A join that marked its token used finishes (or undoes its steps) even when the
-            # service stops meanwhile: the token is gone, and the joiner waits for the answer.
+            # daemon stops meanwhile: the token is gone, and the joiner waits for the answer.
             with trio.CancelScope(shield=True), trio.move_on_after(JOIN_WORK_TIMEOUT_S):
                 return await self._join(request, peer)
             raise LifecycleError("the join took too long here; ask again")
@@ -324,9 +324,6 @@ class Lifecycle:
             await self._log_refusal(f"join refused ({peer}, node {request.get('name')!r}): "
                                     f"{exc}")
             return {"ok": False, "error": str(exc)}
-        finally:
-            self._joins_in_progress -= 1
-            self._tokens_changed.set()
 
     async def _join(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         if self.node.standalone or not self.node.quorate():
