@@ -87,10 +87,14 @@ class Nodes:
 
 
 @pytest.fixture
-async def nodes(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Nodes]:
-    n = Nodes(tmp_path, nursery)
-    yield n
-    nursery.cancel_scope.cancel()
+async def nodes(tmp_path: Path) -> AsyncIterator[Nodes]:
+    """The nodes run in a nursery of their own, which is left -- every node's run() ended, its
+    persister thread joined -- before the databases close: a database closed under a commit
+    of the persister thread crashes the process."""
+    async with trio.open_nursery() as nursery:
+        n = Nodes(tmp_path, nursery)
+        yield n
+        nursery.cancel_scope.cancel()
     n.close()
     assert n.failures == []
 
