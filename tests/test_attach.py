@@ -5,6 +5,7 @@ node set (on trio's real clock: the node commits in a worker thread)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -172,3 +173,26 @@ async def test_a_removed_node_leaves_the_ring_and_its_frames_are_dropped(nodes: 
         assert status["quorum"]["expected_votes"] == 2
         assert status["quorum"]["quorate"]
         assert node.replica.totem.nodes == {1, 2}
+
+
+async def test_a_write_racing_an_attach_is_answered(nodes: Nodes) -> None:
+    """A write started in the same scheduler batch as an attach (a FUSE write at the moment of
+    `pmxfs create`) is answered, whichever of the two runs first: it waits for the attach or is
+    drained by it. Before, a write past its check could land in the replica the attach tore
+    down and wait for ever. trio runs one batch's tasks in random order, so a few rounds try
+    both orders."""
+    node = nodes.start("node1", nodes.standalone("node1"))
+    with trio.fail_after(60):
+        await settled(node, 1)
+        replies: list[int] = []
+
+        async def write(name: str) -> None:
+            replies.append((await node.write(WriteFile(name, b"x", 1, create=True))).errno)
+
+        for attempt in range(6):
+            member = nodes.member("node1", 1, FIRST)
+            async with trio.open_nursery() as race:
+                race.start_soon(write, f"f{attempt}")
+                race.start_soon(functools.partial(node.attach, member, wipe=False))
+            assert len(replies) == attempt + 1
+            await settled(node, 1)

@@ -46,6 +46,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -98,6 +99,7 @@ NODE_DIRS = ("qemu-server", "lxc", "priv")
 ROOM_TIMEOUT_S = 30.0
 # How long `attach` waits for the writes in flight to be answered before it gives up.
 ATTACH_DRAIN_TIMEOUT_S = 20.0
+SWITCHING = "this node is changing its cluster membership; try again"
 
 
 class NodeStopped(LocalError):
@@ -189,7 +191,6 @@ class ReplicaNode:
         self._attached = trio.Event()  # set while no attach is under way
         self._attached.set()
         self._generation = 0  # counts attachments: a report of an earlier persister is stale
-        self._background: trio.Nursery | None = None  # the running attachment's nursery
         self._running = False  # between the start and the end of `run`: reports are taken
         self._shown_quorate: bool | None = None  # what the kernel's cached attributes show
         self._next_request = 0
@@ -220,6 +221,8 @@ class ReplicaNode:
         self._persister = Persister(self.database,
                                     functools.partial(self._persisted, self._generation))
         self._joined = {}
+        self._wanted_addresses: dict[int, str] = {}
+        self._addresses_changed = trio.Event()  # set when _wanted_addresses is news
         loaded = self.database.load()
         self.replica = Replica(
             self.node_id, self.config, params, 0, incarnation=attachment.incarnation,
@@ -271,11 +274,8 @@ class ReplicaNode:
 
     async def write(self, op: FsOp) -> Reply:
         self._check_running()
-        with trio.move_on_after(ROOM_TIMEOUT_S):
-            await self._attached.wait()
-            while self.replica.full():
-                await self._room.wait()
-                self._check_running()
+        if not await self._admitted():
+            return Reply(0, E.EAGAIN, SWITCHING)
         request = self._new_request()
         self.replica.propose(self.now(), request, op)
         reply = await self._wait(request)
@@ -350,13 +350,28 @@ class ReplicaNode:
                  "joined": self._joined.get(i.nodeid) if i.nodeid in online else None}
                 for i in self.infos]
 
+    async def _admitted(self) -> bool:
+        """Wait, at most ROOM_TIMEOUT_S, until no attach is under way and the replica has room
+        for a proposal; whether no attach is under way. The caller proposes right after, with
+        no checkpoint between: an attach that starts in that gap would otherwise find no write
+        in flight and tear down the replica the proposal went to."""
+        with trio.move_on_after(ROOM_TIMEOUT_S):
+            while not self._attached.is_set() or self.replica.full():
+                await (self._room if self._attached.is_set() else self._attached).wait()
+                self._check_running()
+        return self._attached.is_set()
+
     async def set_expected(self, expected: int) -> Reply:
-        await self._attached.wait()
+        self._check_running()
+        if not await self._admitted():
+            return Reply(0, E.EAGAIN, SWITCHING)
         request = self._new_request()
         self.replica.propose_expected(self.now(), request, expected)
         return await self._wait(request)
 
     async def log(self, *, priority: int, tag: str, user: str, pid: int, msg: str) -> None:
+        with trio.move_on_after(ROOM_TIMEOUT_S):
+            await self._attached.wait()
         self.replica.log(self.now(), pri=priority, tag=tag, pid=pid, user=user, msg=msg)
         self._flush()
 
@@ -411,22 +426,24 @@ class ReplicaNode:
         self._persister.start()
         try:
             async with trio.open_nursery() as nursery:
-                self._background = nursery
                 nursery.start_soon(self.loop.run, _AcceptingCore(self.replica),
                                    self.replica.digest)
                 nursery.start_soon(self._first_start_setup)
+                nursery.start_soon(self._apply_addresses)
                 await self._session_over.wait()
                 nursery.cancel_scope.cancel()
         except* NodeStopped:
             pass  # the tasks that met the stopped node afterwards: the failure is raised below
         finally:
-            self._background = None
             self._persister.stop()  # a clean stop commits what was delivered
 
-    async def attach(self, attachment: Attachment, *, wipe: bool) -> None:
+    async def attach(self, attachment: Attachment, *, wipe: bool,
+                     prepare: Callable[[], Awaitable[None]] | None = None) -> None:
         """Run as `attachment` from now on (module header); with `wipe` the tree starts empty
         and is taken from the cluster. New writes wait; `AttachError` when the writes in flight
-        are not answered within `ATTACH_DRAIN_TIMEOUT_S` (nothing changed then)."""
+        are not answered within `ATTACH_DRAIN_TIMEOUT_S` (nothing changed then). `prepare` runs
+        once they are, while writes still wait (a backup of the tree, say); when it raises,
+        nothing changes either."""
         self._check_running()
         if self._switch is not None or not self._attached.is_set():
             raise AttachError("another change of this node's cluster membership is under way")
@@ -438,6 +455,8 @@ class ReplicaNode:
                     self._check_running()
             if self._waiters:
                 raise AttachError("writes are still in flight; try again")
+            if prepare is not None:
+                await prepare()
             switch = _Switch(attachment, wipe, trio.Event())
             self._switch = switch
             self._session_over.set()
@@ -450,6 +469,8 @@ class ReplicaNode:
         """In `run`, between two attachments: the old transport closes, the database starts
         empty when asked, and the new attachment is installed."""
         try:
+            for waiter in self._waiters.values():  # none is left; if one were, it must not hang
+                waiter.done.set()
             self.transport.close()
             if switch.wipe:
                 self.database = _emptied(self.database, self.data_dir)
@@ -611,8 +632,9 @@ class ReplicaNode:
         addresses = {i.nodeid: i.addr for i in self.infos}
         mine = {i.nodeid: i.addr for i in old.node_infos()}.get(self.node_id)
         self._note_restart_needed(old, config, mine, addresses.get(self.node_id))
-        if addresses.get(self.node_id) == mine and self._background is not None:
-            self._background.start_soon(self._set_addresses, addresses)
+        if mine is not None:  # this node's own address changes only with a restart
+            self._wanted_addresses = {**addresses, self.node_id: mine}
+            self._addresses_changed.set()
 
     def _note_restart_needed(self, old: ClusterConfig, new: ClusterConfig, mine_old: str | None,
                              mine_new: str | None) -> None:
@@ -627,14 +649,20 @@ class ReplicaNode:
                             "take effect: %s", reason)
                 self.restart_needed.append(reason)
 
-    async def _set_addresses(self, addresses: dict[int, str]) -> None:
-        try:
-            await self.transport.set_addresses(addresses)
-        except (OSError, ValueError) as exc:
-            log.error("cannot take the new nodelist's addresses: %s", exc)
-            return
-        log.info("transport: nodelist now %s", ", ".join(
-            f"{nid}={addr}" for nid, addr in sorted(addresses.items())))
+    async def _apply_addresses(self) -> None:
+        """Hand the transport the newest nodelist's addresses, one change at a time: the last
+        config taken wins even when its addresses resolve faster than an earlier one's."""
+        while True:
+            await self._addresses_changed.wait()
+            self._addresses_changed = trio.Event()
+            wanted = self._wanted_addresses
+            try:
+                await self.transport.set_addresses(wanted)
+            except (OSError, ValueError) as exc:
+                log.error("cannot take the new nodelist's addresses: %s", exc)
+                continue
+            log.info("transport: nodelist now %s", ", ".join(
+                f"{nid}={addr}" for nid, addr in sorted(wanted.items())))
 
     def _write_local_config(self, text: str) -> None:
         if self.config_path is None:
@@ -677,7 +705,8 @@ class ReplicaNode:
             if not self._waiters:  # an attach waits for this
                 self._room.set()
                 self._room = trio.Event()
-        if waiter.reply is None:  # woken by the node stopping
+        if waiter.reply is None:  # woken by the node stopping, or by an attach
             self._check_running()
-        assert waiter.reply is not None
+            return Reply(request, E.EIO, "the outcome is unknown here: the node changed its "
+                                         "cluster membership meanwhile")
         return waiter.reply
