@@ -87,3 +87,13 @@ def test_removing_a_node_raises_the_version_and_refuses_the_last_one() -> None:
         without_node(two, "pve9")
     with pytest.raises(EditError, match="last node"):
         without_node(one, "pve1")
+
+
+def test_a_third_node_ends_two_node() -> None:
+    two, _ = with_node(new_cluster("lab", "pve1", 1, 1, "10.0.0.1"), "pve2", "10.0.0.2")
+    two_node = two.replace("provider: corosync_votequorum",
+                           "provider: corosync_votequorum\n  two_node: 1")
+    assert _config(two_node).quorum.two_node
+    three, _ = with_node(two_node, "pve3", "10.0.0.3")
+    assert not _config(three).quorum.two_node
+    assert conf.check(three, current=_config(two_node)).ok

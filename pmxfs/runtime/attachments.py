@@ -19,7 +19,7 @@ from pmxfs.runtime.frame_crypto import FrameCrypto
 from pmxfs.runtime.memory_transport import MemoryHub
 from pmxfs.runtime.replica_node import Attachment
 from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
-from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
+from pmxfs.runtime.transport import UdpTransport
 
 STANDALONE_NODE_ID = 1
 
@@ -53,13 +53,9 @@ def node_id_of(config: conf.ClusterConfig, name: str, config_path: Path) -> int:
     return me.nodeid
 
 
-async def cluster(config: conf.ClusterConfig, node_id: int, *, config_path: Path,
-                  authkey_path: Path, data_dir: Path) -> Attachment:
+async def cluster_member(config: conf.ClusterConfig, node_id: int, *, config_path: Path,
+                         authkey: bytes, data_dir: Path) -> Attachment:
     """A member of `config`'s cluster as node `node_id`, its transport open."""
-    try:
-        authkey = load_authkey(authkey_path)
-    except AuthkeyError as exc:
-        raise AttachmentError(str(exc)) from None
     store = RingSeqStore(data_dir, node_id)
     try:
         store.load()

@@ -52,15 +52,17 @@ from pmxfs.core.errors import LocalError
 from pmxfs.core.join_token import JOIN_PORT
 from pmxfs.core.memdb import COROSYNC_CONF, MemDB
 from pmxfs.runtime import attachments
+from pmxfs.runtime.cluster_tree import TREE_AUTHKEY
 from pmxfs.runtime.config_file import load_checked
 from pmxfs.runtime.database import Database, DatabaseError
 from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.fuse_ops import MOUNT_OPTIONS, PmxfsOperations
 from pmxfs.runtime.ipc import serve_control
-from pmxfs.runtime.lifecycle import TREE_AUTHKEY, Lifecycle, LifecyclePaths
+from pmxfs.runtime.lifecycle import Lifecycle, LifecycleSettings
 from pmxfs.runtime.replica_node import Attachment, ReplicaNode
 from pmxfs.runtime.ring_seq import RingSeqFileError
 from pmxfs.runtime.scheduling import use_realtime
+from pmxfs.runtime.transport import AuthkeyError, load_authkey
 
 log = logging.getLogger("pmxfs")
 
@@ -197,10 +199,10 @@ async def _attachment(settings: DaemonSettings, name: str,
         if config is None:
             raise StartupError(f"cannot start without a valid {settings.config}")
         node_id = attachments.node_id_of(config, name, settings.config)
-        return await attachments.cluster(config, node_id, config_path=settings.config,
-                                         authkey_path=settings.authkey,
-                                         data_dir=settings.data_dir)
-    except attachments.AttachmentError as exc:
+        return await attachments.cluster_member(config, node_id, config_path=settings.config,
+                                                authkey=load_authkey(settings.authkey),
+                                                data_dir=settings.data_dir)
+    except (attachments.AttachmentError, AuthkeyError) as exc:
         raise StartupError(str(exc)) from None
 
 
@@ -367,9 +369,9 @@ async def _mounted(node: ReplicaNode, settings: DaemonSettings) -> int:
         pyfuse3.init(ops, str(mount), options)
     except (RuntimeError, OSError) as exc:
         raise StartupError(f"cannot mount at {mount}: {exc}") from None
-    lifecycle = Lifecycle(node, LifecyclePaths(config=settings.config, authkey=settings.authkey,
-                                               data_dir=settings.data_dir,
-                                               join_port=settings.join_port))
+    lifecycle = Lifecycle(node, LifecycleSettings(
+        config=settings.config, authkey=settings.authkey, data_dir=settings.data_dir,
+        join_port=settings.join_port, local=settings.local))
     stopped = False
     try:
         await _serve_until_signal(node, ops, lifecycle, settings.run_dir / "pmxfs.sock", mount,
@@ -391,7 +393,7 @@ async def _serve_until_signal(node: ReplicaNode, ops: PmxfsOperations, lifecycle
             nursery.start_soon(node.run)
             nursery.start_soon(pyfuse3.main)
             nursery.start_soon(ops.run_invalidations)
-            nursery.start_soon(lifecycle.run_join_service)
+            nursery.start_soon(lifecycle.join_service.run)
             await nursery.start(functools.partial(
                 serve_control, socket_path, node, lifecycle=lifecycle, www_data_gid=gid or None))
             nursery.start_soon(_ready_when_mounted, mount, node)

@@ -82,7 +82,8 @@ def with_node(current_text: str, node_name: str, address: str, *, nodeid: int | 
               votes: int = 1, replace: bool = False) -> tuple[str, int]:
     """`current_text` with a node added (config_version + 1) and the node id it got. Refused:
     a name, address or node id already in use -- except, with `replace`, a node of the same
-    name, whose entry (and node id, unless another is asked for) the new one takes."""
+    name, whose entry (and node id, unless another is asked for) the new one takes. A third
+    node ends `two_node` (as pvecm's add does), which only a two-node cluster may use."""
     config = _parsed(current_text)
     check_node_name(node_name)
     check_address(address)
@@ -104,7 +105,11 @@ def with_node(current_text: str, node_name: str, address: str, *, nodeid: int | 
                   else free_nodeid(dataclasses.replace(config, nodes=others)))
     entry = NodeEntry(name=node_name, nodeid=nodeid, ring0_addr=address, quorum_votes=votes)
     nodes = tuple(sorted((*others, entry), key=lambda n: n.nodeid or 0))
-    return _checked(render(_bumped(dataclasses.replace(config, nodes=nodes))), config), nodeid
+    grown = dataclasses.replace(config, nodes=nodes)
+    if len(nodes) > 2 and config.quorum.two_node:  # votequorum's two_node is for two nodes only
+        grown = dataclasses.replace(grown, quorum=dataclasses.replace(config.quorum,
+                                                                      two_node=None))
+    return _checked(render(_bumped(grown)), config), nodeid
 
 
 def without_node(current_text: str, node_name: str) -> tuple[str, NodeEntry]:
