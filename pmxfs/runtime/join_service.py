@@ -16,9 +16,9 @@ How it works
   config when another member's change came first). From the mark on, the work is not cancelled: a
   write already on the ring may commit, so it is waited for and, if it failed, the token is given
   back. The answer carries the corosync.conf and the authkey.
-* Logging cannot be turned into a flood: a refusal by the rate limit is logged once per source
-  and window, names are shortened and escaped, and only failures the limit let through reach
-  the cluster log (every member's journal).
+* Logging cannot be turned into a flood: a refusal by the rate limit is logged (daemon log and
+  cluster log, which reaches every member) once per source and window, other refusals only
+  when the limit let the attempt through, and names are shortened and escaped.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class JoinService:
         if wait is not None:
             message = (f"too many failed join attempts from {peer}: refused; try again in "
                        f"{math.ceil(wait)} s")
-            self._log_rate_limited(peer, message, wait)
+            await self._log_rate_limited(peer, message, wait)
             return {"ok": False, "error": message}
         try:
             return await self._join(request, peer)
@@ -179,9 +179,9 @@ class JoinService:
                                 msg=message)
             return {"ok": False, "error": str(exc)}
 
-    def _log_rate_limited(self, peer: str, message: str, wait: float) -> None:
-        """Once per source and window: a client hammering the service must not flood the
-        journal (the refusal itself is answered every time)."""
+    async def _log_rate_limited(self, peer: str, message: str, wait: float) -> None:
+        """In the daemon log and the cluster log, once per source and window: a client
+        hammering the service must not flood them (the refusal is answered every time)."""
         now = time.monotonic()
         if self._quiet_until.get(peer, 0.0) > now:
             return
@@ -190,6 +190,7 @@ class JoinService:
         while len(self._quiet_until) > QUIET_SOURCES:
             self._quiet_until.popitem(last=False)
         log.warning("%s (logged once until then)", message)
+        await self.node.log(priority=4, tag="pmxfs", user="root", pid=os.getpid(), msg=message)
 
     async def _join(self, raw: dict[str, Any], peer: str) -> dict[str, Any]:
         try:
