@@ -188,8 +188,8 @@ class ReplicaNode:
         self._failure: Exception | None = None  # the output that could not be carried out
         self._session_over = trio.Event()  # set to end the running attachment's tasks
         self._switch: _Switch | None = None
-        self._attached = trio.Event()  # set while no attach is under way
-        self._attached.set()
+        self._switch_idle = trio.Event()  # set while no attach is under way
+        self._switch_idle.set()
         self._generation = 0  # counts attachments: a report of an earlier persister is stale
         self._running = False  # between the start and the end of `run`: reports are taken
         self._shown_quorate: bool | None = None  # what the kernel's cached attributes show
@@ -356,10 +356,10 @@ class ReplicaNode:
         no checkpoint between: an attach that starts in that gap would otherwise find no write
         in flight and tear down the replica the proposal went to."""
         with trio.move_on_after(ROOM_TIMEOUT_S):
-            while not self._attached.is_set() or self.replica.full():
-                await (self._room if self._attached.is_set() else self._attached).wait()
+            while not self._switch_idle.is_set() or self.replica.full():
+                await (self._room if self._switch_idle.is_set() else self._switch_idle).wait()
                 self._check_running()
-        return self._attached.is_set()
+        return self._switch_idle.is_set()
 
     async def set_expected(self, expected: int) -> Reply:
         self._check_running()
@@ -371,7 +371,7 @@ class ReplicaNode:
 
     async def log(self, *, priority: int, tag: str, user: str, pid: int, msg: str) -> None:
         with trio.move_on_after(ROOM_TIMEOUT_S):
-            await self._attached.wait()
+            await self._switch_idle.wait()
         self.replica.log(self.now(), pri=priority, tag=tag, pid=pid, user=user, msg=msg)
         self._flush()
 
@@ -445,9 +445,9 @@ class ReplicaNode:
         once they are, while writes still wait (a backup of the tree, say); when it raises,
         nothing changes either."""
         self._check_running()
-        if self._switch is not None or not self._attached.is_set():
+        if self._switch is not None or not self._switch_idle.is_set():
             raise AttachError("another change of this node's cluster membership is under way")
-        self._attached = trio.Event()
+        self._switch_idle = trio.Event()
         try:
             with trio.move_on_after(ATTACH_DRAIN_TIMEOUT_S):
                 while self._waiters:
@@ -463,7 +463,7 @@ class ReplicaNode:
             await switch.done.wait()
             self._check_running()
         finally:
-            self._attached.set()
+            self._switch_idle.set()
 
     def _take_switch(self, switch: _Switch) -> None:
         """In `run`, between two attachments: the old transport closes, the database starts
