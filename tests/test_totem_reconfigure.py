@@ -163,3 +163,27 @@ def test_new_timers_apply_to_the_next_token_loss() -> None:
         assert c.core(n).ring.members == (1, 2, 3)
         assert c.core(n).counters.get("token_lost", 0) == 0
     c.wait(lambda: c.one_ring([1, 2]), slow.token + slow.consensus + 500, "the ring of two")
+
+
+def test_the_frames_of_a_member_removed_mid_ring_are_recovered_without_it() -> None:
+    """n1 and n2 take a config without n3 while n1 holds frames of n3 that n2 lacks: in the
+    recovery of the ring without n3, n1 re-broadcasts them, still naming n3 as their sender;
+    n2 takes them all the same (dropping them, it could never complete the recovery), and both
+    deliver the same messages of n3, those included."""
+    c = ConfiguredCluster({n: [1, 2, 3] for n in (1, 2, 3)}, seed=23)
+    c.net.faults.max_jitter = 5
+    c.wait(lambda: c.one_ring([1, 2, 3]), 10_000, "the first ring")
+    sent = [c.mcast(3, 1000) for _ in range(30)]
+
+    def n1_ahead() -> set[int]:
+        """Seqs of n3's frames that n1 holds and n2 may lack."""
+        ring1, ring2 = c.core(1).ring, c.core(2).ring
+        return {seq for seq, frame in ring1.frames.items()
+                if frame.sender == 3 and seq > ring2.aru and seq not in ring2.frames}
+
+    c.wait(lambda: bool(n1_ahead()), 2_000, "frames of n3 that n1 holds and n2 lacks")
+    c.reconfigure([1, 2], [1, 2])
+    c.wait(lambda: c.one_ring([1, 2]), 5_000, "the ring of n1 and n2")
+    got = [{p for p in sent if p in c.checker.views[(n, 0)].delivered} for n in (1, 2)]
+    assert got[0] == got[1]
+    assert c.core(2).counters.get("recovered_frames", 0) > 0

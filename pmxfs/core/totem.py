@@ -366,7 +366,10 @@ class Totem:
     def _dispatch(self, now: int, src: int, msg: Message) -> None:
         match msg:
             case Mcast():
-                if msg.sender not in self.nodes:
+                # A recovery frame carries a frame of an old ring, whose sender a configuration
+                # taken since may no longer have: it is a frame of the new ring all the same,
+                # and a member dropping it could never complete the recovery.
+                if msg.sender not in self.nodes and msg.origin is None:
                     self.counters.add("dropped_unknown_node")
                 else:
                     self._on_mcast(msg)
