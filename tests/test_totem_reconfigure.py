@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 
+from pmxfs.core import totem
 from pmxfs.core.totem import State, Totem
 from pmxfs.core.totem_params import TotemParams, derive_params
 from pmxfs.sim.totem_sim import TotemCluster, sim_params
@@ -163,6 +164,65 @@ def test_new_timers_apply_to_the_next_token_loss() -> None:
         assert c.core(n).ring.members == (1, 2, 3)
         assert c.core(n).counters.get("token_lost", 0) == 0
     c.wait(lambda: c.one_ring([1, 2]), slow.token + slow.consensus + 500, "the ring of two")
+
+
+def test_a_node_behind_leaves_out_a_removed_node_it_still_has_and_joins_the_others() -> None:
+    """n3 missed the removal of n5 and n5 runs again with its old config: n1 and n2 drop n3's
+    joins (they name n5) and answer with a refusal of n5, so n3 leaves n5 out and the three form
+    their ring without n5; once n3 takes the config (as its sync hands it over) n5 stays out."""
+    c = ConfiguredCluster({1: [1, 2, 3], 2: [1, 2, 3], 3: [1, 2, 3, 5], 5: [1, 2, 3, 5]},
+                          seed=15)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 20_000, "the ring of n1, n2 and n3")
+    assert sum(c.core(n).counters.get("refusals_sent", 0) for n in (1, 2)) > 0
+    assert c.core(3).counters.get("nodes_refused", 0) > 0
+    assert 5 in c.core(3).refused
+    c.reconfigure([1, 2, 3], [1, 2, 3])
+    c.ring_stays([1, 2, 3], 5_000)
+    assert c.core(3).refused == {}
+
+
+def test_a_node_behind_that_lacks_an_added_node_makes_the_others_leave_it_out_first() -> None:
+    """n4 was added while n3 was away: n3 drops the joins naming n4 and refuses n4, so n1 and n2
+    leave n4 out and the three form a ring; when the sync hands n3 the new config (and n1, n2
+    the same one again), the refusals end and all four merge."""
+    c = ConfiguredCluster({1: [1, 2, 3, 4], 2: [1, 2, 3, 4], 3: [1, 2, 3], 4: [1, 2, 3, 4]},
+                          seed=17)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 20_000, "the ring of n1, n2 and n3")
+    assert c.core(3).counters.get("refusals_sent", 0) > 0
+    assert 4 in c.core(1).refused
+    assert 4 in c.core(2).refused
+    c.reconfigure([1, 2, 3], [1, 2, 3, 4])
+    c.wait(lambda: c.one_ring([1, 2, 3, 4]), 10_000, "one ring of all four")
+
+
+def test_two_nodes_that_each_lack_a_node_of_the_other_still_learn_the_refusals() -> None:
+    """n3 missed both the removal of n5 (running again) and the addition of n4: the joins of n1
+    and n2 name n4, which n3 does not have, and n3's name n5, which they do not have, so each
+    side drops the other's joins -- their refusals included. The refusals are taken from the
+    dropped joins all the same: the three form a ring without n4 and n5, and once they take the
+    config of n1, n2, n3 and n4, n4 merges and n5 stays out."""
+    c = ConfiguredCluster({1: [1, 2, 3, 4], 2: [1, 2, 3, 4], 3: [1, 2, 3, 5], 4: [1, 2, 3, 4],
+                           5: [1, 2, 3, 5]}, seed=19)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 20_000, "the ring of n1, n2 and n3")
+    assert 4 in c.core(1).refused
+    assert 5 in c.core(3).refused
+    c.reconfigure([1, 2, 3], [1, 2, 3, 4])
+    c.wait(lambda: c.one_ring([1, 2, 3, 4]), 10_000, "the ring of n1 to n4")
+    c.ring_stays([1, 2, 3, 4], 3_000)
+
+
+def test_a_refusal_lapses_when_the_node_that_refused_does_not_come_back() -> None:
+    """n3 refused the added n4 and then crashed before any sync could bring it the new config:
+    n1 and n2 leave n4 out only until the refusal lapses, then the three form their ring."""
+    c = ConfiguredCluster({1: [1, 2, 3, 4], 2: [1, 2, 3, 4], 3: [1, 2, 3], 4: [1, 2, 3, 4]},
+                          seed=21)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 20_000, "the ring of n1, n2 and n3")
+    c.crash(3)
+    lapse = totem.REFUSAL_CONSENSUS_TIMEOUTS * c.params.consensus
+    c.wait(lambda: c.one_ring([1, 2]), 5_000, "the ring of n1 and n2")
+    assert 4 in c.core(1).refused
+    c.wait(lambda: c.one_ring([1, 2, 4]), lapse + 10_000, "the ring of n1, n2 and n4")
+    assert c.core(1).refused == {}
 
 
 def test_the_frames_of_a_member_removed_mid_ring_are_recovered_without_it() -> None:

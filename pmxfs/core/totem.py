@@ -55,6 +55,21 @@ Membership (states OPERATIONAL, GATHER, COMMIT, RECOVERY):
 * The representative of an operational ring multicasts MERGE_DETECT every `merge` ms so healed
   partitions find each other; after `seqno_unchanged_const` idle rotations it holds the token for
   `hold` ms per rotation, and a member with something to send asks for it with TOKEN_HOLD_CANCEL.
+* Configured nodes (`nodes`) can differ between nodes while a new configuration spreads: a node
+  that was away when one was taken runs with the one before. Frames from a node outside my set
+  are dropped, and so is a join naming one; such a join was sent by a node whose configuration
+  differs from mine, so I answer it, `join` ms later and to that node alone, with a join whose
+  fail set also lists the unknown nodes outside its proc set: a *refusal* (a normal join always
+  has fail within proc). The receiver leaves refused nodes out of its proc set and ignores them
+  until it takes a configuration (`reconfigure`; the replica hands one over after every sync)
+  in a ring with the refusing node -- both hold the same configuration then -- or, should that
+  node not come back, until `REFUSAL_CONSENSUS_TIMEOUTS` consensus timeouts after the last
+  refusal it got.
+  So a node whose configuration is behind, and still has a node the others removed (and which
+  is running again), leaves that node out and joins the others; and a node that does not know
+  one the others added makes them form a ring without the new node first. Either way the ring
+  that forms syncs, the node that was behind takes the configuration from the tree, and the
+  nodes that were left out merge back -- or stay out, having been removed.
 
 Inputs are `receive(now, src, frame)`, `on_timer(now)`, `mcast(now, payload)`,
 `set_durable(now, ring_id, seq)` and `reconfigure(now, nodes, params)` (a configuration taken at
@@ -148,6 +163,9 @@ __all__ = [
 ]
 
 
+REFUSAL_CONSENSUS_TIMEOUTS = 10  # refusals lapse this many consensus timeouts after the last
+
+
 class McastResult(Enum):
     """ACCEPTED: queued, and delivered to every member (this one included) in agreed order
     unless this node fails first. TRY_AGAIN: the send queue is full; nothing was queued."""
@@ -215,6 +233,13 @@ class Totem:
         self.last_commit_seq = 0  # seq of the last ring we committed to (even if abandoned)
         self.proc: set[int] = {node_id}  # who I believe alive
         self.fail: set[int] = set()  # who I believe failed, in this attempt at forming a ring
+        # Configured nodes left out because a peer's configuration lacks them -> those peers.
+        self.refused: dict[int, set[int]] = {}
+        self.refused_until: int | None = None  # when every refusal left lapses
+        # Peers whose joins named nodes I do not have, and those nodes: owed a refusal, sent
+        # at `refusals_at`.
+        self.refusals_owed: dict[int, set[int]] = {}
+        self.refusals_at: int | None = None
         self.relay = TokenRelay()
         self.phase: Phase = self._gathering(now)
 
@@ -241,7 +266,7 @@ class Totem:
         return out
 
     def next_deadline(self) -> int | None:
-        timers = list(self.relay.deadlines())
+        timers = [*self.relay.deadlines(), self.refusals_at, self.refused_until]
         phase = self.phase
         if isinstance(phase, Gathering):
             timers += [phase.join_at, phase.consensus_at]
@@ -295,11 +320,20 @@ class Totem:
         it belongs to the ring in progress this node gathers, so the ring changes through a
         configuration change as after a failure. This node never removes itself: a config
         without it leaves it running with its old peers (who drop its frames), not stopped
-        mid-protocol. New timers apply from the next time each one is armed."""
+        mid-protocol. New timers apply from the next time each one is armed. A refusal by a
+        member of the ring this node is in (or was in last) ends here: the replica hands over a
+        configuration when the ring's sync completed, so both hold the same one now."""
         new_nodes = frozenset(nodes) | {self.node_id}
         removed = self.nodes - new_nodes
         self.nodes = new_nodes
         self.params = params
+        synced = set(self.ring.members)
+        self.refused = {node: left for node, by in self.refused.items()
+                        if node in new_nodes and (left := (by & new_nodes) - synced)}
+        if not self.refused:
+            self.refused_until = None
+        self.refusals_owed = {}
+        self.refusals_at = None
         if not removed:
             return
         self.proc -= removed
@@ -338,6 +372,12 @@ class Totem:
         self._run_loopback(now)
 
     def on_timer(self, now: int) -> None:
+        if self.refusals_at is not None and now >= self.refusals_at:
+            self._send_refusals()
+        if self.refused_until is not None and now >= self.refused_until:
+            self._event(f"refusals of {sorted(self.refused)} lapse")
+            self.refused = {}
+            self.refused_until = None
         if self.relay.loss_at is not None and now >= self.relay.loss_at:
             self.counters.add("token_lost")
             self._event(f"token lost in {self.state.value}")
@@ -661,10 +701,23 @@ class Totem:
     def _on_join(self, now: int, join: Join) -> None:
         if join.sender == self.node_id:
             return
-        if any(n not in self.nodes for n in join.proc) or any(n not in self.nodes
-                                                                for n in join.fail):
-            self.counters.add("dropped_unknown_node")
+        if join.sender in self.refused:
+            self.counters.add("dropped_refused_node")
             return
+        refused = set(join.fail) - set(join.proc) - {self.node_id}
+        if refused:
+            # Taken even from a join dropped below: two nodes whose configurations each lack
+            # a node of the other's refuse each other's joins, and must still learn this.
+            self._refuse(now, refused, join.sender)
+        unknown = {n for n in join.proc if n not in self.nodes}
+        if unknown or any(n not in self.nodes for n in join.fail):
+            self.counters.add("dropped_unknown_node")
+            if unknown:
+                self._owe_refusal(now, join.sender, unknown)
+            return
+        if refused:
+            join = Join(sender=join.sender, ring_seq=join.ring_seq, proc=join.proc,
+                        fail=tuple(n for n in join.fail if n not in refused))
         forgot_failures = False
         if join.ring_seq > self.highest_ring_seq:
             self.highest_ring_seq = join.ring_seq
@@ -703,7 +756,9 @@ class Totem:
             # A node from outside my ring may not declare my ring's members failed: its view
             # comes from another partition, and believing it lets partitions break each other.
             merged_fail |= fail - set(self.ring.members)
-        merged_proc = self.proc | proc
+        # Refused nodes stay out, also of the fail set (a normal join has fail within proc).
+        merged_fail -= self.refused.keys()
+        merged_proc = self.proc | (proc - self.refused.keys())
         if (self.state is State.GATHER and merged_proc == self.proc and merged_fail == self.fail
                 and not forgot_failures):
             return  # nothing new; the join timer keeps repeating our view
@@ -712,7 +767,47 @@ class Totem:
         self.proc = merged_proc
         self._enter_gather(now, failed=merged_fail)
 
+    def _owe_refusal(self, now: int, peer: int, unknown: set[int]) -> None:
+        """`peer`'s join named `unknown`, nodes my configuration does not have: tell it."""
+        self.refusals_owed.setdefault(peer, set()).update(unknown)
+        if self.refusals_at is None:
+            self.refusals_at = now + self.params.join
+
+    def _send_refusals(self) -> None:
+        """To each peer owed one, a join of mine whose fail set also lists, outside my proc
+        set, the nodes it named that I do not have (see the module comment)."""
+        for peer, unknown in sorted(self.refusals_owed.items()):
+            self.counters.add("refusals_sent")
+            self.outputs.append(Send(peer, encode(Join(
+                sender=self.node_id, ring_seq=self.highest_ring_seq,
+                proc=tuple(sorted(self.proc)), fail=tuple(sorted(self.fail | unknown))))))
+        self.refusals_owed = {}
+        self.refusals_at = None
+
+    def _refuse(self, now: int, nodes: set[int], by: int) -> None:
+        """Peer `by`'s configuration does not have `nodes`: leave them out (as a removal by
+        `reconfigure` does) until I take a configuration in a ring with `by` (or the refusal
+        lapses)."""
+        nodes = (nodes & self.nodes) - {self.node_id}
+        if not nodes:
+            return
+        self.refused_until = now + REFUSAL_CONSENSUS_TIMEOUTS * self.params.consensus
+        new = nodes - set(self.refused)
+        for node in nodes:
+            self.refused.setdefault(node, set()).add(by)
+        if not new:
+            return
+        self.counters.add("nodes_refused", len(new))
+        self._event(f"n{by} does not have {sorted(new)} configured: left out")
+        self.proc -= new
+        self.fail -= new
+        _, members = self._ring_in_progress()
+        if self.state is State.GATHER or new & set(members):
+            self._enter_gather(now)
+
     def _on_merge_detect(self, now: int, msg: MergeDetect) -> None:
+        if msg.sender in self.refused:
+            return
         if (self.state is State.OPERATIONAL and msg.ring_id != self.ring.ring_id
                 and msg.sender not in self.ring.members):
             self.counters.add("merge_detected")
