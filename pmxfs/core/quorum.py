@@ -43,11 +43,16 @@ Rules (votequorum's, as DESIGN.md §3 states them):
   the vote (qnetd gives it to at most one partition).
 * `expected N` (pvecm expected): refused when N < 1, when N < V, or when the partition is quorate
   and N//2 + 1 > V (it would lose quorum); otherwise every member adopts E := N.
+* A config taken at run time: applied in order, it resets E to what it expects (`reconfigure`).
+  When a sync completes, every member settles the ring's quorum on the config the sync left
+  them all with (`settle_config`), since a member that was away may have announced an older
+  one: votes are the config's, an announced E above the config's is lowered to it, and a
+  quorate claim counts only from members that saw the newest quorate ring among them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, TypeAlias
 
@@ -416,6 +421,30 @@ class Quorum:
         anns = {m: replace(a, votes=config.node_votes.get(m, 0), expected_votes=expected)
                 for m, a in self._announced.items()}
         return self._reevaluate(anns)
+
+    def settle_config(self, config: QuorumConfig, announced: Mapping[int, Announcement],
+                      current: Collection[int]) -> QuorumStatus:
+        """A sync of the ring completed: `config` is the one every member now holds, and the
+        ring's quorum is worked out again from every member's announcement (`announced`, as
+        `on_membership` had it) -- the same on every member, so they stay in agreement, also
+        when the sync brought some of them a config they did not have. Members that ran with
+        an older config announced its votes and expected votes, and a quorate claim of theirs
+        may predate decisions they missed. So: votes are this config's; an announced E above
+        this config's expected votes is lowered to them (only an older config can have put it
+        there: `expected` and last man standing only lower E); and a quorate claim counts only
+        from a member in `current`, those that saw the newest quorate ring among the members
+        (the others missed at least that ring's decisions, a config change among them)."""
+        self.config = config
+        cap = config.configured_expected
+        anns = {m: replace(a, votes=config.node_votes.get(m, 0),
+                           expected_votes=min(a.expected_votes, cap),
+                           quorate=a.quorate and m in current)
+                for m, a in announced.items() if m in self._status.members}
+        status = self._evaluate(self._status.members, anns,
+                                config.wfa and not any(a.quorate for a in anns.values()))
+        if not self._lms_applies(status):
+            self._state = replace(self._state, lms_deadline=None)
+        return status
 
     # -- internals
 

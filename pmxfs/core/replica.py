@@ -730,29 +730,47 @@ class Replica:
                 self._count("locks_expired")
                 self._send(OpMsg(self._new_op_id(), Unlock(path, checksum)))
 
-    def _take_config_from_tree(self) -> None:
+    def _take_config_from_tree(self, *, sync: bool = False) -> None:
         """The tree's corosync.conf, when it differs from the one last taken: out as
-        `ConfigChanged`, into the quorum and into totem (node set and timers, at run time).
-        Called where every member of the ring holds the same tree (an applied write, the end of
-        a sync), so they all agree on the result; a member that was away when the config
-        changed takes it from the sync that brings it."""
+        `ConfigChanged`, and into totem (node set and timers, at run time). Called where every
+        member of the ring holds the same tree, so they all agree on the result: an applied
+        write (the config goes into the quorum, whose E it resets) or the end of a `sync`,
+        where a member that was away when the config changed takes it. There every member
+        settles the quorum on the tree's config, changed for it or not (`Quorum.settle_config`),
+        since only some members may have announced an older one; and totem is handed the
+        config again, with the timers it runs with, even when unchanged: nodes it left out
+        because a peer's config lacked them come back, unless this config lacks them too (see
+        `Totem.reconfigure`)."""
         entry = self.memdb.lookup(COROSYNC_CONF)
-        if entry is None or entry.type is not EntryType.FILE:
-            return
-        text = entry.data.decode("utf-8", "replace")
+        taken = entry is not None and entry.type is EntryType.FILE and self._take_config_text(
+            entry.data.decode("utf-8", "replace"))
+        if sync:
+            before = self.quorum.status()
+            newest = max(s.last_ring_seq for s in self.states.values())
+            status = self.quorum.settle_config(
+                QuorumConfig.from_config(self.config),
+                {m: s.announcement for m, s in self.states.items()},
+                {m for m, s in self.states.items() if s.last_ring_seq == newest})
+            if taken or status != before:
+                self.outputs.append(QuorumChanged(status))
+        elif taken:
+            self.outputs.append(QuorumChanged(
+                self.quorum.reconfigure(QuorumConfig.from_config(self.config))))
+        self.totem.reconfigure(self._now, self.names,
+                               totem_params(self.config) if taken else self.totem.params)
+
+    def _take_config_text(self, text: str) -> bool:
+        """Take `text` if it is new and valid; whether it was taken."""
         if text == self.config_text:
-            return
-        result = check_config(text)
-        if result.config is None:
-            return
-        config = result.config
+            return False
+        config = check_config(text).config
+        if config is None:
+            return False
         self.config_text = text
         self.config = config
         self.names = {n.nodeid: n.name for n in config.node_infos() if n.nodeid is not None}
         self.outputs.append(ConfigChanged(text))
-        status = self.quorum.reconfigure(QuorumConfig.from_config(config))
-        self.outputs.append(QuorumChanged(status))
-        self.totem.reconfigure(self._now, self.names, totem_params(config))
+        return True
 
     def _note_history(self) -> None:
         version = self.memdb.version
@@ -1016,7 +1034,7 @@ class Replica:
         assert self.leader is not None
         self.mode = Mode.SYNCED
         self._count("syncs")
-        self._take_config_from_tree()
+        self._take_config_from_tree(sync=True)
         if self.quorum.status().quorate and self.quorate_ring_seq != self.ring.seq:
             self.quorate_ring_seq = self.ring.seq
             self._meta[META_QUORATE_RING] = b"%d" % self.ring.seq
