@@ -32,6 +32,8 @@ from cpg_harness import PMXFS, wait_until
 from daemon_harness import MOUNT_TIMEOUT_S, fuse_unavailable, is_mounted, unmount
 from test_cpg_netns import _ip, _netns_unavailable
 
+from pmxfs.commands.node_home import NodeHome
+
 CLUSTER = "lab"
 SUBNET = "10.213.0"
 TOKEN_MS = 1000  # the totem token the tests give every cluster right after `create`
@@ -52,7 +54,7 @@ def lab_unavailable() -> str | None:
 
 
 @dataclass
-class LabNode:
+class LabNode(NodeHome):
     """One node: its namespace, address and paths, and the daemon running there (if any)."""
 
     name: str
@@ -62,30 +64,6 @@ class LabNode:
     home: Path
     proc: subprocess.Popen[bytes] | None = None
     pids: list[int] = field(default_factory=list)  # every daemon PID started, in order
-
-    @property
-    def config(self) -> Path:
-        return self.home / "corosync.conf"
-
-    @property
-    def authkey(self) -> Path:
-        return self.home / "authkey"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.home / "run"
-
-    @property
-    def mount(self) -> Path:
-        return self.home / "mnt"
-
-    @property
-    def log(self) -> Path:
-        return self.home / "daemon.log"
 
     def argv(self) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.ns}", "--", str(PMXFS), "daemon",

@@ -77,6 +77,7 @@ from typing import Any
 
 from pmxfs.commands import keygen
 from pmxfs.commands.control import SOCKET_NAME
+from pmxfs.commands.node_home import NodeHome
 from pmxfs.core import conf
 from pmxfs.core.errors import LocalError
 from pmxfs.core.join_token import JOIN_PORT
@@ -112,37 +113,13 @@ class DemoError(LocalError):
 
 
 @dataclass(frozen=True)
-class DemoNode:
+class DemoNode(NodeHome):
     """One node of the demo: identity and where everything of it lives (absolute paths)."""
 
     name: str
     nodeid: int
     addr: str
     home: Path
-
-    @property
-    def config(self) -> Path:
-        return self.home / "corosync.conf"
-
-    @property
-    def authkey(self) -> Path:
-        return self.home / "authkey"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.home / "run"
-
-    @property
-    def mount(self) -> Path:
-        return self.home / "mnt"
-
-    @property
-    def log(self) -> Path:
-        return self.home / "daemon.log"
 
     def argv(self) -> list[str]:
         """The full command line of this node's daemon; it restarts the node on its own."""

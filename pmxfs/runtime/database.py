@@ -62,7 +62,7 @@ import shutil
 import sqlite3
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -259,29 +259,17 @@ class Database:
         """A consistent copy of the database at `dest` (which must not exist), made with SQLite's
         backup API while this database stays open; written to a temporary file, fsynced and then
         hard-linked to `dest`, so `dest` never holds a partial copy."""
-        dest = Path(dest)
-        if os.path.lexists(dest):
-            raise DatabaseError(dest, ["exists; a backup never replaces a file"])
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.tmp")
-        try:
+
+        def copy(tmp: Path) -> None:
+            _new_file(tmp)
+            target = sqlite3.connect(f"{tmp.absolute().as_uri()}?mode=rw", uri=True)
             try:
-                _new_file(tmp)
-                target = sqlite3.connect(f"{tmp.absolute().as_uri()}?mode=rw", uri=True)
-                try:
-                    self._conn.backup(target)  # writes the pages straight into the file
-                finally:
-                    target.close()
-                _fsync_path(tmp)
-                os.link(tmp, dest)
-                _fsync_path(dest.parent)
-            except FileExistsError:
-                raise DatabaseError(dest, ["exists; a backup never replaces a file"]) from None
-            except (OSError, sqlite3.Error) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                raise DatabaseError(dest, [f"cannot write the backup: {reason}"]) from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                self._conn.backup(target)  # writes the pages straight into the file
+            finally:
+                target.close()
+            _fsync_path(tmp)
+
+        _write_new(Path(dest), copy, "backup")
 
     def dump_sql_gz(self, dest: Path) -> None:
         """The database as gzip'd SQL text at `dest` (which must not exist), as `sqlite3
@@ -289,26 +277,15 @@ class Database:
         of its own (so any thread may call it while this Database commits); written to a
         temporary file, fsynced and then hard-linked to `dest` (module comment)."""
         dest = Path(dest)
-        if os.path.lexists(dest):
-            raise DatabaseError(dest, ["exists; a backup never replaces a file"])
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                with open(fd, "wb") as raw:
-                    self._write_sql_gz(raw, dest.name)
-                    raw.flush()
-                    os.fsync(raw.fileno())
-                os.link(tmp, dest)
-                _fsync_path(dest.parent)
-            except FileExistsError:
-                raise DatabaseError(dest, ["exists; a backup never replaces a file"]) from None
-            except (OSError, sqlite3.Error) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                raise DatabaseError(dest, [f"cannot write the dump: {reason}"]) from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+
+        def dump(tmp: Path) -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as raw:
+                self._write_sql_gz(raw, dest.name)
+                raw.flush()
+                os.fsync(raw.fileno())
+
+        _write_new(dest, dump, "dump")
 
     def _write_sql_gz(self, raw: BinaryIO, name: str) -> None:
         conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
@@ -480,6 +457,27 @@ def _create_if_missing(path: Path) -> None:
 
 def _new_file(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
+def _write_new(dest: Path, write: Callable[[Path], None], what: str) -> None:
+    """`write` a temporary file beside `dest`, then hard-link it to `dest`, which must not
+    exist: `dest` never holds a partial file, and an existing one is never replaced."""
+    if os.path.lexists(dest):
+        raise DatabaseError(dest, ["exists; a backup never replaces a file"])
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        try:
+            write(tmp)
+            os.link(tmp, dest)
+            _fsync_path(dest.parent)
+        except FileExistsError:
+            raise DatabaseError(dest, ["exists; a backup never replaces a file"]) from None
+        except (OSError, sqlite3.Error) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise DatabaseError(dest, [f"cannot write the {what}: {reason}"]) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _fsync_path(path: Path) -> None:
