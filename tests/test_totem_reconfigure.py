@@ -247,3 +247,21 @@ def test_the_frames_of_a_member_removed_mid_ring_are_recovered_without_it() -> N
     got = [{p for p in sent if p in c.checker.views[(n, 0)].delivered} for n in (1, 2)]
     assert got[0] == got[1]
     assert c.core(2).counters.get("recovered_frames", 0) > 0
+
+
+def test_a_refusal_ends_with_a_config_taken_in_a_ring_with_the_node_that_refused() -> None:
+    """A config taken in a ring without the refusing node (a behind node's sync of its own ring)
+    does not end the refusal: the node it refused would come straight back and be refused
+    again, ring after ring. One taken in a ring with it does."""
+    c = ConfiguredCluster({1: [1, 2, 3], 2: [1, 2, 3], 3: [1, 2, 3, 5], 5: [1, 2, 3, 5]},
+                          seed=25)
+    c.wait(lambda: c.one_ring([1, 2, 3]), 20_000, "the ring of n1, n2 and n3")
+    c.net.partition([[1, 2], [3, 5]])
+    c.wait(lambda: c.one_ring([3]), 10_000, "n3 alone, without the node it refuses")
+    c.reconfigure([3], [1, 2, 3, 5])
+    assert set(c.core(3).refused) == {5}
+    c.ring_stays([3], 2_000)
+    c.net.heal()
+    c.wait(lambda: c.one_ring([1, 2, 3]), 10_000, "the ring of n1, n2 and n3 again")
+    c.reconfigure([3], [1, 2, 3, 5])
+    assert c.core(3).refused == {}
