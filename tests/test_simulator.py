@@ -1,20 +1,29 @@
 """The deterministic simulator: it is deterministic, its checkers bite, and totem passes it.
 
-Every seed that once found a bug is kept in REGRESSION_SEEDS with what it found.
+Every seed that once found a bug is kept in REGRESSION_SEEDS (totem alone) or
+LIFECYCLE_REGRESSION_SEEDS (nodes added and removed at run time) with what it found.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
 from pmxfs.core import totem
+from pmxfs.core.conf import parse, totem_params
+from pmxfs.core.fsop import Mkdir, WriteFile
+from pmxfs.core.replica import OpDecided
+from pmxfs.core.replica_msgs import OpId
 from pmxfs.core.totem import ConfChange, ConfChangeKind, Deliver, Stable
 from pmxfs.core.totem_membership import Recovering
+from pmxfs.core.totem_params import TotemParams
 from pmxfs.core.wire import CommitToken, MemberInfo, RingId
+from pmxfs.sim.lifecycle_sim import run_lifecycle_chaos
+from pmxfs.sim.replica_sim import ReplicaChecker, ReplicaCluster, cluster_config_text
 from pmxfs.sim.totem_checker import TotemChecker, Violation
 from pmxfs.sim.totem_sim import TotemCluster, run_chaos, sim_params
 
@@ -42,7 +51,23 @@ REGRESSION_SEEDS = {
     10285: "zero-delay livelock: a join older than my ring still failed me, so I went singleton",
 }
 
+# seed of `--workload lifecycle` -> the bug it found (with that fix switched off it fails still)
+LIFECYCLE_REGRESSION_SEEDS = {
+    10: "totem: a node that missed a nodelist change never formed a ring with the others "
+        "(no refusals)",
+    13: "totem: a node that missed a nodelist change never formed a ring with the others "
+        "(no refusals)",
+    53: "totem: refusals that came in joins dropped for naming unknown nodes were lost",
+    233: "totem: a refused node came back into the proc set through other members' joins",
+    1291: "totem: a recovery frame naming a removed sender was dropped, recovery never ended",
+    84: "quorum: a member that missed a config change claimed quorate with the old config's "
+        "expected votes: 3 of 6 configured nodes applied writes",
+    103: "replica: only the member a sync brought a new config re-evaluated quorum, so the "
+         "members decided a write differently",
+}
+
 CI_SEEDS = int(os.environ.get("PMXFS_SIM_SEEDS", "300"))
+LIFECYCLE_CI_SEEDS = int(os.environ.get("PMXFS_LIFECYCLE_SIM_SEEDS", "60"))
 
 
 @pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
@@ -186,3 +211,161 @@ def test_cluster_delivers_in_one_order_without_faults() -> None:
                                  cluster.net.now + 5_000)
     assert orders[1] == orders[2] == orders[3]
     assert sorted(orders[1]) == sorted(p for p in sent if p is not None)
+
+
+# ---------------------------------------------------------------------- run-time nodelist changes
+
+
+@pytest.mark.parametrize("seed", sorted(LIFECYCLE_REGRESSION_SEEDS))
+def test_lifecycle_regression_seed(seed: int) -> None:
+    result = run_lifecycle_chaos(seed, NODES)
+    assert result.violation is None, (
+        f"seed {seed} ({LIFECYCLE_REGRESSION_SEEDS[seed]}): {result.violation}")
+
+
+def test_the_simulated_corosync_conf_keeps_the_simulator_timers() -> None:
+    """A node taking the simulator's corosync.conf from the tree keeps the timers it runs with."""
+    for count in (3, 4, 5, 7):
+        config = parse(cluster_config_text(range(1, count + 1)))
+        assert totem_params(config) == sim_params(count)
+
+
+def test_lifecycle_same_seed_same_trace_and_nodes_come_and_go() -> None:
+    first = run_lifecycle_chaos(2, NODES, keep_trace=True)
+    second = run_lifecycle_chaos(2, NODES, keep_trace=True)
+    assert first.violation is None, first.violation
+    assert first.trace_hash == second.trace_hash
+    assert first.trace == second.trace
+    changes = [line for line in first.trace if "admin:" in line and " acknowledged" in line
+               and "not acknowledged" not in line]
+    assert any(" add " in line for line in changes), "no node was added"
+    assert any(" remove " in line for line in changes), "no node was removed"
+
+
+def _lifecycle(seed: int) -> tuple[int, str | None]:
+    return seed, run_lifecycle_chaos(seed, NODES).violation
+
+
+def test_lifecycle_sweep() -> None:
+    """CI's sweep of the lifecycle workload: PMXFS_LIFECYCLE_SIM_SEEDS seeds (default 60)."""
+    seeds = range(20_000, 20_000 + LIFECYCLE_CI_SEEDS)
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        failures = [(s, v) for s, v in pool.map(_lifecycle, seeds, chunksize=2) if v is not None]
+    assert failures == [], "\n".join(
+        f"seed {s}: {v}\n  replay: python tools/simulate.py --workload lifecycle --seed {s} "
+        f"--trace" for s, v in failures
+    )
+
+
+def test_replica_checker_counts_the_majority_of_the_applying_replicas_config() -> None:
+    """The same ring of two holds a majority of a config of three nodes, not of one of five."""
+    checker = ReplicaChecker()
+    key = (1, 0)
+    checker.started(key, ([], 0))
+    three, five = (parse(cluster_config_text(nodes)) for nodes in ([1, 2, 3], [1, 2, 3, 4, 5]))
+    checker.on_confchg(key, ConfChange(ConfChangeKind.REGULAR, RingId(4, 1), (1, 2), (), ()),
+                       three)
+    checker.on_event(key, OpDecided(OpId(1, 0, 1), Mkdir("d", 1), 1, 0, True, 1), three)
+    with pytest.raises(Violation, match="no majority"):
+        checker.on_event(key, OpDecided(OpId(1, 0, 2), Mkdir("e", 1), 1, 0, True, 2), five)
+
+
+def test_replica_checker_catches_a_removed_node_in_the_ring_of_a_node_without_it() -> None:
+    """n3 was removed: n1 may share a ring with it while n1's config still has it (n1 is behind)
+    or after n1's totem left that ring, not otherwise; n3 is always in its own ring."""
+    checker = ReplicaChecker()
+    checker.removed.add(3)
+    for key in ((1, 0), (3, 0)):
+        checker.started(key, ([], 0))
+    ring = ConfChange(ConfChangeKind.REGULAR, RingId(8, 1), (1, 3), (), (3,))
+    with_3, without_3 = (parse(cluster_config_text(nodes)) for nodes in ([1, 2, 3], [1, 2, 4]))
+    checker.on_confchg((1, 0), ring, with_3)
+    checker.on_confchg((1, 0), ring, None)
+    checker.on_confchg((3, 0), ring, without_3)
+    with pytest.raises(Violation, match="removed node"):
+        checker.on_confchg((1, 0), ring, without_3)
+
+
+def _first_violation(seeds: range, wanted: str) -> str | None:
+    for seed in seeds:
+        violation = run_lifecycle_chaos(seed, NODES).violation
+        if violation is not None and wanted in violation:
+            return violation
+    return None
+
+
+def test_lifecycle_finds_a_totem_that_ignores_the_node_set_it_is_handed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Totem keeps its first node set (only the timers change): an added node never joins the
+    ring, which the final check notices within a few seeds."""
+    def timers_only(self: totem.Totem, now: int, nodes: object, params: TotemParams) -> None:
+        self.params = params
+
+    monkeypatch.setattr(totem.Totem, "reconfigure", timers_only)
+    assert _first_violation(range(10), "no single synced ring of the final config"), (
+        "10 seeds did not notice that added nodes never join")
+
+
+def test_lifecycle_finds_a_totem_that_still_hears_removed_nodes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Totem never drops a node from its set: a removed node that runs again with its old
+    config is taken back into the others' ring, which the checker notices."""
+    original = totem.Totem.reconfigure
+
+    def never_removes(self: totem.Totem, now: int, nodes: Iterable[int],
+                      params: TotemParams) -> None:
+        original(self, now, {*nodes, *self.nodes}, params)
+
+    monkeypatch.setattr(totem.Totem, "reconfigure", never_removes)
+    assert _first_violation(range(20), "with removed node"), (
+        "20 seeds did not notice a removed node in the others' ring")
+
+
+def _with_config(cluster: ReplicaCluster, writer: int, nodes: list[int], version: int) -> str:
+    """Write the corosync.conf of `nodes` through `writer` (acknowledged); its text."""
+    text = cluster_config_text(nodes, version)
+    reply = cluster.write(writer, WriteFile("corosync.conf", text.encode(), version, create=True))
+    assert reply.errno == 0, reply
+    return text
+
+
+def test_a_node_away_while_a_node_was_added_catches_up_and_the_new_node_joins() -> None:
+    """n3 is down while n4 is added; started again with its old config it refuses n4, n1 and n2
+    leave n4 out and sync with n3, which takes the new config, and n4 merges: all four in one
+    ring within two consensus timeouts (the refusals end with that sync, not when they lapse)."""
+    c = ReplicaCluster([1, 2, 3, 4], sim_params(3), random.Random(1), installed=[1, 2, 3])
+    c.net.faults.min_delay = 1
+    c.wait(lambda: c.settled([1, 2, 3]), 20_000, "the first ring")
+    _with_config(c, 1, [1, 2, 3], 1)
+    c.crash(3)
+    c.wait(lambda: c.settled([1, 2]), 10_000, "the ring of n1 and n2")
+    text = _with_config(c, 1, [1, 2, 3, 4], 2)
+    c.install(4, text)
+    c.wait(lambda: c.settled([1, 2, 4]), 10_000, "the ring with the new node")
+    c.restart(3)
+    c.wait(lambda: c.settled([1, 2, 3, 4]), 2 * c.replica(1).totem.params.consensus,
+           "all four in one ring")
+    assert c.replica(3).config_text == text
+    assert all(c.replica(n).quorum.status().quorate for n in (1, 2, 3, 4))
+
+
+def test_a_node_away_while_a_node_was_removed_catches_up_without_it() -> None:
+    """n3 is down while n5 (stopped) is removed; both start again with their old configs: n3
+    leaves n5 out on the others' refusal, syncs with them and takes the new config, and n5 stays
+    out of their ring (the checker watches that too)."""
+    c = ReplicaCluster([1, 2, 3, 4, 5], sim_params(5), random.Random(2))
+    c.net.faults.min_delay = 1
+    c.wait(c.settled, 20_000, "the first ring")
+    _with_config(c, 1, [1, 2, 3, 4, 5], 1)
+    c.crash(3)
+    c.crash(5)
+    c.wait(lambda: c.settled([1, 2, 4]), 10_000, "the ring of n1, n2 and n4")
+    c.checker.removed.add(5)
+    text = _with_config(c, 1, [1, 2, 3, 4], 2)
+    c.restart(5)
+    c.restart(3)
+    c.wait(lambda: c.settled([1, 2, 3, 4]), 10_000, "n1 to n4 in one ring")
+    assert c.replica(3).config_text == text
+    c.run_for(5_000)
+    assert c.settled([1, 2, 3, 4]), "n5 disturbed the ring"
+    assert set(c.replica(5).members) <= {5}, "n5 formed a ring with others"

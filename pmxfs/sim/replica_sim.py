@@ -7,7 +7,8 @@ completes after a latency drawn from the seed (`disk_delay`, with rare long `dis
 only then is the replica told (`Replica.persisted`). Meanwhile the node goes on delivering and
 passing the token. A crash drops whatever was queued or being written (the deliveries were
 applied in memory, not on disk); it can also strike exactly when a Persist is handed out. A
-restart builds the replica from the disk alone.
+restart builds the replica from the disk and the node's own copy of corosync.conf (the runtime
+rewrites it as soon as the replica takes a new one, before the tree's rows are on disk).
 
 Checkers (`ReplicaChecker`):
 * lineage: every node's tree is the result of a sequence of applied operations (its *lineage*);
@@ -20,7 +21,9 @@ Checkers (`ReplicaChecker`):
   claim made too early is caught), and every acknowledged
   operation is in the final lineage; an operation answered with an error is never in the final
   lineage as a success;
-* a mutation is applied only in a ring whose members hold a majority of the votes;
+* a mutation is applied only in a ring whose members hold a majority of the votes of the config
+  the applying replica runs with at that moment (configs change at run time: lifecycle_sim);
+* a node the cluster removed (or tried to) is never in a ring of a node whose config lacks it;
 * members that complete the same sync hold identical state checksums;
 * after healing, every node is synced in one ring with one checksum, and every proposal of a
   node that stayed up was answered.
@@ -31,10 +34,10 @@ from __future__ import annotations
 import errno as E
 import random
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from pmxfs.core.conf import ClusterConfig, parse
+from pmxfs.core.conf import ClusterConfig, parse, totem_params
 from pmxfs.core.entry import Entry, guest_config
 from pmxfs.core.fsop import (
     CreateFile,
@@ -51,8 +54,10 @@ from pmxfs.core.fsop import (
 )
 from pmxfs.core.memdb import MemDB
 from pmxfs.core.persist import Persist
+from pmxfs.core.quorum import QuorumConfig
 from pmxfs.core.replica import (
     DEFAULT_VERIFY_INTERVAL_MS,
+    ConfigChanged,
     OpDecided,
     Replica,
     ReplicaEvent,
@@ -124,22 +129,34 @@ class _Disk:
         self.writing = False
 
 
-def cluster_config_text(node_ids: list[int], config_version: int = 1) -> str:
+def cluster_config_text(node_ids: Iterable[int], config_version: int = 1) -> str:
+    """A corosync.conf of `node_ids` (one vote each) with the simulator's totem timers (those of
+    `sim_params`), so that a node taking it from the tree keeps the timers it runs with."""
     nodes = "".join(f"  node {{\n    name: node{n}\n    nodeid: {n}\n    quorum_votes: 1\n"
-                    f"    ring0_addr: 127.0.1.{n}\n  }}\n" for n in node_ids)
+                    f"    ring0_addr: 127.0.1.{n}\n  }}\n" for n in sorted(node_ids))
     return (f"totem {{\n  version: 2\n  cluster_name: sim\n  config_version: {config_version}\n"
-            f"  transport: udpu\n}}\nnodelist {{\n{nodes}}}\n"
+            f"  transport: udpu\n  token: 400\n  token_coefficient: 50\n  join: 30\n"
+            f"  merge: 100\n}}\nnodelist {{\n{nodes}}}\n"
             f"quorum {{\n  provider: corosync_votequorum\n}}\n")
 
 
-def cluster_config(node_ids: list[int]) -> ClusterConfig:
-    return parse(cluster_config_text(node_ids))
+def configured_nodes(config: ClusterConfig) -> frozenset[int]:
+    return frozenset(n.nodeid for n in config.node_infos() if n.nodeid is not None)
+
+
+def holds_majority(config: ClusterConfig, members: Iterable[int]) -> bool:
+    """Whether `members` hold more than half of the votes `config` expects."""
+    quorum = QuorumConfig.from_config(config)
+    votes = sum(quorum.node_votes.get(m, 0) for m in set(members))
+    return 2 * votes > quorum.configured_expected
 
 
 class ReplicaChecker:
-    def __init__(self, node_count: int) -> None:
-        self.node_count = node_count
+    def __init__(self) -> None:
         self.majority_required = True  # off in tests that lower the expected votes on purpose
+        # Nodes the cluster removed (or tried to): none may be in a ring of a node whose
+        # config does not have it.
+        self.removed: set[int] = set()
         self.lineages: dict[NodeKey, _Lineage] = {}
         self.snapshots: dict[tuple[int, RingId, int], tuple[list[_Step], int]] = {}
         self.sync_sums: dict[tuple[RingId, int], bytes] = {}
@@ -153,14 +170,16 @@ class ReplicaChecker:
         self.lineages[key] = _Lineage(steps[:length])
         self.ring_members[key] = ()
 
-    def on_event(self, key: NodeKey, ev: ReplicaEvent) -> None:
+    def on_event(self, key: NodeKey, ev: ReplicaEvent, config: ClusterConfig) -> None:
+        """`config`: the one the replica runs with as it reports `ev`."""
         lineage = self.lineages[key]
         if isinstance(ev, OpDecided):
             if ev.applied and ev.errno == 0:
                 members = self.ring_members[key]
-                if self.majority_required and len(members) * 2 <= self.node_count:
+                if self.majority_required and not holds_majority(config, members):
                     raise Violation(f"n{key[0]} applied {ev.op_id} in ring {members}, which "
-                                    f"holds no majority of {self.node_count}")
+                                    f"holds no majority of its config's nodes "
+                                    f"{sorted(configured_nodes(config))}")
                 self.applied_ops += 1
             lineage.steps.append(_Step(ev.op_id, ev.op, ev.writer, ev.errno, ev.applied))
         elif isinstance(ev, StateTaken):
@@ -175,9 +194,18 @@ class ReplicaChecker:
                 steps, length = self.snapshots[(ev.leader, ev.ring, ev.epoch)]
                 self.lineages[key] = _Lineage(steps[:length])
 
-    def on_confchg(self, key: NodeKey, c: ConfChange) -> None:
+    def on_confchg(self, key: NodeKey, c: ConfChange, config: ClusterConfig | None) -> None:
+        """`config`: the one the replica runs with, when its totem is still in `c`'s ring
+        (None when it has left it already: a config taken from the old ring's last messages
+        made it gather before its replica saw the change)."""
         if c.kind is ConfChangeKind.REGULAR:
             self.ring_members[key] = c.members
+            if config is None:
+                return
+            intruders = (set(c.members) & self.removed) - configured_nodes(config) - {key[0]}
+            if intruders:
+                raise Violation(f"n{key[0]} formed ring {c.ring_id} {list(c.members)} with "
+                                f"removed node(s) {sorted(intruders)} its config does not have")
 
     def on_reply(self, key: NodeKey, op_id: OpId, reply: Reply,
                  disks: dict[int, tuple[list[_Step], int]]) -> None:
@@ -219,16 +247,26 @@ class ReplicaChecker:
 
 
 class ReplicaCluster:
-    """N replicas on a simulated network with disks and the checker wired in."""
+    """Replicas on a simulated network with disks and the checker wired in.
+
+    `node_ids` are every node the network knows; `installed` (default: all of them) start at
+    once, configured with a corosync.conf of exactly the installed nodes, and the others wait
+    for `install`. Each node keeps its own copy of corosync.conf, as the runtime does: it starts
+    (and restarts) with that copy, and the copy follows the `ConfigChanged` outputs. A node's
+    totem timers are those of its config; `params` are the ones of the first config."""
 
     def __init__(self, node_ids: list[int], params: TotemParams, rng: random.Random, *,
                  keep_trace: bool = False,
-                 verify_interval: int = DEFAULT_VERIFY_INTERVAL_MS) -> None:
+                 verify_interval: int = DEFAULT_VERIFY_INTERVAL_MS,
+                 installed: list[int] | None = None) -> None:
         self.node_ids = node_ids
         self.params = params
         self.rng = rng
-        self.config = cluster_config(node_ids)
-        self.checker = ReplicaChecker(len(node_ids))
+        first = node_ids if installed is None else installed
+        text = cluster_config_text(first)
+        self.config_texts: dict[int, str] = dict.fromkeys(first, text)
+        self.configs: dict[int, ClusterConfig] = dict.fromkeys(first, parse(text))
+        self.checker = ReplicaChecker()
         self.trace = Trace(keep_trace)
         self.net = Network(rng, self._on_output, self.trace)
         self.disks: dict[int, _Disk] = {n: _Disk() for n in node_ids}
@@ -245,7 +283,8 @@ class ReplicaCluster:
         self.started: set[int] = set()
         for n in node_ids:
             self.net.add(n, None)
-            self._start(n)
+            if n in self.configs:
+                self._start(n)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -263,7 +302,8 @@ class ReplicaCluster:
         self.requests[key] = {}
         stored = StoredState(entries=tuple(disk.rows[i] for i in sorted(disk.rows)),
                              version=disk.version, meta=dict(disk.meta))
-        core = Replica(node_id, self.config, self.params, self.net.now,
+        config = self.configs[node_id]
+        core = Replica(node_id, config, totem_params(config), self.net.now,
                        incarnation=node.incarnation, stored=stored, ring_seq=disk.ring_seq,
                        first_log_uid=node.incarnation * 1_000_000 + 1,
                        verify_interval=self.verify_interval,
@@ -275,7 +315,10 @@ class ReplicaCluster:
     def _on_event(self, key: NodeKey, ev: ReplicaEvent) -> None:
         self.trace(f"{self.net.now} n{key[0]} {type(ev).__name__} "
                     f"{getattr(ev, 'op_id', '')} {getattr(ev, 'errno', '')}")
-        self.checker.on_event(key, ev)
+        core = self.net.nodes[key[0]].core
+        # While it is being built, a replica runs with the config it was started with.
+        config = core.config if isinstance(core, Replica) else self.configs[key[0]]
+        self.checker.on_event(key, ev, config)
 
     def _on_output(self, node: SimNode, out: object) -> None:
         key = (node.node_id, node.incarnation)
@@ -295,9 +338,17 @@ class ReplicaCluster:
         elif isinstance(out, PersistRingSeq):
             disk.ring_seq = max(disk.ring_seq, out.ring_seq)
         elif isinstance(out, ConfChange):
-            self.checker.on_confchg(key, out)
             self.trace(f"{self.net.now} n{node.node_id} {out.kind.value} {out.ring_id} "
                         f"{list(out.members)}")
+            totem = self.replica(node.node_id).totem
+            current = totem.state is State.OPERATIONAL and totem.ring.ring_id == out.ring_id
+            self.checker.on_confchg(key, out, self.replica(node.node_id).config if current
+                                    else None)
+        elif isinstance(out, ConfigChanged):
+            self.config_texts[node.node_id] = out.text
+            self.configs[node.node_id] = parse(out.text)
+            self.trace(f"{self.net.now} n{node.node_id} takes config version "
+                        f"{self.configs[node.node_id].config_version}")
         elif isinstance(out, Reply):
             op_id = self.requests[key].pop(out.request_id)
             self.replies[out.request_id] = out
@@ -420,6 +471,13 @@ class ReplicaCluster:
     def restart(self, node_id: int) -> None:
         self._start(node_id)
 
+    def install(self, node_id: int, config_text: str) -> None:
+        """Start a node that never ran, with an empty disk and `config_text` as its config."""
+        assert node_id not in self.started, f"n{node_id} is installed already"
+        self.config_texts[node_id] = config_text
+        self.configs[node_id] = parse(config_text)
+        self._start(node_id)
+
     def run_for(self, ms: int) -> None:
         self.net.run_until(self.net.now + ms)
 
@@ -428,21 +486,25 @@ class ReplicaCluster:
     def live(self) -> list[int]:
         return [n for n, node in self.net.nodes.items() if node.up]
 
-    def settled(self) -> bool:
-        """All nodes up, in one ring, synced, with one state and nothing outstanding."""
+    def settled(self, nodes: Iterable[int] | None = None) -> bool:
+        """`nodes` (default: all) are up and in one ring of exactly them, synced, with one state
+        and nothing outstanding."""
         live = self.live()
-        if len(live) != len(self.node_ids):
+        members = sorted(self.node_ids if nodes is None else nodes)
+        if not members or not set(members) <= set(live):
             return False
-        reps = [self.replica(n) for n in live]
+        reps = [self.replica(n) for n in members]
         if any(r.totem.state is not State.OPERATIONAL or not r.synced() or r.pending
                or r.outbox or r.update or r.totem.pending for r in reps):
             return False
-        return (len({r.ring for r in reps}) == 1 and len(reps[0].members) == len(live)
+        return (len({r.ring for r in reps}) == 1 and list(reps[0].members) == members
                 and len({r.state_checksum() for r in reps}) == 1)
 
-    def unanswered(self) -> list[tuple[NodeKey, int]]:
+    def unanswered(self, nodes: Iterable[int] | None = None) -> list[tuple[NodeKey, int]]:
+        """Requests without an answer on the running incarnations of `nodes` (default: all)."""
+        among = set(self.node_ids if nodes is None else nodes)
         return [(key, req) for key, reqs in self.requests.items() for req in reqs
-                if self.net.nodes[key[0]].up and self.key(key[0]) == key]
+                if key[0] in among and self.net.nodes[key[0]].up and self.key(key[0]) == key]
 
 
 # ------------------------------------------------------------------------------ the workload
@@ -523,7 +585,6 @@ def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
     params = sim_params(n_nodes)
     cluster = ReplicaCluster(node_ids, params, rng, keep_trace=keep_trace)
     net = cluster.net
-    faults = net.faults
     workload = Workload(rng, node_ids)
     violation: str | None = None
     try:
@@ -531,47 +592,68 @@ def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
             raise Violation("the cluster did not form and sync at start")
         for op in workload.setup():
             cluster.propose(node_ids[0], op)
-        faults.loss = rng.choice([0.0, 0.01, 0.05, 0.1, 0.2])
-        faults.duplicate = rng.choice([0.0, 0.0, 0.02])
-        faults.min_delay = rng.randint(0, 2)
-        faults.max_jitter = rng.choice([0, 1, 3, 10])
-        cluster.crash_in_batch = rng.choice([0.0, 0.0, 0.002, 0.01])
-        cluster.disk_delay = rng.choice([(0, 0), (0, 2), (1, 10), (5, 60)])
-        cluster.disk_stall = rng.choice([0.0, 0.0, 0.005, 0.02])
-        cluster.trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate} "
-                      f"disk {cluster.disk_delay} stall {cluster.disk_stall}")
+        draw_faults(cluster, rng, f"seed {seed} nodes {node_ids}")
         chaos_until = net.now + rng.randint(8_000, 20_000)
         while net.now < chaos_until:
             net.run_until(net.now + rng.randint(1, 300))
             _random_action(cluster, workload, rng, params)
-        _heal(cluster)
+        heal(cluster, node_ids)
         if not net.run_while(lambda: not cluster.settled(), net.now + 120_000):
-            raise Violation(f"no single synced ring 120 s after healing: {_states(cluster)}")
-        probes = [(n, Mkdir(f"probe{n}", net.now // 1000)) for n in node_ids]
-        for n, op in probes:
-            if cluster.propose(n, op) is None:
-                raise Violation(f"n{n} could not take a probe write after healing")
-        if not net.run_while(lambda: not cluster.settled() or bool(cluster.unanswered()),
-                             net.now + 60_000):
-            raise Violation(f"proposals unanswered after healing: {cluster.unanswered()[:5]}")
-        for n in node_ids:
-            if cluster.replica(n).memdb.lookup(f"probe{n}") is None:
-                raise Violation(f"n{n}'s probe write is missing after healing")
-            cluster.checker.check_final(cluster.key(n), cluster.replica(n).memdb)
+            raise Violation(f"no single synced ring 120 s after healing: {node_states(cluster)}")
+        check_after_healing(cluster, node_ids)
     except (Violation, SimulationStuck) as exc:
         violation = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # a crash of the code under test is a finding
         violation = f"exception {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    return run_result(cluster, seed, n_nodes, violation)
+
+
+def draw_faults(cluster: ReplicaCluster, rng: random.Random, what: str) -> None:
+    """Draw the run's network and disk faults from the seed (and trace them after `what`)."""
+    faults = cluster.net.faults
+    faults.loss = rng.choice([0.0, 0.01, 0.05, 0.1, 0.2])
+    faults.duplicate = rng.choice([0.0, 0.0, 0.02])
+    faults.min_delay = rng.randint(0, 2)
+    faults.max_jitter = rng.choice([0, 1, 3, 10])
+    cluster.crash_in_batch = rng.choice([0.0, 0.0, 0.002, 0.01])
+    cluster.disk_delay = rng.choice([(0, 0), (0, 2), (1, 10), (5, 60)])
+    cluster.disk_stall = rng.choice([0.0, 0.0, 0.005, 0.02])
+    cluster.trace(f"{what} loss {faults.loss} dup {faults.duplicate} "
+                  f"disk {cluster.disk_delay} stall {cluster.disk_stall}")
+
+
+def check_after_healing(cluster: ReplicaCluster, nodes: list[int]) -> None:
+    """`nodes` are settled in one ring: each takes a probe write, every proposal of theirs is
+    answered, and each one's tree is the result of its lineage, which holds every
+    acknowledged write."""
+    net = cluster.net
+    probes = [(n, Mkdir(f"probe{n}", net.now // 1000)) for n in nodes]
+    for n, op in probes:
+        if cluster.propose(n, op) is None:
+            raise Violation(f"n{n} could not take a probe write after healing")
+    if not net.run_while(lambda: not cluster.settled(nodes) or bool(cluster.unanswered(nodes)),
+                         net.now + 60_000):
+        raise Violation(f"proposals unanswered after healing: {cluster.unanswered(nodes)[:5]}")
+    for n in nodes:
+        if cluster.replica(n).memdb.lookup(f"probe{n}") is None:
+            raise Violation(f"n{n}'s probe write is missing after healing")
+        cluster.checker.check_final(cluster.key(n), cluster.replica(n).memdb)
+
+
+def run_result(cluster: ReplicaCluster, seed: int, n_nodes: int,
+               violation: str | None) -> RunResult:
     return RunResult(
         seed=seed, nodes=n_nodes, violation=violation, delivered=cluster.checker.applied_ops,
         confchgs=cluster.checker.syncs,
         accepted=sum(1 for errno in cluster.checker.acked.values() if errno == 0),
-        events=net.events,
+        events=cluster.net.events,
         trace_hash=cluster.trace.digest, trace=cluster.trace.lines,
     )
 
 
-def _states(cluster: ReplicaCluster) -> dict[int, object]:
+def node_states(cluster: ReplicaCluster) -> dict[int, object]:
+    """Each node's totem state, mode, ring members, pending proposals and checksum, for
+    messages."""
     out: dict[int, object] = {}
     for n in cluster.node_ids:
         if not cluster.net.nodes[n].up:
@@ -583,18 +665,21 @@ def _states(cluster: ReplicaCluster) -> dict[int, object]:
     return out
 
 
-def _heal(cluster: ReplicaCluster) -> None:
+def heal(cluster: ReplicaCluster, nodes: Iterable[int]) -> None:
+    """End every fault: the network heals, loss and disk stalls stop, the nodes of `nodes`
+    that are down restart and paused nodes resume."""
     net = cluster.net
     net.heal()
     net.faults.loss = 0.0
     net.faults.duplicate = 0.0
     cluster.crash_in_batch = 0.0
     cluster.disk_stall = 0.0
-    for n in cluster.node_ids:
+    for n in nodes:
         node = net.nodes[n]
         if not node.up:
             cluster.restart(n)
-        elif node.paused_until is not None:
+    for node in net.nodes.values():
+        if node.up and node.paused_until is not None:
             node.paused_until = net.now
     net.run_until(net.now)  # resume the paused nodes now
 
