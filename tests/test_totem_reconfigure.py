@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pmxfs.core import totem
 from pmxfs.core.totem import State, Totem
 from pmxfs.core.totem_params import TotemParams, derive_params
+from pmxfs.core.wire import Join, encode
 from pmxfs.sim.totem_sim import TotemCluster, sim_params
 
 
@@ -265,3 +266,16 @@ def test_a_refusal_ends_with_a_config_taken_in_a_ring_with_the_node_that_refused
     c.wait(lambda: c.one_ring([1, 2, 3]), 10_000, "the ring of n1, n2 and n3 again")
     c.reconfigure([3], [1, 2, 3, 5])
     assert c.core(3).refused == {}
+
+
+def test_the_refusals_of_a_refused_node_do_not_count() -> None:
+    """n3 missed the removal of n5, which runs again with a config older than n4's addition:
+    n5 refuses n4 to n3, n1 refuses n5. Once n3 leaves n5 out, n5's refusal of n4 no longer
+    counts (n5 is in no ring of n3's), so n3 takes n4 in with n1 at once instead of keeping it
+    out until the refusal lapses."""
+    node = Totem(3, [1, 2, 3, 4, 5], sim_params(5), 0)
+    node.receive(10, 5, encode(Join(sender=5, ring_seq=0, proc=(3, 5), fail=(4,))))
+    assert node.refused == {4: {5}}
+    node.receive(20, 1, encode(Join(sender=1, ring_seq=0, proc=(1, 2, 3, 4), fail=(5,))))
+    assert node.refused == {5: {1}}
+    assert node.proc == {1, 2, 3, 4}

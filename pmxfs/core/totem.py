@@ -64,7 +64,8 @@ Membership (states OPERATIONAL, GATHER, COMMIT, RECOVERY):
   until it takes a configuration (`reconfigure`; the replica hands one over after every sync)
   in a ring with the refusing node -- both hold the same configuration then -- or, should that
   node not come back, until `REFUSAL_CONSENSUS_TIMEOUTS` consensus timeouts after the last
-  refusal it got.
+  refusal of that node. Refusals by a node that is refused itself do not count: a removed node
+  running again must not keep a node the others have out of the ring of one that is behind.
   So a node whose configuration is behind, and still has a node the others removed (and which
   is running again), leaves that node out and joins the others; and a node that does not know
   one the others added makes them form a ring without the new node first. Either way the ring
@@ -235,7 +236,7 @@ class Totem:
         self.fail: set[int] = set()  # who I believe failed, in this attempt at forming a ring
         # Configured nodes left out because a peer's configuration lacks them -> those peers.
         self.refused: dict[int, set[int]] = {}
-        self.refused_until: int | None = None  # when every refusal left lapses
+        self.refused_until: dict[int, int] = {}  # refused node -> when its refusal lapses
         # Peers whose joins named nodes I do not have, and those nodes: owed a refusal, sent
         # at `refusals_at`.
         self.refusals_owed: dict[int, set[int]] = {}
@@ -266,7 +267,7 @@ class Totem:
         return out
 
     def next_deadline(self) -> int | None:
-        timers = [*self.relay.deadlines(), self.refusals_at, self.refused_until]
+        timers = [*self.relay.deadlines(), self.refusals_at, *self.refused_until.values()]
         phase = self.phase
         if isinstance(phase, Gathering):
             timers += [phase.join_at, phase.consensus_at]
@@ -328,10 +329,8 @@ class Totem:
         self.nodes = new_nodes
         self.params = params
         synced = set(self.ring.members)
-        self.refused = {node: left for node, by in self.refused.items()
-                        if node in new_nodes and (left := (by & new_nodes) - synced)}
-        if not self.refused:
-            self.refused_until = None
+        self._narrow_refusals(lambda node, by: (by & new_nodes) - synced if node in new_nodes
+                              else set())
         self.refusals_owed = {}
         self.refusals_at = None
         if not removed:
@@ -374,10 +373,10 @@ class Totem:
     def on_timer(self, now: int) -> None:
         if self.refusals_at is not None and now >= self.refusals_at:
             self._send_refusals()
-        if self.refused_until is not None and now >= self.refused_until:
-            self._event(f"refusals of {sorted(self.refused)} lapse")
-            self.refused = {}
-            self.refused_until = None
+        lapsed = {node for node, until in self.refused_until.items() if now >= until}
+        if lapsed:
+            self._event(f"refusals of {sorted(lapsed)} lapse")
+            self._narrow_refusals(lambda node, by: set() if node in lapsed else by)
         if self.relay.loss_at is not None and now >= self.relay.loss_at:
             self.counters.add("token_lost")
             self._event(f"token lost in {self.state.value}")
@@ -791,10 +790,12 @@ class Totem:
         nodes = (nodes & self.nodes) - {self.node_id}
         if not nodes:
             return
-        self.refused_until = now + REFUSAL_CONSENSUS_TIMEOUTS * self.params.consensus
         new = nodes - set(self.refused)
         for node in nodes:
             self.refused.setdefault(node, set()).add(by)
+            self.refused_until[node] = now + REFUSAL_CONSENSUS_TIMEOUTS * self.params.consensus
+        # A refused node's own refusals no longer count: it is not part of any ring of mine.
+        self._narrow_refusals(lambda node, refusers: refusers - set(self.refused))
         if not new:
             return
         self.counters.add("nodes_refused", len(new))
@@ -804,6 +805,14 @@ class Totem:
         _, members = self._ring_in_progress()
         if self.state is State.GATHER or new & set(members):
             self._enter_gather(now)
+
+    def _narrow_refusals(self, remaining: Callable[[int, set[int]], set[int]]) -> None:
+        """Each refused node keeps the refusing peers `remaining(node, peers)` names; a node
+        none refuses any more is refused no more."""
+        narrowed = {node: remaining(node, by) for node, by in self.refused.items()}
+        self.refused = {node: by for node, by in narrowed.items() if by}
+        self.refused_until = {node: until for node, until in self.refused_until.items()
+                              if node in self.refused}
 
     def _on_merge_detect(self, now: int, msg: MergeDetect) -> None:
         if msg.sender in self.refused:
