@@ -44,10 +44,11 @@ Rules (votequorum's, as DESIGN.md §3 states them):
 * `expected N` (pvecm expected): refused when N < 1, when N < V, or when the partition is quorate
   and N//2 + 1 > V (it would lose quorum); otherwise every member adopts E := N.
 * A config taken at run time: applied in order, it resets E to what it expects (`reconfigure`).
-  When a sync completes, every member settles the ring's quorum on the config the sync left
-  them all with (`settle_config`), since a member that was away may have announced an older
-  one: votes are the config's, an announced E above the config's is lowered to it, and a
-  quorate claim counts only from members that saw the newest quorate ring among them.
+  A quorate claim counts only from members that saw the newest quorate ring among the ring's
+  members (the replica says which): a member that was away missed that ring's decisions, and
+  may announce the expected votes of an older config. When a sync completes, every member
+  settles the ring's quorum on the config the sync left them all with (`settle_config`): votes
+  are the config's, and an announced E above the config's is lowered to it.
 """
 
 from __future__ import annotations
@@ -207,6 +208,15 @@ def _normalize(members: Iterable[int]) -> tuple[int, ...]:
     return mem
 
 
+def _current_claims(announced: dict[int, Announcement],
+                    current: Collection[int] | None) -> dict[int, Announcement]:
+    """`announced`, with the quorate claims of members outside `current` (if given) dropped."""
+    if current is None:
+        return announced
+    return {m: a if m in current or not a.quorate else replace(a, quorate=False)
+            for m, a in announced.items()}
+
+
 def _tie_breaker_wins(config: QuorumConfig, members: tuple[int, ...],
                       anns: Sequence[Announcement]) -> bool:
     """Whether this exact half of the votes holds the auto_tie_breaker node."""
@@ -336,10 +346,15 @@ class Quorum:
     # -- inputs
 
     def on_membership(self, now: int, members: Iterable[int],
-                      announced: Mapping[int, Announcement]) -> QuorumStatus:
-        """A new ring: its members and every member's announcement."""
+                      announced: Mapping[int, Announcement],
+                      current: Collection[int] | None = None) -> QuorumStatus:
+        """A new ring: its members and every member's announcement. A quorate claim counts
+        only from a member in `current` (default: every member): those that saw the newest
+        quorate ring among the members -- another member's claim predates decisions it missed,
+        a config change among them, and the expected votes it announces may be those of an
+        older config."""
         mem = _normalize(members)
-        anns = {m: announced[m] for m in mem if m in announced}
+        anns = _current_claims({m: announced[m] for m in mem if m in announced}, current)
         waiting = self.config.wfa and not any(a.quorate for a in anns.values())
         status = self._evaluate(mem, anns, waiting)
         deadline = None
@@ -432,14 +447,13 @@ class Quorum:
         may predate decisions they missed. So: votes are this config's; an announced E above
         this config's expected votes is lowered to them (only an older config can have put it
         there: `expected` and last man standing only lower E); and a quorate claim counts only
-        from a member in `current`, those that saw the newest quorate ring among the members
-        (the others missed at least that ring's decisions, a config change among them)."""
+        from a member in `current`, as in `on_membership`."""
         self.config = config
         cap = config.configured_expected
-        anns = {m: replace(a, votes=config.node_votes.get(m, 0),
-                           expected_votes=min(a.expected_votes, cap),
-                           quorate=a.quorate and m in current)
-                for m, a in announced.items() if m in self._status.members}
+        anns = _current_claims(
+            {m: replace(a, votes=config.node_votes.get(m, 0),
+                        expected_votes=min(a.expected_votes, cap))
+             for m, a in announced.items() if m in self._status.members}, current)
         status = self._evaluate(self._status.members, anns,
                                 config.wfa and not any(a.quorate for a in anns.values()))
         if not self._lms_applies(status):

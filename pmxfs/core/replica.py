@@ -746,11 +746,10 @@ class Replica:
             entry.data.decode("utf-8", "replace"))
         if sync:
             before = self.quorum.status()
-            newest = max(s.last_ring_seq for s in self.states.values())
             status = self.quorum.settle_config(
                 QuorumConfig.from_config(self.config),
                 {m: s.announcement for m, s in self.states.items()},
-                {m for m, s in self.states.items() if s.last_ring_seq == newest})
+                self._saw_newest_quorate_ring())
             if taken or status != before:
                 self.outputs.append(QuorumChanged(status))
         elif taken:
@@ -758,6 +757,11 @@ class Replica:
                 self.quorum.reconfigure(QuorumConfig.from_config(self.config))))
         self.totem.reconfigure(self._now, self.names,
                                totem_params(self.config) if taken else self.totem.params)
+
+    def _saw_newest_quorate_ring(self) -> set[int]:
+        """The members whose last quorate sync is the newest among the sync's states."""
+        newest = max(s.last_ring_seq for s in self.states.values())
+        return {m for m, s in self.states.items() if s.last_ring_seq == newest}
 
     def _take_config_text(self, text: str) -> bool:
         """Take `text` if it is new and valid; whether it was taken."""
@@ -906,7 +910,8 @@ class Replica:
     def _states_complete(self) -> None:
         before = self.quorum.status()
         status = self.quorum.on_membership(
-            self._now, self.members, {m: s.announcement for m, s in self.states.items()})
+            self._now, self.members, {m: s.announcement for m, s in self.states.items()},
+            self._saw_newest_quorate_ring())
         if status != before:
             self.outputs.append(QuorumChanged(status))
         for state in self.states.values():
