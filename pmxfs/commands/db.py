@@ -31,7 +31,6 @@ Any failure exits 1 with one line per problem and no traceback; usage mistakes e
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import sys
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from pmxfs.core.entry import ROOT_INODE, Entry
 from pmxfs.core.errors import LocalError
+from pmxfs.runtime.data_dir_lock import DataDirLocked, lock_data_dir
 from pmxfs.runtime.database import (
     DB_NAME,
     Database,
@@ -47,8 +47,6 @@ from pmxfs.runtime.database import (
     restore_database,
 )
 from pmxfs.runtime.durable_file import fsync_directory
-
-LOCK_NAME = "pmxfs.lock"  # the daemon's lock file in its data directory (runtime/daemon.py)
 
 DUMP_FORMAT = """\
 output format (stable; fields separated by one TAB):
@@ -210,24 +208,13 @@ def _make_data_dir(data_dir: Path) -> None:
 def _lock_data_dir(data_dir: Path) -> int:
     """The daemon's lock on `data_dir`, taken without waiting (LocalError naming the daemon when
     one holds it); closing the returned descriptor releases it."""
-    path = data_dir / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return lock_data_dir(data_dir)
+    except DataDirLocked as busy:
+        raise LocalError(f"a pmxfs daemon (pid {busy.holder}) is using {data_dir}: stop it "
+                         "first") from None
     except OSError as exc:
         raise LocalError(f"cannot use data directory {data_dir}: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise LocalError(f"a pmxfs daemon (pid {holder}) is using {data_dir}: stop it first"
-                         ) from None
-    except OSError as exc:
-        os.close(fd)
-        raise LocalError(f"cannot lock {path}: {exc.strerror or exc}") from None
-    os.ftruncate(fd, 0)  # as the daemon does: the holder's pid, for whoever finds it locked
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 

@@ -30,7 +30,6 @@ The mount point never shows the plain directory underneath while the daemon is m
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import grp
 import logging
@@ -54,6 +53,7 @@ from pmxfs.core.memdb import COROSYNC_CONF, MemDB
 from pmxfs.runtime import attachments
 from pmxfs.runtime.cluster_tree import TREE_AUTHKEY
 from pmxfs.runtime.config_file import load_checked
+from pmxfs.runtime.data_dir_lock import DataDirLocked, lock_data_dir
 from pmxfs.runtime.database import Database, DatabaseError
 from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.fuse_ops import MOUNT_OPTIONS, PmxfsOperations
@@ -136,18 +136,12 @@ def _make_dir(path: Path, mode: int, what: str) -> None:
 
 def _lock_data_dir(data_dir: Path) -> int:
     try:
-        fd = os.open(data_dir / "pmxfs.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        return lock_data_dir(data_dir)
+    except DataDirLocked as busy:
+        raise StartupError(f"another pmxfs daemon (pid {busy.holder}) is using {data_dir}"
+                           ) from None
     except OSError as exc:
         raise StartupError(f"cannot use data directory {data_dir}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise StartupError(f"another pmxfs daemon (pid {holder}) is using {data_dir}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def _attachment_files(settings: DaemonSettings, name: str, database: Database) -> bool:
