@@ -121,12 +121,14 @@ class FakeNode:
         ".rrd": b"",
     })
     invalidator: Invalidator | None = None
+    write_delay_s: float = 0.0  # a slow cluster: each write is decided this long after it is sent
 
     def quorate(self) -> bool:
         return self.is_quorate
 
     async def write(self, op: FsOp) -> Reply:
         self.ops.append(op)
+        await trio.sleep(self.write_delay_s)
         if not self.is_quorate:
             return Reply(0, errno.EACCES)
         result = self.memdb.apply(op, 1)

@@ -369,6 +369,31 @@ def test_unlinking_a_new_file_sends_nothing(mnt: Mount) -> None:
     assert "gone" not in os.listdir(mnt.root)
 
 
+def test_removing_an_empty_new_file_right_after_its_close_removes_it(mnt: Mount) -> None:
+    """The release publishes an empty new file and the kernel does not wait for it: an unlink
+    or a rename onto the name that comes while that create is in flight must wait for it and
+    then act on the tree, not take the file for unpublished, answer 0 and let the create land
+    (found by test_hostile_property under load)."""
+    def slow(delay: float) -> None:
+        mnt.node.write_delay_s = delay
+    os.mkdir(mnt / "d")
+    (mnt / "d/src").write_bytes(b"src\n")
+    mnt.call(lambda: slow(0.3))
+    try:
+        start = mnt.op_count()
+        os.close(os.open(mnt / "d/gone", os.O_WRONLY | os.O_CREAT))
+        os.unlink(mnt / "d/gone")
+        os.close(os.open(mnt / "d/dst", os.O_WRONLY | os.O_CREAT))
+        os.rename(mnt / "d/src", mnt / "d/dst")
+    finally:
+        mnt.call(lambda: slow(0.0))
+    assert mnt.ops_since(start) == [CreateFile("d/gone", NOW), Unlink("d/gone"),
+                                    CreateFile("d/dst", NOW), Rename("d/src", "d/dst", NOW)]
+    assert not in_tree(mnt, "d/gone")
+    assert tree_content(mnt, "d/dst") == b"src\n"
+    assert sorted(os.listdir(mnt / "d")) == ["dst"]
+
+
 def test_renaming_a_new_file_creates_it_first(mnt: Mount) -> None:
     start = mnt.op_count()
     with Fd(mnt / "a.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as h:

@@ -110,12 +110,15 @@ never see the file before its content. The rules:
   name meanwhile: the commit then replaces that file as the later write, or fails with the
   daemon's answer -- EISDIR for a directory, ENOENT when its directory went away).
 * unlink of a pending file is local (nothing was replicated); its handles' commits then fail
-  with ENOENT, as for any file unlinked while written. rename of a pending file first creates it
-  (`CreateFile`, as at open before): the target's rules (replacing, VMIDs, corosync.conf,
-  RENAME_NOREPLACE) belong to the total order. A truncate or utime of it by path is its creation,
-  sent at once (a `WriteFile` of that size, a `CreateFile` with that mtime), so `touch new` is
-  one synchronous operation. mkdir or mknod of its name is EEXIST; rmdir of its directory, or
-  replacing that directory by a rename, is ENOTEMPTY.
+  with ENOENT, as for any file unlinked while written. An unlink of it, or a rename onto it,
+  that comes while its creation is in flight (a release publishes an empty file and the kernel
+  does not wait: `: > f; rm f`) first waits for that creation and then acts on the tree, so
+  it is never answered 0 and undone by the create landing after it. rename of a pending file
+  first creates it (`CreateFile`, as at open before): the target's rules (replacing, VMIDs,
+  corosync.conf, RENAME_NOREPLACE) belong to the total order. A truncate or utime of it by path
+  is its creation, sent at once (a `WriteFile` of that size, a `CreateFile` with that mtime),
+  so `touch new` is one synchronous operation. mkdir or mknod of its name is EEXIST; rmdir of
+  its directory, or replacing that directory by a rename, is ENOTEMPTY.
 * A failed creation (its commit refused, or no write handle left that could commit: EFBIG,
   EACCES, all closed) makes it disappear here at once; the handle's error is sticky as always.
 * It follows its directory: by inode within one tree, by path through a sync.
@@ -791,7 +794,7 @@ class PmxfsOperations(pyfuse3.Operations):
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._changeable(parent_inode, name)
-        created = self._new_at(parent_inode, name)
+        created = await self._settled_new_at(parent_inode, name)
         if created is None:
             await self._send(Unlink(path))
         else:  # never replicated: nothing to send
@@ -805,7 +808,7 @@ class PmxfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         src = self._changeable(parent_inode_old, name_old)
         dst = self._changeable(parent_inode_new, name_new)
-        replaced = self._new_at(parent_inode_new, name_new)
+        replaced = await self._settled_new_at(parent_inode_new, name_new)
         if flags & pyfuse3.RENAME_NOREPLACE and (self._tree().lookup(dst) is not None
                                                  or replaced is not None):
             raise pyfuse3.FUSEError(errno.EEXIST)
@@ -933,6 +936,18 @@ class PmxfsOperations(pyfuse3.Operations):
         """The pending new file named `name` in directory `parent`, if there is one."""
         inode = self._new_names.get((parent, name))
         return None if inode is None else self._new_files[inode]
+
+    async def _settled_new_at(self, parent: int, name: bytes) -> _NewFile | None:
+        """`_new_at` once no publication of that file is under way. A release publishes an
+        empty new file and the kernel does not wait for it (`: > f; rm f`): a removal or
+        replacement that took the file for unpublished while its create is in flight would
+        send nothing, and the create would then land -- a removal answered 0 and undone."""
+        created = self._new_at(parent, name)
+        while created is not None and created.lock is not None and created.lock.locked():
+            async with created.lock:
+                pass
+            created = self._new_at(parent, name)
+        return created
 
     def _holds_new(self, directory: int) -> bool:
         return any(parent == directory for parent, _ in self._new_names)
