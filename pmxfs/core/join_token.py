@@ -12,20 +12,9 @@ Text format
 -----------
     pmxfs-join-1:<base64url without padding of the payload>
 
-The prefix names the format version, so a token of a later format is refused with a message
-saying so rather than as garbage. The alphabet of base64url (letters, digits, "-" and "_") and
-the prefix need no quoting in a shell. The payload of format 1:
-
-    offset  size  field
-    0       32    secret
-    32      32    certificate fingerprint (the raw SHA-256 digest)
-    64      2     port, big-endian
-    66      n     host: an IPv4 or IPv6 literal (no brackets) or a host name, ASCII
-    66+n    4     check: the first 4 bytes of SHA-256 over the 66+n bytes before it
-
-The check catches a token damaged when it was copied (a truncated paste shortens the host, which
-the layout alone could not notice); it is no authentication, the TLS fingerprint and the secret
-are. `JoinToken.__repr__` leaves the secret out, so logging a token does not leak it.
+The payload (secret, certificate fingerprint, port, host, a check against damage in copying) and
+its codec are shared with qnetd's enrollment tokens: core/token_text.py describes them.
+`JoinToken.__repr__` leaves the secret out, so logging a token does not leak it.
 
 What the cluster stores
 -----------------------
@@ -46,17 +35,14 @@ refusal is a `TokenError` whose text is one line for the admin.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import ipaddress
 import json
 import re
 import secrets
-import struct
 from dataclasses import dataclass, field
 
-from pmxfs.core.errors import LocalError
+from pmxfs.core.token_text import SECRET_BYTES, TokenFields, TokenFormat, host_problem, is_ipv6
+from pmxfs.core.token_text import TokenError as TokenError  # re-exported: join's callers use it
 
 JOIN_PORT = 5406
 DEFAULT_TTL_S = 900
@@ -66,26 +52,12 @@ TOKEN_DIR = "priv/join-tokens"
 
 FORMAT_VERSION = 1
 PREFIX = "pmxfs-join-"
-SECRET_BYTES = 32
+FORMAT = TokenFormat(PREFIX, FORMAT_VERSION, "join")
 FINGERPRINT_HEX_CHARS = 64
-MAX_HOST_CHARS = 253  # the longest DNS name; IPv6 literals with a zone fit as well
-CHECK_BYTES = 4
-MAX_TOKEN_CHARS = 1024  # far above any valid token; longer text is refused before decoding
 
-_FIXED = struct.Struct(f">{SECRET_BYTES}s32sH")  # secret, raw fingerprint, port
-_TOKEN_TEXT = re.compile(r"pmxfs-join-([0-9]+):(.*)", re.DOTALL)
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_ZONE = re.compile(r"[A-Za-z0-9_.-]+")
 _PORT = re.compile(r"[0-9]{1,5}")
 _TTL = re.compile(r"([0-9]+)([smhd]?)")
 _TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class TokenError(LocalError):
-    """A join token, token record, TTL or address that cannot be used; str() is one line."""
 
 
 @dataclass(frozen=True)
@@ -109,48 +81,20 @@ class TokenRecord:
 def new_token(host: str, port: int, fingerprint: str) -> JoinToken:
     """A token with a fresh random secret; TokenError when host, port or fingerprint is bad."""
     token = JoinToken(host, port, fingerprint, secrets.token_bytes(SECRET_BYTES))
-    _check_token(token)
+    FORMAT.check(_fields(token))
     return token
 
 
 def encode_token(token: JoinToken) -> str:
     """The one-line text of `token` (see the module header)."""
-    _check_token(token)
-    body = _FIXED.pack(token.secret, bytes.fromhex(token.fingerprint), token.port)
-    body += token.host.encode("ascii")
-    body += _check(body)
-    return f"{PREFIX}{FORMAT_VERSION}:{base64.urlsafe_b64encode(body).decode().rstrip('=')}"
+    return FORMAT.encode(_fields(token))
 
 
 def decode_token(text: str) -> JoinToken:
     """The token `text` carries (surrounding whitespace ignored); TokenError, and only that, for
     anything else."""
-    text = text.strip()
-    if len(text) > MAX_TOKEN_CHARS:
-        raise TokenError("not a pmxfs join token (far too long)")
-    match = _TOKEN_TEXT.fullmatch(text)
-    if match is None:
-        raise TokenError("not a pmxfs join token (it should start with "
-                         f"{PREFIX}{FORMAT_VERSION}:)")
-    version, encoded = match.groups()
-    if version != str(FORMAT_VERSION):
-        raise TokenError(f"join token format {version[:8]} is not supported by this pmxfs (it "
-                         f"reads format {FORMAT_VERSION}); make the token with a pmxfs of the "
-                         "same version as this one")
-    body = _unbase64url(encoded)
-    if len(body) < _FIXED.size + 1 + CHECK_BYTES:
-        raise TokenError("damaged join token (too short): copy it again")
-    payload, check = body[:-CHECK_BYTES], body[-CHECK_BYTES:]
-    if _check(payload) != check:
-        raise TokenError("damaged join token (its check does not match): copy it again")
-    secret, raw_fingerprint, port = _FIXED.unpack_from(payload)
-    try:
-        host = payload[_FIXED.size:].decode("ascii")
-    except UnicodeDecodeError:
-        raise TokenError("bad join token: its host is not ASCII") from None
-    token = JoinToken(host, port, raw_fingerprint.hex(), secret)
-    _check_token(token)
-    return token
+    fields = FORMAT.decode(text)
+    return JoinToken(fields.host, fields.port, fields.fingerprint, fields.secret)
 
 
 def token_path(secret: bytes) -> str:
@@ -211,7 +155,7 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
         host, bracket, rest = text[1:].partition("]")
         if not bracket:
             raise TokenError(f"bad address {shown}: no closing ']'")
-        if not _is_ipv6(host):
+        if not is_ipv6(host):
             raise TokenError(f"bad address {shown}: brackets hold an IPv6 address")
         if not rest:
             return host, default_port
@@ -220,14 +164,14 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
         return host, _parse_port(rest[1:], shown)
     colons = text.count(":")
     if colons > 1:
-        if not _is_ipv6(text):
+        if not is_ipv6(text):
             raise TokenError(f"bad address {shown}: not an IPv6 address (an IPv6 address with "
                              "a port needs brackets, e.g. [fd00::1]:5406)")
         return text, default_port
     host, colon, port_text = text.partition(":")
     if not host:
         raise TokenError(f"bad address {shown}: no host")
-    reason = _host_problem(host)
+    reason = host_problem(host)
     if reason is not None:
         raise TokenError(f"bad address {shown}: {reason}")
     return host, _parse_port(port_text, shown) if colon else default_port
@@ -238,60 +182,11 @@ def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _check_token(token: JoinToken) -> None:
-    reason = _host_problem(token.host)
-    if reason is not None:
-        raise TokenError(f"bad join host {token.host[:300]!r}: {reason}")
-    if not 1 <= token.port <= 65535:
-        raise TokenError(f"bad join port {token.port}: not in 1..65535")
-    if _FINGERPRINT.fullmatch(token.fingerprint) is None:
-        raise TokenError(f"bad certificate fingerprint {token.fingerprint[:100]!r}: expected 64 "
-                         "lowercase hex digits")
-    if len(token.secret) != SECRET_BYTES:
-        raise TokenError(f"bad join secret: {len(token.secret)} bytes, not {SECRET_BYTES}")
-
-
-def _host_problem(host: str) -> str | None:
-    """Why `host` is no IP literal or host name, or None when it is one."""
-    if not host:
-        return "empty host"
-    if len(host) > MAX_HOST_CHARS:
-        return f"longer than {MAX_HOST_CHARS} characters"
-    if ":" in host:
-        return None if _is_ipv6(host) else "not an IPv6 address"
-    if _HOST_NAME.fullmatch(host) is None:
-        return "not an IP address or host name"
-    if host.rpartition(".")[2].isdigit():
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return "not an IPv4 address (and a host name does not end in a number)"
-    return None
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        address = ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return address.scope_id is None or _ZONE.fullmatch(address.scope_id) is not None
+def _fields(token: JoinToken) -> TokenFields:
+    return TokenFields(token.host, token.port, token.fingerprint, token.secret)
 
 
 def _parse_port(text: str, shown: str) -> int:
     if _PORT.fullmatch(text) is None or not 1 <= int(text) <= 65535:
         raise TokenError(f"bad address {shown}: port {text[:20]!r} is not a number in 1..65535")
     return int(text)
-
-
-def _unbase64url(encoded: str) -> bytes:
-    if _BASE64URL.fullmatch(encoded) is None:
-        raise TokenError("damaged join token: characters other than letters, digits, '-' and "
-                         "'_' after the prefix: copy it again")
-    try:
-        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-    except binascii.Error:
-        raise TokenError("damaged join token (cut short): copy it again") from None
-
-
-def _check(payload: bytes) -> bytes:
-    return hashlib.sha256(payload).digest()[:CHECK_BYTES]
