@@ -1,5 +1,6 @@
 """The corosync.conf edits of a cluster's life: the first config (`pmxfs create`), a node added
-(`pmxfs add`) and a node removed (`pmxfs delnode`), each a whole new text that `check` accepts.
+(`pmxfs add`), a node removed (`pmxfs delnode`) and a quorum device added or removed (`pmxfs
+qdevice setup` / `remove`), each a whole new text that `check` accepts.
 
 Every edit goes from text to text through the model and `render`, so the result is canonical and
 passes the same validation the tree applies to any write of corosync.conf (an edit that would be
@@ -13,8 +14,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from pmxfs.core.conf.model import ClusterConfig, NodeEntry
+from pmxfs.core.conf.model import (
+    ClusterConfig,
+    DeviceNetSection,
+    DeviceSection,
+    NodeEntry,
+)
 from pmxfs.core.conf.render import render
+from pmxfs.core.conf.syntax import RawEntry
 from pmxfs.core.conf.validate import check, is_hostname, parse_address
 from pmxfs.core.errors import LocalError
 
@@ -22,6 +29,7 @@ from pmxfs.core.errors import LocalError
 CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]{0,14}\Z")
 MAX_NODE_ID = 2**32 - 1
 MAX_VOTES = 255  # votequorum's limit per node
+QDEVICE_ALGORITHMS = ("ffsplit", "lms")
 
 
 class EditError(LocalError):
@@ -122,6 +130,59 @@ def without_node(current_text: str, node_name: str) -> tuple[str, NodeEntry]:
         raise EditError(f"{node_name} is the last node of the cluster")
     nodes = tuple(n for n in config.nodes if n is not gone)
     return _checked(render(_bumped(dataclasses.replace(config, nodes=nodes))), config), gone
+
+
+def qdevice_algorithm(config: ClusterConfig, algorithm: str | None, *, force: bool) -> str:
+    """The algorithm `with_qdevice` uses: pvecm's rule -- an even node count takes ffsplit, an
+    odd one is refused unless forced, then takes lms; an explicit `algorithm` overrides the
+    choice, never the refusal."""
+    count = len(config.nodes)
+    if count % 2 and not force:
+        raise EditError(f"the cluster has an odd number of nodes ({count}): a QDevice helps "
+                        "only with an even count; --force sets one up anyway (algorithm lms)")
+    chosen = algorithm or ("lms" if count % 2 else "ffsplit")
+    if chosen not in QDEVICE_ALGORITHMS:
+        raise EditError(f"algorithm {chosen!r} is not one of {', '.join(QDEVICE_ALGORITHMS)}")
+    return chosen
+
+
+def with_qdevice(current_text: str, host: str, port: int, algorithm: str | None,
+                 tie_breaker: str, *, force: bool) -> str:
+    """`current_text` with `quorum.device` (model net, config_version + 1), as `pvecm qdevice
+    setup` writes it: ffsplit gives the device one vote, lms leaves `votes` out (votequorum's
+    node count - 1). Refused: a device already configured, two_node, last_man_standing or
+    auto_tie_breaker set, an odd node count without `force` (`qdevice_algorithm`)."""
+    config = _parsed(current_text)
+    q = config.quorum
+    if q.device is not None:
+        where = "" if q.device.net is None or q.device.net.host is None else \
+            f" (qnetd {q.device.net.host})"
+        raise EditError(f"a quorum device is already configured{where}: `pmxfs qdevice remove` "
+                        "first")
+    for name, value in (("two_node", q.two_node), ("last_man_standing", q.last_man_standing),
+                        ("auto_tie_breaker", q.auto_tie_breaker)):
+        if value:
+            raise EditError(f"quorum.{name} is set: a QDevice cannot be combined with it; "
+                            f"remove {name} from corosync.conf first")
+    chosen = qdevice_algorithm(config, algorithm, force=force)
+    if not 1 <= port <= 65535:
+        raise EditError(f"port {port} is not a port number (1-65535)")
+    if parse_address(host) is None and not is_hostname(host):
+        raise EditError(f"qnetd host {host!r} is neither an IP address nor a host name")
+    net = DeviceNetSection(host=host, port=port, algorithm=chosen, tie_breaker=tie_breaker,
+                           extras=(RawEntry("tls", "on"),))
+    device = DeviceSection(model="net", votes=1 if chosen == "ffsplit" else None, net=net)
+    changed = dataclasses.replace(config, quorum=dataclasses.replace(q, device=device))
+    return _checked(render(_bumped(changed)), config)
+
+
+def without_qdevice(current_text: str) -> str:
+    """`current_text` without `quorum.device` (config_version + 1)."""
+    config = _parsed(current_text)
+    if config.quorum.device is None:
+        raise EditError("no quorum device is configured")
+    changed = dataclasses.replace(config, quorum=dataclasses.replace(config.quorum, device=None))
+    return _checked(render(_bumped(changed)), config)
 
 
 def _same_address(a: str, b: str) -> bool:
