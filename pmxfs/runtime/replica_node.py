@@ -36,6 +36,13 @@ raises the original error, so the daemon stops (leaving its mount dead) instead 
 from a replica that went on without it.
 
 The node also answers the FUSE layer (`FsNode`) and the control socket (`ControlNode`).
+
+Quorum device. The daemon's device client (runtime/qdevice_client.py) is told every new ring
+(`add_ring_listener`: ring id, members, quorate, right after the regular configuration change;
+listeners must not call back into the node from there) and casts or withdraws the device's vote
+with `set_qdevice_vote`, which the replica sends through the ring tied to that ring's id.
+`status` shows the device while corosync.conf configures one, with `QdeviceAlive` among the
+flags while the client says it is connected and welcomed (`set_qdevice_alive`).
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from pmxfs.core.errors import LocalError
 from pmxfs.core.fsop import FsOp, Mkdir, Rename, WriteFile, op_paths
 from pmxfs.core.memdb import COROSYNC_CONF, MemDB
 from pmxfs.core.persist import Persist
+from pmxfs.core.qdevice_settings import device_settings
 from pmxfs.core.replica import (
     DEFAULT_VERIFY_INTERVAL_MS,
     ConfigChanged,
@@ -84,6 +92,7 @@ from pmxfs.core.status import (
 )
 from pmxfs.core.totem import ConfChange, ConfChangeKind, PersistRingSeq, Send
 from pmxfs.core.totem_params import TotemParams
+from pmxfs.core.wire import RingId
 from pmxfs.runtime.core_loop import CoreLoop, FrameTransport
 from pmxfs.runtime.database import Database
 from pmxfs.runtime.durable_file import write_file
@@ -120,6 +129,18 @@ class Attachment:
     transport: FrameTransport
     ring_seq_store: RingSeqStore
     incarnation: int
+
+
+@dataclass(frozen=True)
+class RingView:
+    """A regular ring as this node's replica took it."""
+
+    ring: RingId
+    members: tuple[int, ...]
+    quorate: bool  # at the time the ring was taken (the agreed quorum may follow later)
+
+
+RingListener = Callable[[RingView], None]
 
 
 @dataclass
@@ -183,6 +204,8 @@ class ReplicaNode:
         self._wall_offset = int(time.time() * 1000)
         self._invalidator: Invalidator = lambda paths, everything: None
         self._tree_listeners: list[Invalidator] = []
+        self._ring_listeners: list[RingListener] = []
+        self._qdevice_alive = False
         self._waiters: dict[int, _Waiter] = {}
         self._room = trio.Event()  # set (and replaced) whenever a reply frees a pending slot
         self._failure: Exception | None = None  # the output that could not be carried out
@@ -264,6 +287,31 @@ class ReplicaNode:
         """`listener` is told the paths of every change of the tree, as the FUSE layer is."""
         self._tree_listeners.append(listener)
 
+    def tree_file(self, path: str) -> bytes | None:
+        """The content of the file `path` of the tree; None when there is no such file."""
+        entry = self.memdb.lookup(path)
+        return None if entry is None or entry.is_dir else entry.data
+
+    def add_ring_listener(self, listener: RingListener) -> None:
+        """`listener` is told every regular ring this node takes (module header)."""
+        self._ring_listeners.append(listener)
+
+    def ring_view(self) -> RingView:
+        """The current ring: the last regular configuration's."""
+        now = self.replica.status()
+        return RingView(now.ring, now.members, now.quorum.quorate)
+
+    def set_qdevice_vote(self, ring: RingId, vote: bool) -> None:
+        """This node's device client got or lost the device's vote for `ring` (module
+        header); ignored by the replica when `ring` is not its current ring."""
+        self._check_running()
+        self.replica.set_qdevice_vote(self.now(), ring, vote)
+        self._flush()
+
+    def set_qdevice_alive(self, alive: bool) -> None:
+        """Whether the device client is connected to qnetd and welcomed (`status`)."""
+        self._qdevice_alive = alive
+
     async def wait_writable(self, timeout_s: float) -> bool:
         """Wait until the node is quorate and synced; whether it is, after at most
         `timeout_s`."""
@@ -326,6 +374,11 @@ class ReplicaNode:
         q = now.quorum
         votes = dict(q.member_votes)
         ring = now.ring
+        device = None if self.standalone else device_settings(self.config)
+        flags = list(q.flags)
+        if device is not None and self._qdevice_alive:  # corosync-quorumtool's order
+            flags.insert(flags.index("Qdevice") + 1 if "Qdevice" in flags else len(flags),
+                         "QdeviceAlive")
         return {
             "cluster": {"name": self.config.cluster_name,
                         "config_version": self.config.config_version,
@@ -333,7 +386,7 @@ class ReplicaNode:
             "node": {"name": self._name, "nodeid": self.node_id},
             "quorum": {"quorate": q.quorate, "expected_votes": q.expected_votes,
                        "highest_expected": q.highest_expected, "total_votes": q.total_votes,
-                       "quorum": q.quorum, "flags": list(q.flags)},
+                       "quorum": q.quorum, "flags": flags},
             "membership": {
                 "ring_id": f"{ring.rep}.{ring.seq}",
                 "members": [{"nodeid": m, "name": self._names().get(m, str(m)),
@@ -341,7 +394,11 @@ class ReplicaNode:
                             for m in now.members],
             },
             "fs": {"synced": now.synced, "version": self.memdb.version},
-        } | ({"restart_needed": list(self.restart_needed)} if self.restart_needed else {})
+        } | ({"restart_needed": list(self.restart_needed)} if self.restart_needed else {}) | (
+            {} if device is None else {"qdevice": {
+                "host": device.address, "algorithm": device.algorithm,
+                "connected": self._qdevice_alive,
+                "casting_vote": "QdeviceCastVote" in q.flags}})
 
     def nodes(self) -> list[dict[str, Any]]:
         online = set(self.replica.status().members)
@@ -606,6 +663,10 @@ class ReplicaNode:
             log.info("membership %s.%d: %s", c.ring_id.rep, c.ring_id.seq,
                      ", ".join(self._names().get(m, str(m)) for m in c.members))
             self._invalidator((), False)
+            view = RingView(c.ring_id, tuple(c.members),
+                            self.replica.status().quorum.quorate)
+            for listener in self._ring_listeners:
+                listener(view)
 
     def _save_lost(self, lost: SaveLost) -> None:
         base = self.data_dir / "lost+found" / f"{lost.ring_id.rep}.{lost.ring_id.seq}"
