@@ -69,9 +69,7 @@ class Sim:
         return results[0].accepted, results[0].status
 
     def qdevice(self, owner: int, has_vote: bool, members: Sequence[int]) -> QuorumStatus:
-        announcement = self.nodes[owner].set_qdevice_vote(has_vote)
-        statuses = [self.nodes[m].update_announcement(self.now, owner, announcement)
-                    for m in members]
+        statuses = [self.nodes[m].update_qdevice_vote(owner, has_vote) for m in members]
         assert all(s == statuses[0] for s in statuses)
         return statuses[0]
 

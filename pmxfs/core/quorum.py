@@ -302,7 +302,7 @@ class Quorum:
     Usage by the replica: after each REGULAR configuration change every member broadcasts
     `announcement()`; once all members' announcements are delivered, call
     `on_membership(now, members, announced)` on every member. Deliver `expected N` requests with
-    `set_expected`, re-announcements (qdevice vote changes) with `update_announcement`, config
+    `set_expected`, a member's device vote for the ring with `update_qdevice_vote`, config
     changes with `reconfigure`, and the `LastManStanding` proposals that `on_timer` returns with
     `apply_last_man_standing` -- all at their place in the total order. `nodeid` is used only to
     build this node's own announcement.
@@ -363,21 +363,21 @@ class Quorum:
         self._state = replace(self._state, members=mem, lms_deadline=deadline)
         return status
 
-    def update_announcement(self, now: int, nodeid: int,
-                            announcement: Announcement) -> QuorumStatus:
-        """A member re-announced inside the ring (e.g. its device client got or lost the vote)."""
-        del now  # part of the input shape; a re-announcement does not restart any window
+    def update_qdevice_vote(self, nodeid: int, has_vote: bool) -> QuorumStatus:
+        """A member's device client got or lost the device's vote for this ring, delivered in
+        the order (a member that is not in the ring is ignored)."""
         if nodeid not in self._announced:
             return self._status
+        if nodeid == self.nodeid:
+            self._qdevice_vote = has_vote
         anns = dict(self._announced)
-        anns[nodeid] = replace(announcement, expected_votes=self._status.expected_votes)
+        anns[nodeid] = replace(anns[nodeid], qdevice_vote=has_vote)
         return self._reevaluate(anns)
 
-    def set_qdevice_vote(self, has_vote: bool) -> Announcement:
-        """This node's device client got (or lost) the vote; broadcast the returned announcement
-        and deliver it to every member with `update_announcement`."""
-        self._qdevice_vote = has_vote
-        return self.announcement()
+    def drop_qdevice_vote(self) -> None:
+        """A new ring begins: a vote the device gave belongs to the ring it was given for, so
+        this node announces none until its client is told the vote for the new ring."""
+        self._qdevice_vote = False
 
     def expected_range_refusal(self, expected: int) -> str | None:
         """Why `expected N` is out of range whatever the membership: N must lie in

@@ -27,7 +27,8 @@ How it works
   (quorum announcement, version, state checksum, per-entry digests, history, cluster log). With
   all of them delivered, every member computes the same quorum and the same leader: the member
   whose tree comes from the newest quorate ring (every quorate sync stamps the tree with its
-  ring seq), then the highest version, then the lowest node id. Versions alone cannot order two
+  ring seq, and so does a ring that turns quorate later in the order, e.g. by the quorum
+  device's vote), then the highest version, then the lowest node id. Versions alone cannot order two
   partitions' trees; the newest quorate ring can, because only one partition is quorate.
   If all checksums agree the sync is over; otherwise the leader multicasts the rows some member
   lacks (`EntriesMsg`, in chunks) and `DoneMsg` (history and applied table); a member that
@@ -56,6 +57,10 @@ How it works
   never drops what a caller waits for, and one that is still unanswered
   `unresolved_timeout` after its last change of state (in flight, decided, doubtful) is answered
   ETIMEDOUT: its outcome is unknown here, and a later decision finds no caller.
+* The quorum device's vote is for one ring: at a configuration change every member announces
+  none, and a member whose device client is told the vote for the current ring sends a
+  `QdeviceMsg` through the ring, so every member counts it at the same point of the order; a
+  vote for an older ring is dropped on delivery.
 * Verification: every `verify_interval` the lowest member opens a round; every member reports
   its checksum at that point of the order; any difference starts a new sync epoch.
 """
@@ -89,6 +94,7 @@ from pmxfs.core.replica_msgs import (
     LogMsg,
     OpId,
     OpMsg,
+    QdeviceMsg,
     ReplicaMsg,
     ResyncMsg,
     StateMsg,
@@ -448,6 +454,16 @@ class Replica:
             self._send(ExpectedMsg(op_id, expected))
         self._process(now)
 
+    def set_qdevice_vote(self, now: int, ring: RingId, vote: bool) -> None:
+        """This node's quorum-device client got (`vote`) or lost the device's vote for `ring`
+        (qnetd's decision for that ring). Sent through the ring, so every member counts it at
+        the same point of the order; a vote for any other ring than the current one is
+        dropped here, and one that arrives after the ring changed is dropped on delivery."""
+        self._now = now
+        if ring == self.ring:
+            self._send(QdeviceMsg(ring, vote))
+        self._process(now)
+
     def verify_now(self, now: int) -> None:
         """Start a verification round now (`pmxfs debug verify`)."""
         self._now = now
@@ -611,6 +627,7 @@ class Replica:
         self.ring = c.ring_id
         self.members = c.members
         self.verify_at = None
+        self.quorum.drop_qdevice_vote()
         self._start_sync(0)
 
     def _start_sync(self, epoch: int) -> None:
@@ -677,6 +694,27 @@ class Replica:
                 LastManStanding(msg.members, msg.expected))
             if status is not None:
                 self.outputs.append(QuorumChanged(status))
+        elif isinstance(msg, QdeviceMsg):
+            self._on_qdevice_vote(sender, msg)
+        self._stamp_quorate_ring()
+
+    def _stamp_quorate_ring(self) -> None:
+        """The tree comes from this ring while it is quorate: stamp it with the ring's seq (the
+        sync leader rule). At the end of a sync, and wherever the ring turns quorate later in
+        the order -- a device vote, `expected`, a config with more votes -- since the writes it
+        then takes are acknowledged and must win the next sync against older trees."""
+        if self.quorum.status().quorate and self.quorate_ring_seq != self.ring.seq:
+            self.quorate_ring_seq = self.ring.seq
+            self._meta[META_QUORATE_RING] = b"%d" % self.ring.seq
+
+    def _on_qdevice_vote(self, sender: int, msg: QdeviceMsg) -> None:
+        if msg.ring != self.ring:
+            self._count("stale_qdevice_votes")
+            return
+        before = self.quorum.status()
+        status = self.quorum.update_qdevice_vote(sender, msg.vote)
+        if status != before:
+            self.outputs.append(QuorumChanged(status))
 
     def _on_expected(self, msg: ExpectedMsg) -> None:
         before = self.quorum.status()
@@ -1040,9 +1078,7 @@ class Replica:
         self.mode = Mode.SYNCED
         self._count("syncs")
         self._take_config_from_tree(sync=True)
-        if self.quorum.status().quorate and self.quorate_ring_seq != self.ring.seq:
-            self.quorate_ring_seq = self.ring.seq
-            self._meta[META_QUORATE_RING] = b"%d" % self.ring.seq
+        self._stamp_quorate_ring()
         if self.on_event is not None:  # the checksum is work only an observer needs
             self.on_event(SyncCompleted(self.ring, self.epoch, self.leader, adopted,
                                         self.state_checksum()))

@@ -145,8 +145,17 @@ class ResyncMsg:
     epoch: int
 
 
+@dataclass(frozen=True, slots=True)
+class QdeviceMsg:
+    """The sender's quorum-device client got (`vote`) or lost the device's vote for `ring`;
+    counted only in that ring."""
+
+    ring: RingId
+    vote: bool
+
+
 ReplicaMsg: TypeAlias = (OpMsg | ExpectedMsg | LmsMsg | LogMsg | StateMsg | EntriesMsg | DoneMsg
-                         | VerifyMsg | ResyncMsg)
+                         | VerifyMsg | ResyncMsg | QdeviceMsg)
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -199,6 +208,8 @@ def encode_msg(msg: ReplicaMsg) -> bytes:
             body = [8, _ring(msg.ring), msg.epoch, msg.round, msg.request, msg.checksum]
         case ResyncMsg():
             body = [9, _ring(msg.ring), msg.epoch]
+        case QdeviceMsg():
+            body = [10, _ring(msg.ring), msg.vote]
     packed: bytes = msgpack.packb([REPLICA_PROTOCOL, *body], use_bin_type=True)
     return packed
 
@@ -319,7 +330,7 @@ def _decode_state(f: list[Any]) -> StateMsg:
                     tuple(decode_entries(log)), decode_cutoff(cutoff))
 
 
-_ARITY = {1: 2, 2: 2, 3: 2, 4: 1, 5: 9, 6: 3, 7: 5, 8: 5, 9: 2}
+_ARITY = {1: 2, 2: 2, 3: 2, 4: 1, 5: 9, 6: 3, 7: 5, 8: 5, 9: 2, 10: 2}
 _ENTRIES_KIND = 6
 
 
@@ -358,5 +369,7 @@ def decode_msg(data: bytes) -> ReplicaMsg:
         case 8:
             return VerifyMsg(_ring_of(f[0]), _int(f[1]), _int(f[2]), _bool(f[3]),
                              _bytes(f[4]))
-        case _:
+        case 9:
             return ResyncMsg(_ring_of(f[0]), _int(f[1]))
+        case _:
+            return QdeviceMsg(_ring_of(f[0]), _bool(f[1]))
