@@ -23,6 +23,15 @@ before: for `grace` after the cluster first connects, nothing is granted unless 
 the nodelist is connected (each of them then dropped its old vote when it lost the old qnetd);
 the first grant ends that quiet time.
 
+Where pmxfs is stricter than corosync-qnetd
+-------------------------------------------
+A ring that holds the vote may acknowledge writes that only its members have on disk (with lms a
+single node holds it). corosync-qnetd gives the vote to whichever partition wins once the holder
+is gone, so a partition without any of the holder's members could go on with an older tree and
+the acknowledged writes would be lost at the next merge. Here the vote goes only to a ring that
+holds a member of the last ring that had it (`last_holder`, which qnetd keeps on disk across
+restarts); when all of those are gone for good, an operator decides (`pmxfs expected`).
+
 How the winner is chosen (corosync-qnetd's algorithms)
 ------------------------------------------------------
 Connected nodes are grouped by the ring they report (a *partition*). Decisions wait until the
@@ -67,12 +76,14 @@ class _Holder:
 class ClusterArbiter:
     """The decisions of qnetd for one cluster (see the module comment). Times are ms."""
 
-    def __init__(self, now: int) -> None:
+    def __init__(self, now: int, last_holder: frozenset[int] = frozenset()) -> None:
+        """`last_holder`: the members of the last ring that held the vote, as qnetd kept them
+        on disk (empty: none known)."""
         self._first_seen = now
         self._settings: Hello | None = None
         self._nodes: dict[int, _Node] = {}
         self._holder: _Holder | None = None
-        self._last_holder_members: frozenset[int] = frozenset()
+        self._last_holder_members = last_holder
         self._unsettled_since: int | None = None
         self._granted = False  # a first grant ends the quiet time
         self._now = now  # the latest time given: deadlines before it are over
@@ -104,6 +115,11 @@ class ClusterArbiter:
             node.connected, node.gone_at, node.ring = False, now, None
 
     # -- outputs
+
+    @property
+    def last_holder(self) -> frozenset[int]:
+        """The members of the last ring given the vote: for qnetd to keep across restarts."""
+        return self._last_holder_members
 
     def idle(self) -> bool:
         """No node connected and no holder to remember: the cluster may be forgotten."""
@@ -165,7 +181,6 @@ class ClusterArbiter:
             not self._nodes[n].connected and (self._nodes[n].gone_at or 0) + grace <= now
             for n in holder.acked)
         if moved_on or all_gone:
-            self._last_holder_members = holder.members
             self._holder = None
 
     def _may_grant(self, now: int) -> bool:
@@ -196,13 +211,20 @@ class ClusterArbiter:
                          and now >= self._unsettled_since + self._settings.sync_timeout_ms)
         if not (everything_settled or waited_enough) or not self._may_grant(now):
             return
-        candidates = [ring for ring in settled if self._eligible(live[ring])]
+        candidates = [ring for ring in settled if self._eligible(live[ring])
+                      and self._holds_last_holders_writes(live[ring])]
         if not candidates:
             return
         winner = max(candidates, key=lambda r: self._rank(r, live[r], reports))
         self._holder = _Holder(winner, live[winner])
+        self._last_holder_members = live[winner]
         self._unsettled_since = None
         self._granted = True
+
+    def _holds_last_holders_writes(self, members: frozenset[int]) -> bool:
+        """A ring holding the vote may take writes that only its members have on disk: the
+        vote goes to a ring with none of them only when no holder is known."""
+        return not self._last_holder_members or bool(members & self._last_holder_members)
 
     def _eligible(self, members: frozenset[int]) -> bool:
         assert self._settings is not None
@@ -235,6 +257,7 @@ class ClusterArbiter:
             return Vote.ACK
         if ring in dead or holder is not None:
             return Vote.NACK
-        if ring in live and not self._eligible(live[ring]):
+        if ring in live and not (self._eligible(live[ring])
+                                 and self._holds_last_holders_writes(live[ring])):
             return Vote.NACK
         return Vote.WAIT
