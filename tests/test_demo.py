@@ -30,7 +30,7 @@ import pytest
 from cpg_harness import PORT_RANGE, random_port, wait_until
 
 from pmxfs.cli import build_parser, main
-from pmxfs.commands import daemon, demo
+from pmxfs.commands import daemon, demo, demo_qnetd
 from pmxfs.core import conf
 from pmxfs.core.conf import edit
 from pmxfs.core.join_token import JOIN_PORT
@@ -489,6 +489,24 @@ def daemons_running(root: Path, count: int) -> list[int]:
     return [pid for pid in pids if any(runs(pid, argv) for argv in argvs)]
 
 
+def qnetd_running(root: Path) -> list[int]:
+    """The PIDs of processes running the demo's qnetd for `root` (its directory is this test's
+    own), whatever address it listens on."""
+    head = [sys.executable, "-m", "pmxfs", "qnetd", "--listen"]
+    tail = ["--dir", str(root / "qnetd")]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0")[:-1]]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if argv[:len(head)] == head and argv[-len(tail):] == tail:
+            found.append(int(entry.name))
+    return found
+
+
 class RunningDemo:
     """A `pmxfs demo` process started by a test, its output and the nodes of its demo.json."""
 
@@ -499,7 +517,8 @@ class RunningDemo:
         self.nodes: list[dict[str, Any]] = []
 
     def details(self) -> str:
-        logs = "\n".join(f"--- {p}:\n{read(p)}" for p in sorted(self.root.glob("node*/daemon.log")))
+        paths = [*sorted(self.root.glob("node*/daemon.log")), self.root / "qnetd/qnetd.log"]
+        logs = "\n".join(f"--- {p}:\n{read(p)}" for p in paths if p.exists())
         return f"--- demo output:\n{read(self.output)}\n{logs}"
 
     def wait_up(self) -> list[Path]:
@@ -556,7 +575,8 @@ def running_demo(tmp_path: Path, count: int, *args: str,
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
-        for pid in daemons_running(root, count):  # a killed demo leaves its daemons running
+        # a killed demo leaves its daemons (and its qnetd) running
+        for pid in [*daemons_running(root, count), *qnetd_running(root)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for mount in sorted(root.glob("node*/mnt")):
@@ -676,3 +696,176 @@ def test_demo_end_to_end_while_its_default_addresses_are_in_use(tmp_path: Path) 
                     f"this demo uses {addrs[0]} to {addrs[1]}, port {port}.") in output, output
             running.replicates(mounts)
             running.interrupt()
+
+
+# ---------------------------------------------------------------------------- --qdevice
+
+
+def with_device(text: str, host: str, port: int = 5403) -> str:
+    """A demo corosync.conf with the QDevice `qdevice setup` adds (config_version + 1)."""
+    return edit.with_qdevice(text, host, port, None, "lowest", force=False)
+
+
+def test_qdevice_plan_and_its_qnetd(tmp_path: Path) -> None:
+    plan = demo.plan_demo(2, tmp_path, 6000, subnet=7, qdevice=True)
+    assert plan.qdevice
+    assert not demo.plan_demo(2, tmp_path, 6000, subnet=7).qdevice
+    qnetd = demo.qnetd_plan(plan)
+    assert (qnetd.host, qnetd.port, qnetd.address) == ("127.0.7.10", 5403, "127.0.7.10:5403")
+    assert (qnetd.name, qnetd.dir, qnetd.log) == ("qnetd", plan.root / "qnetd",
+                                                  plan.root / "qnetd" / "qnetd.log")
+    assert qnetd.argv() == [sys.executable, "-m", "pmxfs", "qnetd", "--listen",
+                            "127.0.7.10:5403", "--dir", str(plan.root / "qnetd")]
+    args = build_parser().parse_args(qnetd.argv()[3:])
+    assert (args.command, args.qnetd_command) == ("qnetd", None)  # qnetd itself, no subcommand
+    assert args.listen == ("127.0.7.10", 5403)
+    assert args.serve_dir == str(plan.root / "qnetd")
+    assert qnetd.token_args() == ["qnetd", "token", "--dir", str(qnetd.dir), "--address",
+                                  "127.0.7.10:5403", "--ttl", demo_qnetd.TOKEN_TTL]
+    assert not list(tmp_path.iterdir())  # planning touches nothing
+
+
+def test_qdevice_setup_follows_pvecm_rules_for_the_node_count(tmp_path: Path) -> None:
+    qnetd = demo_qnetd.QnetdPlan(tmp_path, "127.0.7.10")
+    assert demo_qnetd.setup_args(qnetd, "T", 2) == ["qdevice", "setup", "127.0.7.10:5403",
+                                                    "--token", "T"]
+    assert demo_qnetd.setup_args(qnetd, "T", 3)[-1] == "--force"  # odd: lms
+    assert demo_qnetd.setup_args(qnetd, "T", 4)[-1] == "T"
+    for count in (2, 3, 4):  # what setup writes into the demo's corosync.conf passes the check
+        text = conf.render(demo.cluster_config(count, 6000, 7))
+        force = "--force" in demo_qnetd.setup_args(qnetd, "T", count)
+        added = edit.with_qdevice(text, qnetd.host, qnetd.port, None, "lowest", force=force)
+        assert demo_qnetd.configured_device(added) == ("127.0.7.10", 5403)
+        assert demo_qnetd.configured_device(text) is None
+
+
+def test_a_dir_with_a_device_keeps_it(tmp_path: Path) -> None:
+    text = conf.render(demo.cluster_config(2, 6000, 7))
+    assert demo_qnetd.plan_qnetd(tmp_path, "127.0.7.10", None).port == 5403
+    assert demo_qnetd.plan_qnetd(tmp_path, "127.0.7.10", text).port == 5403
+    assert demo_qnetd.plan_qnetd(tmp_path, "127.0.7.10",
+                                 with_device(text, "127.0.7.10", 5999)).port == 5999
+    with pytest.raises(demo_qnetd.QnetdError) as info:
+        demo_qnetd.plan_qnetd(tmp_path, "127.0.7.10", with_device(text, "192.0.2.10"))
+    assert str(info.value) == (f"the cluster in {tmp_path} has a QDevice at 192.0.2.10:5403, "
+                               "not at the demo's 127.0.7.10; use another --dir")
+
+
+def test_qnetd_address_in_use_moves_the_demo(tmp_path: Path) -> None:
+    """With --qdevice, qnetd's TCP address counts when the demo picks its subnet (a subnet the
+    demo's defaults never use)."""
+    port, subnet = random_port(), random.randrange(100, 250)
+    plan = demo.plan_demo(2, tmp_path, port, subnet, qdevice=True)
+    assert demo.bindable(plan)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind((f"127.0.{subnet}.10", 5403))
+        listener.listen()
+        assert not demo.bindable(plan)
+        assert demo.bindable(demo.plan_demo(2, tmp_path, port, subnet))  # without --qdevice
+        settled = demo.free_network(2, tmp_path, [port], subnets=[subnet, subnet + 1],
+                                    qdevice=True)
+        assert (settled.subnet, settled.qdevice) == (subnet + 1, True)
+
+
+def test_listening_reads_the_process_sockets() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        assert not demo_qnetd.listening(os.getpid(), port)
+        listener.listen()
+        assert demo_qnetd.listening(os.getpid(), port)
+    assert not demo_qnetd.listening(os.getpid(), port)
+
+
+def test_demo_json_with_qnetd_only_adds_a_key(tmp_path: Path) -> None:
+    plan = demo.plan_demo(2, tmp_path / "d", qdevice=True)
+    qnetd = demo.qnetd_plan(plan)
+    pids = {"node1": 11, "node2": 12, "qnetd": 10}
+    record = json.loads(json.dumps(demo.demo_record(plan, pids, qnetd)))
+    assert list(record) == ["nodes", "qnetd"]
+    assert record["nodes"] == demo.demo_record(plan, pids)["nodes"]
+    assert record["qnetd"] == {"name": "qnetd", "address": "127.0.0.10:5403", "pid": 10,
+                               "argv": qnetd.argv(), "dir": str(qnetd.dir),
+                               "log": str(qnetd.log)}
+
+
+def test_guide_with_a_qdevice(tmp_path: Path) -> None:
+    plan = demo.plan_demo(2, tmp_path, qdevice=True)
+    qnetd = demo.qnetd_plan(plan)
+    text = demo.guide(plan, {"node1": 101, "node2": 102, "qnetd": 100}, qnetd=qnetd)
+    assert "  qnetd  127.0.0.10:5403  pid 100" in text
+    assert f"{qnetd.dir}  (log qnetd.log)" in text
+    assert "kill -9 102" in text
+    assert "QdeviceCastVote" in text
+    assert f"--run-dir {plan.nodes[0].run_dir} status" in text
+    assert "expected 1" not in text  # a node left alone keeps quorum with the device
+    assert "qnetd" not in demo.guide(plan, {"node1": 101, "node2": 102})
+
+
+def test_qdevice_needs_two_nodes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "--nodes", "1", "--qdevice", "--dir", str(tmp_path / "d"))
+    assert (code, out) == (2, [])
+    assert err == ["pmxfs: --qdevice needs at least 2 nodes"]
+    assert not (tmp_path / "d").exists()
+
+
+def status(node: dict[str, Any]) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "pmxfs", "--run-dir", node["run_dir"],
+                           "status", "--json"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def alone_and_quorate(node: dict[str, Any]) -> bool:
+    st = status(node)
+    members = [m["name"] for m in st["membership"]["members"]]
+    return members == [node["name"]] and bool(st["quorum"]["quorate"])
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_demo_with_a_qdevice(tmp_path: Path) -> None:
+    """Two nodes and a qnetd on loopback: node1 sets the device up, both nodes cast its vote;
+    node2 stops and node1 stays quorate and writable; Ctrl-C stops qnetd too. A second run
+    starts qnetd again and sets nothing up."""
+    port = random_port()
+    with running_demo(tmp_path, 2, "--port", str(port), "--qdevice") as first:
+        mounts = first.wait_up()
+        record = load_record(first.root / "demo.json")
+        assert record is not None
+        qnetd = record["qnetd"]
+        assert runs(qnetd["pid"], qnetd["argv"]), first.details()
+        config = conf.parse(Path(first.nodes[0]["config"]).read_text())
+        device = config.quorum.device
+        assert device is not None
+        assert device.net is not None
+        assert f"{device.net.host}:{device.net.port}" == qnetd["address"]
+        assert device.net.algorithm == "ffsplit"
+        output = read(first.output) or ""
+        assert f"pmxfs demo: qnetd listens on {qnetd['address']}" in output, output
+        assert (f"pmxfs demo: node1 added qnetd as the cluster's QDevice with a token from "
+                f"`pmxfs qnetd token` (pmxfs qdevice setup {qnetd['address']} --token "
+                "TOKEN)") in output, output
+        for node in first.nodes:
+            st = status(node)
+            assert st["qdevice"]["casting_vote"], st
+            assert st["quorum"]["expected_votes"] == 3, st
+        first.replicates(mounts)
+
+        os.kill(first.nodes[1]["pid"], signal.SIGTERM)
+        wait_until(lambda: alone_and_quorate(first.nodes[0]), first.timeout_s,
+                   "node1 alone and quorate", first.details)
+        (mounts[0] / "alone").write_text("node1 alone\n")
+        first.interrupt()
+        assert qnetd_running(first.root) == []
+    with running_demo(tmp_path, 2, "--qdevice", output="again.out") as again:
+        again.wait_up()
+        output = read(again.output) or ""
+        assert "added qnetd" not in output, output
+        assert "qnetd listens on" in output, output
+        for node in again.nodes:
+            assert status(node)["qdevice"]["casting_vote"]
+        again.interrupt()
+        assert qnetd_running(again.root) == []

@@ -42,10 +42,15 @@ How it works:
    plus STEP_TIMEOUT_S per create or add) stops everything, with the failed node, the reason and
    the tail of its log printed. A daemon that dies later is reported in one line; the demo keeps
    running.
-5. Stop, on SIGINT, SIGTERM or SIGHUP: SIGTERM to every daemon the demo started (by PID; a node
-   restarted by hand is not the demo's), a wait with a deadline (SIGKILL after it), then every
-   dead mount is unmounted and demo.json, whose PIDs are now stale, removed. Exit 0 when
-   everything stopped cleanly.
+   With --qdevice (demo_qnetd), a qnetd runs beside the daemons on 127.0.K.10 (DIR/qnetd/,
+   made by `pmxfs qnetd init`; its TCP address counts in step 2's choice), and once the cluster
+   is quorate node1 adds it as the cluster's QDevice: `pmxfs qnetd token`, then `pmxfs qdevice
+   setup ADDR:PORT --token TOKEN` (skipped when corosync.conf names the device already); the
+   demo is ready when every node casts the device's vote. demo.json gets a "qnetd" entry.
+5. Stop, on SIGINT, SIGTERM or SIGHUP: SIGTERM to every daemon the demo started and to its
+   qnetd (by PID; a node restarted by hand is not the demo's), a wait with a deadline (SIGKILL
+   after it), then every dead mount is unmounted and demo.json, whose PIDs are now stale,
+   removed. Exit 0 when everything stopped cleanly.
 
 Signals, daemon exits and the steps' exits are waited for with `poll` on a signal wake-up pipe
 and pidfds; the only periodic checks are whether the nodes are up or ready yet, until the start
@@ -73,9 +78,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
-from pmxfs.commands import keygen
+from pmxfs.commands import demo_qnetd, keygen
 from pmxfs.commands.control import SOCKET_NAME
 from pmxfs.commands.node_home import NodeHome
 from pmxfs.core import conf
@@ -100,6 +105,7 @@ TOKEN_COEFFICIENT_MS = 0
 JOIN_TOKEN_TTL = "2m"  # each token is used at once; one left by a failed add expires soon
 START_TIMEOUT_S = 30.0  # starting the daemons and the final wait for a quorate cluster
 STEP_TIMEOUT_S = 10.0  # added for each create or add (measured: well under a second each)
+QDEVICE_STEPS = 2  # --qdevice: qnetd's token and setup, then the first vote
 CONTROL_PROBE_TIMEOUT_S = 1.0
 STOP_TIMEOUT_S = 20.0
 READY_POLL_S = 0.05
@@ -136,6 +142,7 @@ class DemoPlan:
     nodes: tuple[DemoNode, ...]
     port: int
     subnet: int  # K of the nodes' addresses 127.0.K.(10+i)
+    qdevice: bool = False  # --qdevice: a qnetd on 127.0.K.10 too (demo_qnetd)
 
     @property
     def addresses(self) -> str:
@@ -171,12 +178,18 @@ port -- are picked, and the guide says so.
 Each node keeps corosync.conf, authkey, data/, run/ (control socket), mnt/ and daemon.log in
 DIR/node<i>/; DIR/demo.json lists each node's name, node id, pid, paths and the argv that
 restarts it. A later run on the same DIR reuses its config, key, data and addresses. Needs root
-and /dev/fuse."""
+and /dev/fuse.
+
+--qdevice also runs a qnetd on 127.0.K.10, TCP port 5403 (`pmxfs qnetd init --dir DIR/qnetd`),
+and once the cluster is quorate adds it with `pmxfs qnetd token` and `pmxfs qdevice setup` on
+node1 (ffsplit for an even node count, lms with --force for an odd one), as the README's "Two
+nodes and a QDevice" does on real machines; Ctrl-C stops qnetd too."""
 
 EXAMPLES = """\
 examples:
   pmxfs demo                                   # 3 nodes in ./pmxfs-demo
   pmxfs demo --nodes 5 --dir /tmp/demo5 --port 5500
+  pmxfs demo --nodes 2 --qdevice --dir /tmp/demo-qdevice
   pmxfs --run-dir ./pmxfs-demo/node1/run status   # in another shell, while it runs"""
 
 
@@ -192,6 +205,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", metavar="PORT",
                         help=f"the cluster's UDP port (default: {DEFAULT_PORT}, or a free one "
                              "when that is in use); a DIR made before keeps its port")
+    parser.add_argument("--qdevice", action="store_true",
+                        help="also run a qnetd on 127.0.K.10 (DIR/qnetd/) and add it as the "
+                             "cluster's QDevice with `pmxfs qdevice setup` on node1 (ffsplit "
+                             "for an even node count, lms for an odd one)")
     parser.set_defaults(handler=run)
 
 
@@ -199,7 +216,9 @@ def run(args: argparse.Namespace) -> int:
     """Handler of `pmxfs demo`; returns the exit status (2: bad arguments, 1: cannot run)."""
     try:
         port = None if args.port is None else port_number(args.port)
-        plan = plan_demo(node_count(args.nodes), args.dir)
+        plan = plan_demo(node_count(args.nodes), args.dir, qdevice=args.qdevice)
+        if args.qdevice and len(plan.nodes) < 2:
+            raise DemoError("--qdevice needs at least 2 nodes")
     except DemoError as exc:
         print(f"pmxfs: {exc}", file=sys.stderr)
         return 2
@@ -207,8 +226,9 @@ def run(args: argparse.Namespace) -> int:
         with _locked(plan):
             plan, note = settle_network(plan, port)
             prepare(plan)
-            return _run_cluster(plan, note)
-    except DemoError as exc:
+            device = prepare_device(plan) if plan.qdevice else None
+            return _run_cluster(plan, note, device)
+    except (DemoError, demo_qnetd.QnetdError) as exc:
         print(f"pmxfs: {exc}", file=sys.stderr)
         return 1
 
@@ -245,9 +265,9 @@ def cluster_config(count: int, port: int = DEFAULT_PORT, subnet: int = 0) -> con
 
 
 def plan_demo(count: int, directory: str | os.PathLike[str], port: int = DEFAULT_PORT,
-              subnet: int = 0) -> DemoPlan:
-    """The demo of `count` nodes in `directory` on 127.0.`subnet`.x and `port`; touches
-    nothing."""
+              subnet: int = 0, *, qdevice: bool = False) -> DemoPlan:
+    """The demo of `count` nodes in `directory` on 127.0.`subnet`.x and `port` (with a qnetd
+    when `qdevice`); touches nothing."""
     root = Path(directory).resolve()  # as /proc/self/mountinfo names the mounts
     result = conf.check(conf.render(cluster_config(count, port, subnet)), "demo corosync.conf")
     if result.config is None or result.warnings:
@@ -255,7 +275,7 @@ def plan_demo(count: int, directory: str | os.PathLike[str], port: int = DEFAULT
         raise DemoError(f"the demo's cluster config does not pass the check: {problem}")
     nodes = tuple(DemoNode(info.name, info.nodeid, info.addr, root / info.name)
                   for info in result.config.node_infos())
-    return DemoPlan(root, nodes, port, subnet)
+    return DemoPlan(root, nodes, port, subnet, qdevice)
 
 
 def with_demo_timers(text: str) -> str:
@@ -275,18 +295,47 @@ def with_demo_timers(text: str) -> str:
     return new
 
 
+@dataclass(frozen=True)
+class _Device:
+    """--qdevice: the demo's qnetd, and whether node1 still has to set the device up."""
+
+    qnetd: demo_qnetd.QnetdPlan
+    set_up: bool
+
+
+def prepare_device(plan: DemoPlan) -> _Device:
+    """The demo's qnetd (demo_qnetd), its directory made by `pmxfs qnetd init`; refused when the
+    cluster in DIR has a device elsewhere. `settle_network` checked that its address is free."""
+    existing = existing_cluster(plan)
+    text = None if existing is None else existing.config_text
+    qnetd = demo_qnetd.plan_qnetd(plan.root, node_address(0, plan.subnet), text)
+    demo_qnetd.init(qnetd)
+    return _Device(qnetd, text is None or demo_qnetd.configured_device(text) is None)
+
+
+def qnetd_plan(plan: DemoPlan) -> demo_qnetd.QnetdPlan:
+    """The demo's qnetd in a new DIR: 127.0.K.10, "node 0" of the nodes' addresses."""
+    return demo_qnetd.QnetdPlan(plan.root, node_address(0, plan.subnet))
+
+
 def start_timeout(steps: int) -> float:
     """The start deadline (s) of a demo that runs `steps` creates and adds."""
     return START_TIMEOUT_S + STEP_TIMEOUT_S * steps
 
 
-def demo_record(plan: DemoPlan, pids: Mapping[str, int]) -> dict[str, Any]:
-    """The content of demo.json for daemons running with `pids` (by node name)."""
-    return {"nodes": [{"name": n.name, "nodeid": n.nodeid, "pid": pids[n.name], "argv": n.argv(),
-                       "config": str(n.config), "authkey": str(n.authkey),
-                       "data_dir": str(n.data_dir), "run_dir": str(n.run_dir),
-                       "mount": str(n.mount)}
-                      for n in plan.nodes]}
+def demo_record(plan: DemoPlan, pids: Mapping[str, int],
+                qnetd: demo_qnetd.QnetdPlan | None = None) -> dict[str, Any]:
+    """The content of demo.json for daemons running with `pids` (by node name, and "qnetd"
+    for `qnetd`, which adds the key "qnetd")."""
+    record: dict[str, Any] = {
+        "nodes": [{"name": n.name, "nodeid": n.nodeid, "pid": pids[n.name], "argv": n.argv(),
+                   "config": str(n.config), "authkey": str(n.authkey),
+                   "data_dir": str(n.data_dir), "run_dir": str(n.run_dir),
+                   "mount": str(n.mount)}
+                  for n in plan.nodes]}
+    if qnetd is not None:
+        record["qnetd"] = demo_qnetd.record(qnetd, pids[qnetd.name])
+    return record
 
 
 # ---------------------------------------------------------------------------- the network
@@ -301,16 +350,17 @@ def settle_network(plan: DemoPlan, port: int | None) -> tuple[DemoPlan, str]:
         if port is not None and port != reused[0]:
             raise DemoError(f"the demo in {plan.root} uses port {reused[0]}; run it without "
                             f"--port (or with --port {reused[0]}), or use another --dir")
-        settled = plan_demo(count, plan.root, *reused)
+        settled = plan_demo(count, plan.root, *reused, qdevice=plan.qdevice)
         existing_cluster(settled)  # its refusals before any address is tried
         if not bindable(settled):
             raise DemoError(f"the demo in {plan.root} uses {settled.addresses}, which are in "
                             "use (is it still running?); stop what uses them or use another --dir")
         return settled, ""
     existing_cluster(plan)  # a DIR of another size is refused before any address is tried
-    wanted = plan_demo(count, plan.root, DEFAULT_PORT if port is None else port)
+    wanted = plan_demo(count, plan.root, DEFAULT_PORT if port is None else port,
+                       qdevice=plan.qdevice)
     ports = [wanted.port] if port is not None else [DEFAULT_PORT, *OTHER_PORTS]
-    settled = free_network(count, plan.root, ports)
+    settled = free_network(count, plan.root, ports, qdevice=plan.qdevice)
     if settled.addresses == wanted.addresses:
         return settled, ""
     return settled, (f"{wanted.addresses} are in use (another demo?), so this demo uses "
@@ -337,12 +387,12 @@ def existing_network(root: Path) -> tuple[int, int] | None:
 
 
 def free_network(count: int, root: Path, ports: Sequence[int],
-                 subnets: Sequence[int] = SUBNETS) -> DemoPlan:
+                 subnets: Sequence[int] = SUBNETS, *, qdevice: bool = False) -> DemoPlan:
     """The plan on the first of `ports`, then the first of `subnets`, where every node's address
-    and port can be bound now."""
+    and port (and qnetd's, with `qdevice`) can be bound now."""
     for port in ports:
         for subnet in subnets:
-            plan = plan_demo(count, root, port, subnet)
+            plan = plan_demo(count, root, port, subnet, qdevice=qdevice)
             if bindable(plan):
                 return plan
     raise DemoError(f"no free loopback addresses for {count} nodes on port "
@@ -352,7 +402,10 @@ def free_network(count: int, root: Path, ports: Sequence[int],
 def bindable(plan: DemoPlan) -> bool:
     """Whether every node's address can be bound right now as its daemon will bind it: UDP on
     the cluster's port, and TCP on the join port (with SO_REUSEADDR, as the join service
-    listens: a connection of an earlier join waiting out TIME_WAIT does not count)."""
+    listens: a connection of an earlier join waiting out TIME_WAIT does not count); with
+    --qdevice, qnetd's TCP address too."""
+    if plan.qdevice and not demo_qnetd.bindable(qnetd_plan(plan)):
+        return False
     with contextlib.ExitStack() as stack:
         for node in plan.nodes:
             udp = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
@@ -572,9 +625,21 @@ class _Signals:
         return any(signum in got for signum in STOP_SIGNALS)
 
 
+class _Process(Protocol):
+    """What the demo starts and stops: a node's daemon (DemoNode) or qnetd (QnetdPlan)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def log(self) -> Path: ...
+
+    def argv(self) -> list[str]: ...
+
+
 @dataclass
 class _Daemon:
-    node: DemoNode
+    node: _Process
     proc: subprocess.Popen[bytes]
     pidfd: int
 
@@ -588,7 +653,7 @@ class _Daemon:
 class _StartFailed(LocalError):
     """Nodes that did not come up; the message is the first line of the report."""
 
-    def __init__(self, message: str, nodes: Sequence[DemoNode]) -> None:
+    def __init__(self, message: str, nodes: Sequence[_Process]) -> None:
         super().__init__(message)
         self.nodes = nodes
 
@@ -600,7 +665,7 @@ def _poll(fds: Sequence[int], timeout_s: float | None) -> set[int]:
     return {fd for fd, _ in poller.poll(None if timeout_s is None else int(timeout_s * 1000))}
 
 
-def _start(node: DemoNode) -> _Daemon:
+def _start(node: _Process) -> _Daemon:
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # READY=1 is not ours
     try:
         with open(node.log, "ab") as log:
@@ -614,20 +679,25 @@ def _start(node: DemoNode) -> _Daemon:
     return _Daemon(node, proc, os.pidfd_open(proc.pid))
 
 
-def _run_cluster(plan: DemoPlan, note: str) -> int:
+def _run_cluster(plan: DemoPlan, note: str, device: _Device | None) -> int:
     daemons: list[_Daemon] = []
     joining = [n for n in plan.nodes if not n.config.exists()]  # before a daemon may write one
     everyone = frozenset(n.name for n in plan.nodes)
+    steps = len(joining) + (QDEVICE_STEPS if device is not None else 0)
     with _Signals() as signals:
         try:
             for node in plan.nodes:
                 daemons.append(_start(node))
-            startup = _Startup(daemons, signals, start_timeout(len(joining)))
+            if device is not None:
+                daemons.append(_start(device.qnetd))
+            startup = _Startup(daemons, signals, start_timeout(steps))
             if _build(plan, joining, startup) and startup.wait(
                     functools.partial(_without_ring, plan.nodes, everyone),
-                    f"no quorate cluster of all {len(everyone)} nodes at the mount"):
-                _write_json(plan, {d.node.name: d.proc.pid for d in daemons})
-                _print_guide(plan, daemons, note)
+                    f"no quorate cluster of all {len(everyone)} nodes at the mount") and (
+                    device is None or _add_qdevice(plan, device, daemons[-1], startup)):
+                qnetd = None if device is None else device.qnetd
+                _write_json(plan, {d.node.name: d.proc.pid for d in daemons}, qnetd)
+                _print_guide(plan, daemons, note, qnetd)
                 _watch(daemons, signals)
             print("pmxfs demo: stopping", flush=True)
             ok = True
@@ -652,7 +722,7 @@ class _Startup:
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
 
-    def wait(self, waiting: Callable[[], Sequence[DemoNode]], what: str) -> bool:
+    def wait(self, waiting: Callable[[], Sequence[_Process]], what: str) -> bool:
         """Until `waiting()`, the nodes not there yet, is empty (True) or a stop signal came
         (False); at the deadline the report names those nodes and `what` they lack."""
         while True:
@@ -779,6 +849,35 @@ def _set_timers(node: DemoNode) -> None:
                            [node]) from None
 
 
+def _add_qdevice(plan: DemoPlan, device: _Device, qnetd: _Daemon, startup: _Startup) -> bool:
+    """Once qnetd listens: its token and `pmxfs qdevice setup` on node1 (unless the cluster has
+    the device already), then until every node casts the device's vote; False when a stop
+    signal came first."""
+    q, first = device.qnetd, plan.nodes[0]
+    if not startup.wait(lambda: [] if demo_qnetd.listening(qnetd.proc.pid, q.port) else [q],
+                        f"qnetd does not listen on {q.address}"):
+        return False
+    print(f"pmxfs demo: qnetd listens on {q.address} (pmxfs qnetd --listen {q.address} --dir "
+          f"{q.dir})", flush=True)
+    if device.set_up:
+        token = startup.command(first, *q.token_args())
+        if token is None:
+            return False
+        setup = demo_qnetd.setup_args(q, token.strip(), len(plan.nodes))
+        if startup.command(first, *setup) is None:
+            return False
+        shown = shlex.join(setup).replace(shlex.quote(token.strip()), "TOKEN")
+        print(f"pmxfs demo: {first.name} added qnetd as the cluster's QDevice with a token from "
+              f"`pmxfs qnetd token` (pmxfs {shown})", flush=True)
+    return startup.wait(functools.partial(_not_casting, plan.nodes),
+                        "the QDevice's vote is not cast")
+
+
+def _not_casting(nodes: Sequence[DemoNode]) -> list[DemoNode]:
+    """The nodes that do not count the QDevice's vote yet."""
+    return [n for n in nodes if not demo_qnetd.casting_vote(n.run_dir)]
+
+
 def _without_control(nodes: Sequence[DemoNode]) -> list[DemoNode]:
     """The nodes whose control socket does not accept a connection yet."""
     return [n for n in nodes if not _control_answers(n)]
@@ -885,9 +984,10 @@ def _stop(plan: DemoPlan, daemons: Sequence[_Daemon]) -> list[str]:
 # ---------------------------------------------------------------------------- output
 
 
-def _write_json(plan: DemoPlan, pids: Mapping[str, int]) -> None:
+def _write_json(plan: DemoPlan, pids: Mapping[str, int],
+                qnetd: demo_qnetd.QnetdPlan | None) -> None:
     tmp = plan.demo_json.with_name(f".demo.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(demo_record(plan, pids), indent=2) + "\n")
+    tmp.write_text(json.dumps(demo_record(plan, pids, qnetd), indent=2) + "\n")
     os.replace(tmp, plan.demo_json)
 
 
@@ -899,9 +999,10 @@ def _pmxfs_command() -> str:
     return f"{shlex.quote(sys.executable)} -m pmxfs"
 
 
-def guide(plan: DemoPlan, pids: Mapping[str, int], note: str = "") -> str:
+def guide(plan: DemoPlan, pids: Mapping[str, int], note: str = "",
+          qnetd: demo_qnetd.QnetdPlan | None = None) -> str:
     """What the demo prints once every node answers; `note` says why the addresses are not the
-    defaults."""
+    defaults; with `qnetd` (its pid in `pids` as "qnetd"), what to try with the QDevice."""
     nodes = plan.nodes
     first, other, victim = nodes[0], nodes[min(1, len(nodes) - 1)], nodes[-1]
     cli = _pmxfs_command()
@@ -911,12 +1012,25 @@ def guide(plan: DemoPlan, pids: Mapping[str, int], note: str = "") -> str:
     rows = [f"  {n.name:<{width}}  {n.addr:<{addr_width}}  pid {pids[n.name]:<7}  {n.mount}"
             for n in nodes]
     members = q(str(first.mount / ".members"))
+    run_dir = q(str(first.run_dir))
+    if qnetd is None:
+        qnetd_rows, while_away = [], []
+        quorum = [
+            "  # quorum and membership (as pvecm status); a node left alone writes again after",
+            "  # `expected 1`",
+            f"  {cli} --run-dir {run_dir} status",
+            f"  {cli} --run-dir {run_dir} expected 1",
+        ]
+    else:
+        qnetd_rows = demo_qnetd.guide_rows(qnetd, pids[qnetd.name])
+        while_away, quorum = demo_qnetd.guide_tries(cli, run_dir, victim.name), []
     return "\n".join([
         f"pmxfs demo: {len(nodes)} nodes of cluster {CLUSTER_NAME!r} are up (udpu, port "
         f"{plan.port}, token {TOKEN_MS} ms)",
         *([note] if note else []),
         "",
         *rows,
+        *qnetd_rows,
         "",
         f"Config, authkey, data and daemon.log of each node are in {plan.root}/node<i>/;",
         f"{plan.demo_json} lists each node's pid and the argv that restarts it.",
@@ -929,18 +1043,17 @@ def guide(plan: DemoPlan, pids: Mapping[str, int], note: str = "") -> str:
         f"  cat {members}",
         f"  kill -9 {pids[victim.name]}",
         f"  cat {members}",
+        *while_away,
         f"  ls {q(str(victim.mount))}   # dead until it is back: Transport endpoint is not "
         "connected",
         f"  {shlex.join(victim.argv())} 2>>{q(str(victim.log))} &",
-        "  # quorum and membership (as pvecm status); a node left alone writes again after",
-        "  # `expected 1`",
-        f"  {cli} --run-dir {q(str(first.run_dir))} status",
-        f"  {cli} --run-dir {q(str(first.run_dir))} expected 1",
+        *quorum,
         "",
         "Ctrl-C stops every node started here and unmounts; a later run on this --dir reuses "
         "its data.",
     ])
 
 
-def _print_guide(plan: DemoPlan, daemons: Sequence[_Daemon], note: str) -> None:
-    print(guide(plan, {d.node.name: d.proc.pid for d in daemons}, note), flush=True)
+def _print_guide(plan: DemoPlan, daemons: Sequence[_Daemon], note: str,
+                 qnetd: demo_qnetd.QnetdPlan | None) -> None:
+    print(guide(plan, {d.node.name: d.proc.pid for d in daemons}, note, qnetd), flush=True)
