@@ -104,6 +104,7 @@ class _Voter:
 
 @dataclass(eq=False)
 class _Cluster:
+    key: ClusterKey
     arbiter: ClusterArbiter
     voters: dict[int, _Voter] = field(default_factory=dict)
 
@@ -291,7 +292,7 @@ class QnetdServer:
         key = (hello.cluster_name, hello.cluster_id)
         cluster = self.clusters.get(key)
         if cluster is None:
-            cluster = self.clusters[key] = _Cluster(ClusterArbiter(now_ms()))
+            cluster = self.clusters[key] = _Cluster(key, ClusterArbiter(now_ms()))
         old = cluster.voters.get(voter.node_id)
         if old is not None:
             log.info("%s: replaced by a new connection", old.where)
@@ -310,13 +311,12 @@ class QnetdServer:
                 del cluster.voters[voter.node_id]
                 cluster.arbiter.gone(now_ms(), voter.node_id)
                 self._decide(cluster)
-            if cluster.arbiter.idle() and self.clusters.get(key) is cluster:
-                del self.clusters[key]
 
     async def _receive(self, stream: trio.SSLStream[trio.SocketStream], hello: Hello,
                        voter: _Voter, cluster: _Cluster) -> None:
         """Messages until the peer closes, breaks the protocol or falls silent."""
         while True:
+            message: Message | None = None
             try:
                 with trio.move_on_after(hello.timeout_ms / 1000):
                     message = await receive_message(stream)
@@ -329,21 +329,20 @@ class QnetdServer:
             except trio.BrokenResourceError as exc:
                 log.info("%s: disconnected: %s", voter.where, _reason(exc))
                 return
+            if message is None:
+                log.info("%s: closed: silent for %d ms", voter.where, hello.timeout_ms)
+                return
+            if isinstance(message, Heartbeat):
+                voter.send(message)
+            elif isinstance(message, Membership):
+                log.info("%s: ring %s, members %s, %s", voter.where, message.ring,
+                         ",".join(map(str, message.members)),
+                         "quorate" if message.quorate else "not quorate")
+                cluster.arbiter.membership(now_ms(), voter.node_id, message)
+                self._decide(cluster)
             else:
-                if isinstance(message, Heartbeat):
-                    voter.send(message)
-                elif isinstance(message, Membership):
-                    log.info("%s: ring %s, members %s, %s", voter.where, message.ring,
-                             ",".join(map(str, message.members)),
-                             "quorate" if message.quorate else "not quorate")
-                    cluster.arbiter.membership(now_ms(), voter.node_id, message)
-                    self._decide(cluster)
-                else:
-                    log.info("%s: closed: unexpected %s", voter.where, type(message).__name__)
-                    return
-                continue
-            log.info("%s: closed: silent for %d ms", voter.where, hello.timeout_ms)
-            return
+                log.info("%s: closed: unexpected %s", voter.where, type(message).__name__)
+                return
 
     async def _writer(self, stream: trio.SSLStream[trio.SocketStream],
                       inbox: trio.MemoryReceiveChannel[Message], voter: _Voter) -> None:
@@ -364,7 +363,8 @@ class QnetdServer:
     # ------------------------------------------------------------------------ decisions
 
     def _decide(self, cluster: _Cluster) -> None:
-        """Send every changed decision of `cluster`; then the timer looks at its deadline."""
+        """Send every changed decision of `cluster`; then the timer looks at its deadline. An
+        idle cluster is forgotten."""
         decisions = cluster.arbiter.decisions(now_ms())
         for node_id, voter in cluster.voters.items():
             reply = decisions.get(node_id)
@@ -372,6 +372,8 @@ class QnetdServer:
                 voter.last_sent = reply
                 log.info("%s: vote %s for ring %s", voter.where, reply.vote.value, reply.ring)
                 voter.send(reply)
+        if cluster.arbiter.idle() and self.clusters.get(cluster.key) is cluster:
+            del self.clusters[cluster.key]
         self._timer_changed.set()
 
     async def _timer(self) -> None:
