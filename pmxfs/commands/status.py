@@ -25,8 +25,10 @@ STATUS_SHAPE: Shape = {
     "membership": {"ring_id": str, "members": [MEMBER_SHAPE]},
     "fs": {"synced": bool, "version": int},
 }
+QDEVICE_SHAPE: Shape = {"host": str, "algorithm": frozenset({"ffsplit", "lms"}),
+                        "connected": bool, "casting_vote": bool}
 # Keys present only while they have something to say.
-OPTIONAL_SHAPE: dict[str, Shape] = {"restart_needed": [str]}
+OPTIONAL_SHAPE: dict[str, Shape] = {"restart_needed": [str], "qdevice": QDEVICE_SHAPE}
 
 
 def configure(status: argparse.ArgumentParser) -> None:
@@ -35,7 +37,9 @@ def configure(status: argparse.ArgumentParser) -> None:
     status.description = """\
 Show the cluster as this node sees it, like `pvecm status`: cluster name and config_version,
 this node, votequorum (expected and total votes, quorum, flags, quorate or not), the members
-of the current ring and whether the tree is synced.""" + ASKS_THE_DAEMON
+of the current ring and whether the tree is synced. With a quorum device, its line among the
+members (its votes while they count) and the flags Qdevice, QdeviceAlive (this node is
+connected to qnetd) and QdeviceCastVote (the device's vote counts).""" + ASKS_THE_DAEMON
     status.epilog = ("examples:\n  pmxfs status\n  pmxfs status --json | jq .quorum.quorate\n"
                      "  pmxfs --run-dir ./pmxfs-demo/node1/run status")
     status.add_argument("--json", action="store_true",
@@ -83,6 +87,8 @@ def render_status_text(status: dict[str, Any], *, date: str) -> str:
         ring_id=status["membership"]["ring_id"],
         members=[MemberInfo(m["nodeid"], m["votes"], m["name"]) for m in members],
         cluster=ClusterInfo(cluster["name"], cluster["config_version"], cluster["transport"]))
+    if "qdevice" in status and not qdevice_votes:  # configured, but its vote does not count
+        text += f"0x{0:08x} {0:>10} Qdevice\n"
     if status.get("restart_needed"):
         text += ("\nRestart needed\n~~~~~~~~~~~~~~\nThe cluster took a corosync.conf whose changes "
                  "below take effect on this node\nonly when pmxfs restarts:\n"

@@ -15,7 +15,8 @@ Start-up, in an order where every failure is one clear line and leaves nothing b
    tree holds a corosync.conf naming this node and the cluster's authkey (a node whose data
    directory was restored from a backup comes back with its identity, as pmxcfs does);
 3. the transport, the replica node, the mount point (below), the mount;
-4. the control socket, then `READY=1` to systemd once the mount answers.
+4. the control socket and the quorum-device client (runtime/qdevice_client.py, idle unless
+   corosync.conf configures a device), then `READY=1` to systemd once the mount answers.
 
 The mount point never shows the plain directory underneath while the daemon is meant to serve it:
 * only an orderly stop, SIGTERM or SIGINT, unmounts (exit 0);
@@ -59,6 +60,8 @@ from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.fuse_ops import MOUNT_OPTIONS, PmxfsOperations
 from pmxfs.runtime.ipc import serve_control
 from pmxfs.runtime.lifecycle import Lifecycle, LifecycleSettings
+from pmxfs.runtime.qdevice_client import QdeviceClient
+from pmxfs.runtime.qdevice_setup import QdeviceSetup
 from pmxfs.runtime.replica_node import Attachment, ReplicaNode
 from pmxfs.runtime.ring_seq import RingSeqFileError
 from pmxfs.runtime.scheduling import use_realtime
@@ -382,14 +385,17 @@ async def _mounted(node: ReplicaNode, settings: DaemonSettings) -> int:
 
 async def _serve_until_signal(node: ReplicaNode, ops: PmxfsOperations, lifecycle: Lifecycle,
                               socket_path: Path, mount: Path, gid: int) -> None:
+    qdevice = QdeviceSetup(node, lifecycle.tree, lifecycle.lock)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.run)
             nursery.start_soon(pyfuse3.main)
             nursery.start_soon(ops.run_invalidations)
             nursery.start_soon(lifecycle.join_service.run)
+            nursery.start_soon(QdeviceClient(node).run)
             await nursery.start(functools.partial(
-                serve_control, socket_path, node, lifecycle=lifecycle, www_data_gid=gid or None))
+                serve_control, socket_path, node, lifecycle=lifecycle, qdevice=qdevice,
+                www_data_gid=gid or None))
             nursery.start_soon(_ready_when_mounted, mount, node)
             async for signum in signals:
                 log.info("signal %d: unmounting %s and stopping", signum, mount)

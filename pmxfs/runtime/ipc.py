@@ -36,7 +36,9 @@ Commands: "status" -> `node.status()`; "nodes" -> `node.nodes()`; "expected" {"v
 "msg"} -> None; "debug" {"topic"} -> `node.debug(topic)`. The cluster's life (root only, each
 argument present, null where optional; `LifecycleControl`): "create" {"cluster_name", "link0",
 "nodeid", "votes", "port"}, "join-token" {"ttl"}, "add" {"host", "token", "link0", "nodeid",
-"votes", "force"}, "delnode" {"name"}; a refusal is the error answer.
+"votes", "force"}, "delnode" {"name"}; a refusal is the error answer. The quorum device (root
+only; `QdeviceControl`, runtime/qdevice_setup.py): "qdevice-setup" {"address", "token",
+"algorithm", "tie_breaker", "force"} (algorithm null: pvecm's choice), "qdevice-remove" {}.
 
 The client, `request(path, cmd, **args)`, is blocking (the CLI has no event loop): one connection
 per request, `TIMEOUT_S` for an answer (`EXPECTED_TIMEOUT_S` for "expected", which waits for the
@@ -53,7 +55,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import trio
@@ -89,6 +91,17 @@ SOCKET_MODE = 0o660
 MAX_CONNECTIONS = 64  # open at once per class of peer: root, everyone else
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+QDEVICE_COMMANDS = frozenset({"qdevice-setup", "qdevice-remove"})
+
+
+class QdeviceControl(Protocol):
+    """The quorum-device commands of the control socket (runtime/qdevice_setup.py). Each
+    returns a JSON-able answer or raises a `LocalError` whose text is the refusal."""
+
+    async def setup(self, address: str, token_text: str, *, algorithm: str | None,
+                    tie_breaker: str, force: bool) -> dict[str, Any]: ...
+
+    async def remove(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -110,6 +123,7 @@ class ControlCounters:
 
 async def serve_control(path: Path, node: ControlNode, *, www_data_gid: int | None,
                         lifecycle: LifecycleControl | None = None,
+                        qdevice: QdeviceControl | None = None,
                         counters: ControlCounters | None = None,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on `path` and answer requests for `node` until cancelled; removes the socket then.
@@ -118,7 +132,7 @@ async def serve_control(path: Path, node: ControlNode, *, www_data_gid: int | No
     socket cannot be created or another daemon listens on it.
     """
     sock, inode = await _bind(path, www_data_gid)
-    server = _Server(node, lifecycle, www_data_gid,
+    server = _Server(node, lifecycle, qdevice, www_data_gid,
                      counters if counters is not None else ControlCounters())
     try:
         async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
@@ -195,9 +209,11 @@ class _BadFrame(Exception):
 
 class _Server:
     def __init__(self, node: ControlNode, lifecycle: LifecycleControl | None,
-                 www_data_gid: int | None, counters: ControlCounters) -> None:
+                 qdevice: QdeviceControl | None, www_data_gid: int | None,
+                 counters: ControlCounters) -> None:
         self.node = node
         self.lifecycle = lifecycle
+        self.qdevice = qdevice
         self.www_data_gid = www_data_gid
         self.counters = counters
         self.own_uid = os.geteuid()
@@ -336,7 +352,27 @@ class _Server:
                 return await self._lifecycle(self.lifecycle, cmd, args)
             except LocalError as exc:
                 raise ControlError(str(exc)) from None
+        if cmd in QDEVICE_COMMANDS and self.qdevice is not None:
+            self._allow(peer, cmd, write=True)
+            try:
+                return await self._qdevice(self.qdevice, cmd, args)
+            except LocalError as exc:
+                raise ControlError(str(exc)) from None
         raise ControlError(f"unknown command {cmd!r}")
+
+    @staticmethod
+    async def _qdevice(qdevice: QdeviceControl, cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "qdevice-remove":
+            _expect_args(cmd, args)
+            return await qdevice.remove()
+        _expect_args(cmd, args, "address", "token", "algorithm", "tie_breaker", "force")
+        force = args.get("force")
+        if not isinstance(force, bool):
+            raise ControlError("argument 'force' must be of type bool")
+        return await qdevice.setup(
+            _arg(args, "address", str), _arg(args, "token", str),
+            algorithm=_optional(args, "algorithm", str),
+            tie_breaker=_arg(args, "tie_breaker", str), force=force)
 
     @staticmethod
     async def _lifecycle(lifecycle: LifecycleControl, cmd: str, args: dict[str, Any]) -> Any:
