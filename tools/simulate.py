@@ -4,11 +4,14 @@
     python tools/simulate.py --seed 42 --nodes 3-7 --trace      # replay one seed with its trace
     python tools/simulate.py --workload fs --seeds 0-999 --nodes 3-5   # replicas, file workload
     python tools/simulate.py --workload lifecycle --seeds 0-999     # nodes added and removed
+    python tools/simulate.py --workload qdevice --seeds 0-999 --nodes 2-5   # a quorum device
 
 Workloads: `totem` runs the ordered broadcast alone with application messages; `fs` runs full
 replicas (totem + quorum + memdb + sync, with simulated disks) under a random file workload;
 `lifecycle` runs the fs workload while an administrator adds and removes nodes at run time
-(`--nodes` is then the range of the first config's node count, at least 3).
+(`--nodes` is then the range of the first config's node count, at least 3); `qdevice` runs it
+on a cluster with a quorum device, qnetd's arbiter and every node's device client, with links to
+qnetd failing and qnetd restarting, and checks that never two partitions are quorate.
 
 A violation prints the seed, the broken guarantee and the one-line command that replays it.
 The same seed always gives the same trace (its hash is printed with --trace).
@@ -27,10 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pmxfs.sim.lifecycle_sim import run_lifecycle_chaos
+from pmxfs.sim.qdevice_sim import run_qdevice_chaos
 from pmxfs.sim.replica_sim import run_fs_chaos
 from pmxfs.sim.totem_sim import RunResult, run_chaos
 
-RUNNERS = {"totem": run_chaos, "fs": run_fs_chaos, "lifecycle": run_lifecycle_chaos}
+RUNNERS = {"totem": run_chaos, "fs": run_fs_chaos, "lifecycle": run_lifecycle_chaos,
+           "qdevice": run_qdevice_chaos}
 # What RunResult's accepted / delivered / confchgs count, per workload: (json key, words).
 LABELS = {
     "totem": (("messages_accepted", "messages accepted"), ("messages_delivered", "deliveries"),
@@ -38,7 +43,7 @@ LABELS = {
     "fs": (("writes_acknowledged", "writes acknowledged"),
            ("operations_applied", "operations applied"), ("syncs", "syncs")),
 }
-LABELS["lifecycle"] = LABELS["fs"]
+LABELS["lifecycle"] = LABELS["qdevice"] = LABELS["fs"]
 
 
 def parse_range(text: str) -> tuple[int, int]:

@@ -16,7 +16,9 @@ Two kinds of connection
   client certificate it signed and its CA certificate, PEM) or `Refused`, and closes.
 * Voting (every node, all the time): mutual TLS, the client presenting the cluster's
   certificate (its subject names the cluster, `cluster_subject`). The client sends `Hello` once,
-  then `Membership` after every change of its ring, and `Heartbeat` every
+  then `Membership` after every change of its ring or of its tree's stamp (the seq of the newest
+  quorate ring its tree comes from: the arbiter's proof of who holds the newest acknowledged
+  writes), and `Heartbeat` every
   `heartbeat_interval_ms(timeout)`. qnetd answers `Hello` with `Welcome` or `Refused`, each
   `Heartbeat` with a `Heartbeat` of the same number, and sends `VoteReply` for the ring the
   client last reported whenever its decision for it changes (also unasked).
@@ -115,6 +117,7 @@ class Membership:
     ring: Ring
     members: tuple[int, ...]  # sorted
     quorate: bool  # whether the node's ring is quorate (votequorum's view, for the log)
+    stamp: int = 0  # the seq of the newest quorate ring the node's tree comes from
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +190,8 @@ def _fields(msg: Message) -> list[Any]:
         case Refused():
             return ["refused", msg.reason[:1000]]
         case Membership():
-            return ["membership", msg.ring.seq, msg.ring.rep, list(msg.members), msg.quorate]
+            return ["membership", msg.ring.seq, msg.ring.rep, list(msg.members), msg.quorate,
+                    msg.stamp]
         case Heartbeat():
             return ["heartbeat", msg.seq]
         case VoteReply():
@@ -300,7 +304,8 @@ def _refused(f: list[Any]) -> Refused:
 
 
 def _membership(f: list[Any]) -> Membership:
-    return Membership(_ring(f[0], f[1]), _nodes(f[2], "members"), _bool(f[3], "quorate"))
+    return Membership(_ring(f[0], f[1]), _nodes(f[2], "members"), _bool(f[3], "quorate"),
+                      _int(f[4], 0, MAX_SEQ, "stamp"))
 
 
 def _vote(f: list[Any]) -> VoteReply:
@@ -317,7 +322,7 @@ _DECODERS: dict[str, tuple[int, Callable[[list[Any]], Message]]] = {
     "hello": (9, _hello),
     "welcome": (0, lambda f: Welcome()),
     "refused": (1, _refused),
-    "membership": (4, _membership),
+    "membership": (5, _membership),
     "heartbeat": (1, lambda f: Heartbeat(_int(f[0], 0, MAX_SEQ, "heartbeat seq"))),
     "vote": (3, _vote),
 }

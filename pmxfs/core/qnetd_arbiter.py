@@ -29,8 +29,12 @@ A ring that holds the vote may acknowledge writes that only its members have on 
 single node holds it). corosync-qnetd gives the vote to whichever partition wins once the holder
 is gone, so a partition without any of the holder's members could go on with an older tree and
 the acknowledged writes would be lost at the next merge. Here the vote goes only to a ring that
-holds a member of the last ring that had it (`last_holder`, which qnetd keeps on disk across
-restarts); when all of those are gone for good, an operator decides (`pmxfs expected`).
+holds a member of the last ring that had it (`last_holder`) *and* a member whose tree carries
+the newest stamp any node reported (`newest_stamp`: every node reports the seq of the newest
+quorate ring its tree comes from). The first covers a holder whose members fell before they
+could report their new stamp, the second a holder granted whose sync never completed, so that
+its members never got the tree before it. qnetd keeps both on disk across restarts. When every
+node that has the newest writes is gone for good, an operator decides (`pmxfs expected`).
 
 How the winner is chosen (corosync-qnetd's algorithms)
 ------------------------------------------------------
@@ -64,6 +68,7 @@ class _Node:
     gone_at: int | None = None  # when its connection ended (None while connected)
     ring: Ring | None = None  # the ring it last reported on its current connection
     members: frozenset[int] = frozenset()
+    stamp: int = 0  # its tree's stamp, as it last reported it
 
 
 @dataclass
@@ -76,14 +81,15 @@ class _Holder:
 class ClusterArbiter:
     """The decisions of qnetd for one cluster (see the module comment). Times are ms."""
 
-    def __init__(self, now: int, last_holder: frozenset[int] = frozenset()) -> None:
-        """`last_holder`: the members of the last ring that held the vote, as qnetd kept them
-        on disk (empty: none known)."""
+    def __init__(self, now: int, last_holder: frozenset[int] = frozenset(),
+                 newest_stamp: int = 0) -> None:
+        """`last_holder`, `newest_stamp`: as qnetd kept them on disk (empty, 0: none known)."""
         self._first_seen = now
         self._settings: Hello | None = None
         self._nodes: dict[int, _Node] = {}
         self._holder: _Holder | None = None
         self._last_holder_members = last_holder
+        self._newest_stamp = newest_stamp
         self._unsettled_since: int | None = None
         self._granted = False  # a first grant ends the quiet time
         self._now = now  # the latest time given: deadlines before it are over
@@ -106,7 +112,8 @@ class ClusterArbiter:
         node = self._nodes.get(node_id)
         if node is None or not node.connected or node_id not in msg.members:
             return
-        node.ring, node.members = msg.ring, frozenset(msg.members)
+        node.ring, node.members, node.stamp = msg.ring, frozenset(msg.members), msg.stamp
+        self._newest_stamp = max(self._newest_stamp, msg.stamp)
 
     def gone(self, now: int, node_id: int) -> None:
         self._now = max(self._now, now)
@@ -120,6 +127,11 @@ class ClusterArbiter:
     def last_holder(self) -> frozenset[int]:
         """The members of the last ring given the vote: for qnetd to keep across restarts."""
         return self._last_holder_members
+
+    @property
+    def newest_stamp(self) -> int:
+        """The newest tree stamp any node reported: for qnetd to keep across restarts."""
+        return self._newest_stamp
 
     def idle(self) -> bool:
         """No node connected and no holder to remember: the cluster may be forgotten."""
@@ -154,7 +166,8 @@ class ClusterArbiter:
         replies: dict[int, VoteReply] = {}
         for nid, node in reports.items():
             assert node.ring is not None
-            replies[nid] = VoteReply(node.ring, self._vote_for(nid, node.ring, dead, live))
+            replies[nid] = VoteReply(node.ring, self._vote_for(nid, node.ring, dead, live,
+                                                               reports))
         return replies
 
     # -- the rules
@@ -212,7 +225,7 @@ class ClusterArbiter:
         if not (everything_settled or waited_enough) or not self._may_grant(now):
             return
         candidates = [ring for ring in settled if self._eligible(live[ring])
-                      and self._holds_last_holders_writes(live[ring])]
+                      and self._holds_newest_writes(live[ring], reports)]
         if not candidates:
             return
         winner = max(candidates, key=lambda r: self._rank(r, live[r], reports))
@@ -221,10 +234,12 @@ class ClusterArbiter:
         self._unsettled_since = None
         self._granted = True
 
-    def _holds_last_holders_writes(self, members: frozenset[int]) -> bool:
-        """A ring holding the vote may take writes that only its members have on disk: the
-        vote goes to a ring with none of them only when no holder is known."""
-        return not self._last_holder_members or bool(members & self._last_holder_members)
+    def _holds_newest_writes(self, members: frozenset[int], reports: dict[int, _Node]) -> bool:
+        """Whether a ring surely holds every acknowledged write (module comment): a member of
+        the last holder, and a member whose tree has the newest stamp reported."""
+        if self._last_holder_members and not members & self._last_holder_members:
+            return False
+        return any(reports[m].stamp >= self._newest_stamp for m in members if m in reports)
 
     def _eligible(self, members: frozenset[int]) -> bool:
         assert self._settings is not None
@@ -250,7 +265,7 @@ class ClusterArbiter:
         return -min(members)
 
     def _vote_for(self, node_id: int, ring: Ring, dead: set[Ring],
-                  live: dict[Ring, frozenset[int]]) -> Vote:
+                  live: dict[Ring, frozenset[int]], reports: dict[int, _Node]) -> Vote:
         holder = self._holder
         if holder is not None and ring == holder.ring:
             holder.acked.add(node_id)
@@ -258,6 +273,6 @@ class ClusterArbiter:
         if ring in dead or holder is not None:
             return Vote.NACK
         if ring in live and not (self._eligible(live[ring])
-                                 and self._holds_last_holders_writes(live[ring])):
+                                 and self._holds_newest_writes(live[ring], reports)):
             return Vote.NACK
         return Vote.WAIT
