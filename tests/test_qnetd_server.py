@@ -47,6 +47,7 @@ from pmxfs.runtime.qnetd_pki import (
     make_csr,
 )
 from pmxfs.runtime.qnetd_server import QnetdServer
+from pmxfs.runtime.qnetd_state import ClusterState, StateError, load_state, state_path
 
 HOST = "127.0.0.1"
 NAME, ID = "alpha", "0123456789abcdef"
@@ -401,3 +402,38 @@ async def test_a_client_that_leaves_mid_frame(tmp_path: Path,
         await eventually(lambda: logged(caplog, "disconnected"), "the disconnection")
         stream = await voting_stream(qnetd, credentials)
         assert await exchange(stream, hello(nodes=(1, 2))) == Welcome()
+
+
+async def test_the_vote_holder_is_kept_on_disk_across_restarts(tmp_path: Path) -> None:
+    async with running_qnetd(tmp_path) as qnetd:
+        credentials = await enrolled(qnetd)
+        stream = await voting_stream(qnetd, credentials)
+        assert await exchange(stream, hello()) == Welcome()
+        ring = Ring(8, 1)
+        assert await exchange(stream, Membership(ring, (1,), True, 5)) == VoteReply(ring,
+                                                                                   Vote.ACK)
+        path = state_path(qnetd.directory, NAME, ID)
+        assert load_state(path) == ClusterState(frozenset({1}), 5)
+    restarted = QnetdServer(load(qnetd.directory))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(restarted.serve, HOST, 0))
+        again = Qnetd(qnetd.directory, restarted, port)
+        try:
+            stream = await voting_stream(again, credentials)
+            assert await exchange(stream, hello(nodes=(1, 2))) == Welcome()
+            arbiter = restarted.clusters[(NAME, ID)].arbiter
+            assert (arbiter.last_holder, arbiter.newest_stamp) == (frozenset({1}), 5)
+        finally:
+            for opened in again.streams:
+                await trio.aclose_forcefully(opened)
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("content", [b"[]", b"{", b'{"last_holder": [0]}',
+                                     b'{"newest_stamp": -1}'])
+def test_an_unusable_state_file_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    with pytest.raises(StateError):
+        load_state(path)
+    assert load_state(tmp_path / "missing.json") == ClusterState()

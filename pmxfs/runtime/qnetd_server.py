@@ -63,6 +63,7 @@ from pmxfs.core.qdevice_wire import (
 from pmxfs.core.qnetd_arbiter import ClusterArbiter
 from pmxfs.runtime.qdevice_frames import ConnectionClosed, receive_message, send_message
 from pmxfs.runtime.qnetd_pki import EnrollRefused, QnetdPki
+from pmxfs.runtime.qnetd_state import ClusterState, StateError, load_state, save_state, state_path
 
 HANDSHAKE_TIMEOUT_S = 10.0
 EXCHANGE_TIMEOUT_S = 15.0  # the handshake and the first message (Enroll or Hello)
@@ -106,6 +107,7 @@ class _Voter:
 class _Cluster:
     key: ClusterKey
     arbiter: ClusterArbiter
+    saved: ClusterState  # what its state file holds
     voters: dict[int, _Voter] = field(default_factory=dict)
 
 
@@ -292,7 +294,7 @@ class QnetdServer:
         key = (hello.cluster_name, hello.cluster_id)
         cluster = self.clusters.get(key)
         if cluster is None:
-            cluster = self.clusters[key] = _Cluster(key, ClusterArbiter(now_ms()))
+            cluster = self.clusters[key] = self._new_cluster(key)
         old = cluster.voters.get(voter.node_id)
         if old is not None:
             log.info("%s: replaced by a new connection", old.where)
@@ -362,10 +364,31 @@ class QnetdServer:
 
     # ------------------------------------------------------------------------ decisions
 
+    def _new_cluster(self, key: ClusterKey) -> _Cluster:
+        """A cluster's arbiter, knowing what the cluster's state file says (runtime/
+        qnetd_state.py)."""
+        try:
+            state = load_state(state_path(self.pki.directory, *key))
+        except StateError as exc:
+            log.error("%s: starting without the previous vote holder: %s",
+                      cluster_subject(*key), exc)
+            state = ClusterState()
+        arbiter = ClusterArbiter(now_ms(), state.last_holder, state.newest_stamp)
+        return _Cluster(key, arbiter, state)
+
     def _decide(self, cluster: _Cluster) -> None:
-        """Send every changed decision of `cluster`; then the timer looks at its deadline. An
-        idle cluster is forgotten."""
+        """Send every changed decision of `cluster`, once what the arbiter must remember is on
+        disk; then the timer looks at its deadline. An idle cluster is forgotten."""
         decisions = cluster.arbiter.decisions(now_ms())
+        state = ClusterState(cluster.arbiter.last_holder, cluster.arbiter.newest_stamp)
+        if state != cluster.saved:
+            try:
+                save_state(state_path(self.pki.directory, *cluster.key), state)
+            except StateError as exc:  # no vote goes out that a restart could contradict
+                log.error("%s: votes not sent: %s", cluster_subject(*cluster.key), exc)
+                self._timer_changed.set()
+                return
+            cluster.saved = state
         for node_id, voter in cluster.voters.items():
             reply = decisions.get(node_id)
             if reply is not None and reply != voter.last_sent:
