@@ -6,9 +6,9 @@ one namespace per node, node i on 10.213.0.i, daemons started with `nsenter --ne
 built with `pmxfs create` / `join-token` / `add`) plus one more namespace on the same bridge for
 qnetd, on 10.213.0.200, with its directory under `root/qnetd/`. qnetd is `pmxfs qnetd --listen
 ADDR:PORT --dir DIR` started by PID like the daemons; it is up once its process has a TCP socket
-listening on PORT, read from /proc/PID/net/tcp (that file shows the sockets of the process's own
-network namespace, which the test cannot reach otherwise). `init` and `token` need no network and
-run in the test's namespace.
+listening on PORT, read from /proc/PID/net/tcp (`demo_qnetd.listening`: that file shows the
+sockets of the process's own network namespace, which the test cannot reach otherwise). `init`
+and `token` need no network and run in the test's namespace.
 
 A partition (`cut(side, other)`) cuts the wire between two groups of nodes and nothing else:
 each node gets a permanent neighbour entry that maps every address of the other side to a MAC
@@ -43,13 +43,14 @@ from lifecycle_harness import (
 )
 from test_cpg_netns import _ip
 
+from pmxfs.commands.demo_qnetd import listening
+
 QNETD_NODEID = 200  # the qnetd namespace's host number on the lab's subnet (10.213.0.200)
 QNETD_PORT = 5403
 DEVICE_TIMEOUT_MS = 2000  # quorum.device.timeout the tests set (corosync-qdevice: 10000)
 DEVICE_SYNC_TIMEOUT_MS = 3000  # quorum.device.sync_timeout (corosync-qdevice: 30000)
 QNETD_START_TIMEOUT_S = 30.0
 NOWHERE_MAC = "02:00:5e:00:00:fe"  # locally administered, no port of the bridge has it
-TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for LISTEN
 
 __all__ = ["DEVICE_SYNC_TIMEOUT_MS", "DEVICE_TIMEOUT_MS", "QNETD_PORT", "QdeviceLab",
            "lab_unavailable", "with_device_timeouts"]
@@ -67,20 +68,6 @@ def with_device_timeouts(text: str, timeout_ms: int, sync_timeout_ms: int) -> st
     indent = device.group(1) + "  "
     lines = f"{indent}timeout: {timeout_ms}\n{indent}sync_timeout: {sync_timeout_ms}\n"
     return text[:device.end()] + lines + text[device.end():]
-
-
-def listening(pid: int, port: int) -> bool:
-    """Whether process `pid`'s network namespace has a TCP socket listening on `port`."""
-    try:
-        table = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    for row in table:
-        fields = row.split()
-        if len(fields) > 3 and fields[3] == TCP_LISTEN and \
-                int(fields[1].rpartition(":")[2], 16) == port:
-            return True
-    return False
 
 
 class QdeviceLab(NetnsLab):
