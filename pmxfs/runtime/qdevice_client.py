@@ -29,9 +29,9 @@ The device's vote is cast (`set_qdevice_vote(ring, True)`) only while all of the
 connected and welcomed; the last `VoteReply` is ACK and names the node's current ring; qnetd
 was heard from within `silence_limit_ms(timeout)`. When one stops holding -- NACK, WAIT, a new
 ring, silence, a lost connection -- it is withdrawn at once (the replica drops a vote at every
-ring change by itself; a withdrawal names the current ring). Ring changes arrive from the node
-inside its output handling, where nothing may call back into the replica, so the listener only
-records them and wakes the client's task, which decides.
+ring change by itself, so only a vote for the current ring is withdrawn explicitly). Ring
+changes arrive from the node inside its output handling, where nothing may call back into the
+replica, so the listener only records them and wakes the client's task, which decides.
 
 Never stopping the daemon
 -------------------------
@@ -225,9 +225,12 @@ class QdeviceClient:
     async def _follow_changes(self, target: _Target, scope: trio.CancelScope) -> None:
         while True:
             await self._changed.wait()  # woken once the node carried out the whole flush
-            if self._target() != target:
+            wanted = self._target()
+            if wanted != target:
                 if self._welcomed:
-                    log.info("the quorum device's settings or certificates changed: "
+                    log.info("%s", "the quorum device is no longer configured here: "
+                             "disconnecting from qnetd" if wanted is None else
+                             "the quorum device's settings or certificates changed: "
                              "reconnecting to qnetd")
                 scope.cancel()
                 return
@@ -364,11 +367,12 @@ class QdeviceClient:
             self._withdraw()
 
     def _withdraw(self) -> None:
+        """No vote from now on; one for an earlier ring the replica dropped by itself."""
         if self._casting is None:
             return
         old, self._casting = self._casting, None
-        ring = self.node.ring_view().ring
-        self.node.set_qdevice_vote(ring, False)
+        if self.node.ring_view().ring == old:
+            self.node.set_qdevice_vote(old, False)
         log.info("withdrew the quorum device's vote (cast for ring %s)", old)
 
 
