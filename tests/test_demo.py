@@ -793,8 +793,10 @@ def test_guide_with_a_qdevice(tmp_path: Path) -> None:
     plan = demo.plan_demo(2, tmp_path, qdevice=True)
     qnetd = demo.qnetd_plan(plan)
     text = demo.guide(plan, {"node1": 101, "node2": 102, "qnetd": 100}, qnetd=qnetd)
-    assert "  qnetd  127.0.0.10:5403  pid 100" in text
-    assert f"{qnetd.dir}  (log qnetd.log)" in text
+    assert f"  qnetd  127.0.0.10:5403  pid 100      {qnetd.dir}/  (log qnetd.log)" in text
+    assert f"  node1  127.0.0.11       pid 101      {plan.nodes[0].mount}" in text
+    assert "without node2, node1 stays quorate" in text
+    assert "Ctrl-C stops every node and qnetd started here" in text
     assert "kill -9 102" in text
     assert "QdeviceCastVote" in text
     assert f"--run-dir {plan.nodes[0].run_dir} status" in text

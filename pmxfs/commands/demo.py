@@ -1007,14 +1007,17 @@ def guide(plan: DemoPlan, pids: Mapping[str, int], note: str = "",
     first, other, victim = nodes[0], nodes[min(1, len(nodes) - 1)], nodes[-1]
     cli = _pmxfs_command()
     q = shlex.quote
-    width = max(len(n.name) for n in nodes)
-    addr_width = max(len(n.addr) for n in nodes)
-    rows = [f"  {n.name:<{width}}  {n.addr:<{addr_width}}  pid {pids[n.name]:<7}  {n.mount}"
-            for n in nodes]
+    places = [(n.name, n.addr, str(n.mount)) for n in nodes]
+    if qnetd is not None:
+        places.append((qnetd.name, qnetd.address, f"{qnetd.dir}/  (log {qnetd.log.name})"))
+    width = max(len(name) for name, _, _ in places)
+    addr_width = max(len(addr) for _, addr, _ in places)
+    rows = [f"  {name:<{width}}  {addr:<{addr_width}}  pid {pids[name]:<7}  {where}"
+            for name, addr, where in places]
     members = q(str(first.mount / ".members"))
     run_dir = q(str(first.run_dir))
     if qnetd is None:
-        qnetd_rows, while_away = [], []
+        while_away = []
         quorum = [
             "  # quorum and membership (as pvecm status); a node left alone writes again after",
             "  # `expected 1`",
@@ -1022,15 +1025,13 @@ def guide(plan: DemoPlan, pids: Mapping[str, int], note: str = "",
             f"  {cli} --run-dir {run_dir} expected 1",
         ]
     else:
-        qnetd_rows = demo_qnetd.guide_rows(qnetd, pids[qnetd.name])
-        while_away, quorum = demo_qnetd.guide_tries(cli, run_dir, victim.name), []
+        while_away, quorum = demo_qnetd.guide_tries(cli, run_dir, victim.name, first.name), []
     return "\n".join([
         f"pmxfs demo: {len(nodes)} nodes of cluster {CLUSTER_NAME!r} are up (udpu, port "
         f"{plan.port}, token {TOKEN_MS} ms)",
         *([note] if note else []),
         "",
         *rows,
-        *qnetd_rows,
         "",
         f"Config, authkey, data and daemon.log of each node are in {plan.root}/node<i>/;",
         f"{plan.demo_json} lists each node's pid and the argv that restarts it.",
@@ -1049,8 +1050,8 @@ def guide(plan: DemoPlan, pids: Mapping[str, int], note: str = "",
         f"  {shlex.join(victim.argv())} 2>>{q(str(victim.log))} &",
         *quorum,
         "",
-        "Ctrl-C stops every node started here and unmounts; a later run on this --dir reuses "
-        "its data.",
+        f"Ctrl-C stops every node{' and qnetd' if qnetd else ''} started here and unmounts; a "
+        "later run on this --dir reuses its data.",
     ])
 
 

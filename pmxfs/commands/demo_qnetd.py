@@ -161,14 +161,10 @@ def record(plan: QnetdPlan, pid: int) -> dict[str, Any]:
             "dir": str(plan.dir), "log": str(plan.log)}
 
 
-def guide_rows(plan: QnetdPlan, pid: int) -> list[str]:
-    return [f"  {NAME}  {plan.address}  pid {pid:<7}  {plan.dir}  (log {plan.log.name})"]
-
-
-def guide_tries(cli: str, run_dir: str, victim: str) -> list[str]:
+def guide_tries(cli: str, run_dir: str, victim: str, first: str) -> list[str]:
     """The guide's lines about quorum with the QDevice (`cli`, `run_dir` quoted for a shell)."""
     return [
-        f"  # quorum (as pvecm status): without {victim} the others stay quorate with qnetd's",
-        "  # vote -- the Qdevice line, flags Qdevice QdeviceAlive QdeviceCastVote",
+        f"  # quorum (as pvecm status): without {victim}, {first} stays quorate with qnetd's vote",
+        "  # -- the Qdevice line, flags Qdevice QdeviceAlive QdeviceCastVote",
         f"  {cli} --run-dir {run_dir} status",
     ]
