@@ -10,7 +10,8 @@ listening on PORT, read from /proc/PID/net/tcp (`demo_qnetd.listening`: that fil
 sockets of the process's own network namespace, which the test cannot reach otherwise). `init`
 and `token` need no network and run in the test's namespace.
 
-A partition (`cut(side, other)`) cuts the wire between two groups of nodes and nothing else:
+A partition (`cut(side, other)`) cuts the wire between two groups of nodes and nothing else
+(`cut_qnetd(names)` the one between those nodes and qnetd):
 each node gets a permanent neighbour entry that maps every address of the other side to a MAC
 address no port has, so their frames go nowhere (the kernel drops a frame whose destination is
 another host's MAC) while both sides still reach qnetd. Sends succeed, as on a cut cable; no
@@ -211,6 +212,15 @@ class QdeviceLab(NetnsLab):
                     _ip("-n", ns, "neigh", "replace", addr, "lladdr", NOWHERE_MAC, "dev",
                         "eth0", "nud", "permanent")
                     self.cuts.append((ns, addr))
+
+    def cut_qnetd(self, names: Sequence[str]) -> None:
+        """No frame between qnetd and each of `names` (the nodes still reach each other)."""
+        for name in names:
+            node = self.nodes[name]
+            for ns, addr in ((node.ns, self.qnetd_addr), (self.qnetd_ns, node.addr)):
+                _ip("-n", ns, "neigh", "replace", addr, "lladdr", NOWHERE_MAC, "dev", "eth0",
+                    "nud", "permanent")
+                self.cuts.append((ns, addr))
 
     def heal(self) -> None:
         """Every cut undone: the nodes resolve each other's addresses again."""

@@ -9,7 +9,8 @@ settled within seconds; every wait has a deadline of several times that.
 
 * 2 nodes, ffsplit: a stopped node leaves the other quorate and writable; a partition while both
   see qnetd leaves exactly the tie-breaker's side (lowest node id) quorate; without qnetd both
-  nodes together stay quorate, one alone is not (a write fails EACCES) until qnetd is back.
+  nodes together stay quorate, one alone is not (a write fails EACCES) until qnetd is back; a
+  node cut off from qnetd notices within the device timeout and reconnects by itself.
 * 4 nodes split 2|2: exactly the half with the lowest node id is quorate.
 * 3 nodes, lms (`--force`): the last node still seeing qnetd stays quorate as the others stop.
 * Enrollment: a token of another qnetd (wrong CA), an unknown secret, a used token and an expired
@@ -38,6 +39,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.fuse]
 
 DECISION_S = 30.0  # a ring change, then qnetd's decision (up to the device timeouts) and more
 WATCH_S = 2 * DEVICE_TIMEOUT_MS / 1000  # how long a settled split is watched staying settled
+LOST_S = DEVICE_TIMEOUT_MS / 1000 + 3.0  # a lost qnetd stops counting within the timeout
 
 LabFactory = Callable[[Sequence[str]], QdeviceLab]
 
@@ -62,10 +64,6 @@ def make_lab(tmp_path: Path) -> Iterator[LabFactory]:
             lab.close()
 
 
-def _members(lab: QdeviceLab, name: str) -> list[str]:
-    return sorted(m["name"] for m in lab.status(name)["membership"]["members"])
-
-
 def _config_version(lab: QdeviceLab, name: str) -> int:
     return int(lab.status(name)["cluster"]["config_version"])
 
@@ -76,6 +74,7 @@ def _connected(lab: QdeviceLab, name: str) -> bool:
 
 
 def _casting(lab: QdeviceLab, name: str) -> bool:
+    """Whether `name` reaches qnetd and counts the device's vote."""
     device = lab.qdevice(name)
     return device is not None and bool(device["connected"]) and bool(device["casting_vote"])
 
@@ -164,8 +163,8 @@ def test_two_nodes_one_stops_then_qnetd_goes_and_comes_back(make_lab: LabFactory
 
     # qnetd goes: both together still have 2 of 3 votes
     assert lab.stop_qnetd() == 0
-    wait_until(lambda: not _connected(lab, "a") and not _connected(lab, "b"), DECISION_S,
-               "both nodes losing qnetd", lab.describe)
+    wait_until(lambda: not _connected(lab, "a") and not _connected(lab, "b"), LOST_S,
+               "both nodes losing qnetd within the device timeout", lab.describe)
     for name in ("a", "b"):
         assert not _casting(lab, name)
         assert lab.quorate(name)
@@ -200,6 +199,17 @@ def test_two_nodes_split_the_tie_breaker_keeps_quorum(make_lab: LabFactory) -> N
                "both casting after the heal", lab.describe)
     assert (lab["b"].mount / "a-side.txt").read_text() == "written on a\n"
     assert not (lab["a"].mount / "b-side.txt").exists()
+
+    # b alone loses qnetd (silence, no closed connection): it notices within the timeout; the
+    # two nodes keep quorum, and b comes back to qnetd by itself
+    lab.cut_qnetd(["b"])
+    wait_until(lambda: not _connected(lab, "b"), LOST_S,
+               "b noticing qnetd's silence within the device timeout", lab.describe)
+    assert _all_quorate(lab, ["a", "b"])
+    assert lab.write_errno("b", "b-without-qnetd.txt") is None
+    lab.heal()
+    wait_until(lambda: _casting(lab, "a") and _casting(lab, "b"), DECISION_S,
+               "b back with qnetd", lab.describe)
 
 
 def test_four_nodes_split_two_two_one_half_keeps_quorum(make_lab: LabFactory) -> None:
