@@ -6,6 +6,7 @@ refusal or a wrong CA is logged, never raised."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -206,6 +207,11 @@ class FakeNode:
         for listener in self.ring_listeners:
             listener(self.view)
 
+    def new_stamp(self, stamp: int) -> None:
+        self.view = dataclasses.replace(self.view, stamp=stamp)
+        for listener in self.ring_listeners:
+            listener(self.view)
+
     def change_tree(self, text: str | None = None, files: dict[str, bytes] | None = None) -> None:
         paths: list[str] = []
         if text is not None:
@@ -290,6 +296,21 @@ async def test_a_ring_change_ends_the_vote_and_reports_the_new_ring(pki: Pki) ->
         assert node.votes == [(RING, True), (new, True)]  # nothing sent for the dead ring
         assert qnetd.last.memberships()[-1] == Membership(ring_of(new), (2,), False)
         assert len(qnetd.connections) == 1  # the connection was kept
+
+
+async def test_a_new_stamp_is_reported_in_the_same_ring(pki: Pki) -> None:
+    async with running(pki) as (qnetd, node, _):
+        qnetd.policy = ack_current(node)
+        await eventually(lambda: node.casting, "the vote cast")
+        node.new_stamp(RING.seq)  # the ring turned quorate with the device's vote
+        await eventually(lambda: len(qnetd.last.memberships()) == 2, "a second Membership")
+        assert qnetd.last.memberships()[-1] == Membership(ring_of(RING), (1, 2), True, RING.seq)
+        node.new_stamp(RING.seq)  # nothing new: nothing sent
+        await eventually(lambda: node.votes[-1] == (RING, True) and node.casting,
+                         "the vote still cast")
+        seen = qnetd.last.heartbeats()
+        await eventually(lambda: qnetd.last.heartbeats() >= seen + 2, "two more heartbeats")
+        assert len(qnetd.last.memberships()) == 2
 
 
 async def test_silence_withdraws_within_the_silence_limit_then_reconnects(pki: Pki) -> None:

@@ -18,10 +18,11 @@ Mutual TLS (`qnetd_pki.client_context`): the client presents the cluster's certi
 subject names the cluster (`cluster_subject`: the cluster id comes from there), and checks
 qnetd's certificate against the CA from the tree (no host name check: the CA is qnetd's own).
 Connect and handshake are bounded (`CONNECT_TIMEOUT_S`, `HANDSHAKE_TIMEOUT_S`), the answer to
-`Hello` by the device timeout. After `Welcome`, the client reports the current ring
-(`Membership`) and every later one, sends a `Heartbeat` every `heartbeat_interval_ms(timeout)`,
-and takes qnetd's `VoteReply`s. Any message from qnetd counts as a sign of life; after the
-device timeout without one the connection is given up.
+`Hello` by the device timeout. After `Welcome`, the client reports the current ring and the
+tree's stamp (`Membership`: the seq of the newest quorate ring the tree comes from) and again
+whenever either changes, sends a `Heartbeat` every `heartbeat_interval_ms(timeout)`, and takes
+qnetd's `VoteReply`s. Any message from qnetd counts as a sign of life; after the device timeout
+without one the connection is given up.
 
 The vote
 --------
@@ -328,15 +329,15 @@ class QdeviceClient:
             await sender.send(Heartbeat(seq))
 
     async def _report_rings(self, sender: _Sender) -> None:
-        """`Membership` now and after every ring change (each ring once)."""
-        reported: RingId | None = None
+        """`Membership` now and after every change of the ring or of the tree's stamp."""
+        reported: tuple[RingId, int] | None = None
         while True:
             self._ring_changed = trio.Event()
             view = self.node.ring_view()
-            if view.ring != reported and view.members:
+            if (view.ring, view.stamp) != reported and view.members:
                 await sender.send(Membership(ring_of(view.ring), tuple(sorted(view.members)),
-                                             view.quorate))
-                reported = view.ring
+                                             view.quorate, view.stamp))
+                reported = (view.ring, view.stamp)
             await self._ring_changed.wait()
 
     async def _decide(self, settings: DeviceSettings) -> None:

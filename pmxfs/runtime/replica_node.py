@@ -38,7 +38,8 @@ from a replica that went on without it.
 The node also answers the FUSE layer (`FsNode`) and the control socket (`ControlNode`).
 
 Quorum device. The daemon's device client (runtime/qdevice_client.py) is told every new ring
-(`add_ring_listener`: ring id, members, quorate, right after the regular configuration change;
+and every new stamp of the tree (`add_ring_listener`: ring id, members, quorate, and the seq of
+the newest quorate ring the tree comes from, which qnetd weighs; checked after every flush;
 listeners must not call back into the node from there) and casts or withdraws the device's vote
 with `set_qdevice_vote`, which the replica sends through the ring tied to that ring's id.
 `status` shows the device while corosync.conf configures one, with `QdeviceAlive` among the
@@ -137,7 +138,8 @@ class RingView:
 
     ring: RingId
     members: tuple[int, ...]
-    quorate: bool  # at the time the ring was taken (the agreed quorum may follow later)
+    quorate: bool  # when the view was taken (the agreed quorum may follow later)
+    stamp: int = 0  # the seq of the newest quorate ring the tree comes from
 
 
 RingListener = Callable[[RingView], None]
@@ -205,6 +207,7 @@ class ReplicaNode:
         self._invalidator: Invalidator = lambda paths, everything: None
         self._tree_listeners: list[Invalidator] = []
         self._ring_listeners: list[RingListener] = []
+        self._ring_told: tuple[RingId, int] | None = None  # last (ring, stamp) listeners saw
         self._qdevice_alive = False
         self._waiters: dict[int, _Waiter] = {}
         self._room = trio.Event()  # set (and replaced) whenever a reply frees a pending slot
@@ -297,9 +300,10 @@ class ReplicaNode:
         self._ring_listeners.append(listener)
 
     def ring_view(self) -> RingView:
-        """The current ring: the last regular configuration's."""
-        now = self.replica.status()
-        return RingView(now.ring, now.members, now.quorum.quorate)
+        """The current ring (the last regular configuration's) and the tree's stamp."""
+        replica = self.replica
+        return RingView(replica.ring, tuple(replica.members), self.quorate(),
+                        replica.quorate_ring_seq)
 
     def set_qdevice_vote(self, ring: RingId, vote: bool) -> None:
         """This node's device client got or lost the device's vote for `ring` (module
@@ -600,6 +604,12 @@ class ReplicaNode:
             self._writable_changed.set()
             self._writable_changed = trio.Event()
         self.loop.deadline_changed(self.replica.next_deadline())
+        told = (self.replica.ring, self.replica.quorate_ring_seq)
+        if told != self._ring_told and self.replica.members:
+            self._ring_told = told
+            view = self.ring_view()
+            for listener in self._ring_listeners:
+                listener(view)
 
     def _stop(self, exc: Exception) -> NoReturn:
         """An output could not be carried out: stop the node (module header)."""
@@ -663,10 +673,6 @@ class ReplicaNode:
             log.info("membership %s.%d: %s", c.ring_id.rep, c.ring_id.seq,
                      ", ".join(self._names().get(m, str(m)) for m in c.members))
             self._invalidator((), False)
-            view = RingView(c.ring_id, tuple(c.members),
-                            self.replica.status().quorum.quorate)
-            for listener in self._ring_listeners:
-                listener(view)
 
     def _save_lost(self, lost: SaveLost) -> None:
         base = self.data_dir / "lost+found" / f"{lost.ring_id.rep}.{lost.ring_id.seq}"
