@@ -27,16 +27,20 @@ from pmxfs.commands import (
     keygen,
     log,
     nodes,
+    qdevice,
+    qnetd,
     status,
 )
 
 COMMANDS = [(), ("daemon",), ("demo",), ("status",), ("nodes",), ("expected",), ("log",),
-            ("create",), ("join-token",), ("add",), ("delnode",),
+            ("create",), ("join-token",), ("add",), ("delnode",), ("qdevice",),
+            ("qdevice", "setup"), ("qdevice", "remove"), ("qnetd",), ("qnetd", "init"),
+            ("qnetd", "token"),
             ("keygen",), ("config",), ("config", "check"), ("db",), ("db", "check"),
             ("db", "dump"), ("db", "backup"), ("db", "restore"), ("debug",), ("debug", "cpg"),
             *(("debug", topic) for topic in debug.DEBUG_TOPICS)]
 MODULES = [add, cli, config_check, control, create, daemon, db, debug, debug_cpg, delnode, demo,
-           expected, join_token, keygen, log, nodes, status]
+           expected, join_token, keygen, log, nodes, qdevice, qnetd, status]
 DAEMON_DEFAULTS = ["/etc/pmxfs/corosync.conf", "/etc/pmxfs/authkey", "/etc/pve",
                    "/var/lib/pmxfs", "/run/pmxfs"]
 

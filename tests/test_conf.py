@@ -642,7 +642,7 @@ UPDATE_CHANGES: list[tuple[str, str, list[str], list[str]]] = [
     ("last_man_standing", text(version=4, quorum="last_man_standing: 1"), [],
      ["quorum.last_man_standing"]),
     ("quorum device", text(version=4, quorum="device {\n  model: net\n  net {\n    host: q\n"
-                                             "  }\n}"), [], ["quorum.device"]),
+                                             "  }\n}"), ["quorum.device"], []),
     ("kept keys", text(version=4, totem="secauth: on"), [], ["totem"]),
     ("logging", text(version=4, top="logging {\n  debug: on\n}\n"), ["logging"], []),
 ]

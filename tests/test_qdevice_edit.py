@@ -130,8 +130,6 @@ def test_removing_the_device_raises_the_version_by_one() -> None:
         without_qdevice(gone)
 
 
-@pytest.mark.xfail(reason="core/conf/update.py still sorts a quorum.device change as needing a "
-                          "restart; issue 14 wants setup and remove to take effect at run time")
 def test_adding_or_removing_the_device_needs_no_restart() -> None:
     base = _cluster(2)
     once = with_qdevice(base, "10.0.0.9", 5403, None, "lowest", force=False)

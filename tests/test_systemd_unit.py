@@ -1,5 +1,6 @@
 """systemd/pmxfs.service: `systemd-analyze verify` accepts it, and its command line is a valid
-`pmxfs daemon` invocation with the default paths, matching the directories systemd makes."""
+`pmxfs daemon` invocation with the default paths, matching the directories systemd makes; the
+same for systemd/pmxfs-qnetd.service and `pmxfs qnetd`."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from pmxfs.cli import build_parser
-from pmxfs.commands import daemon
+from pmxfs.commands import daemon, qnetd
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "pmxfs.service"
+QNETD_UNIT = UNIT.with_name("pmxfs-qnetd.service")
 INSTALLED_PMXFS = "/usr/local/bin/pmxfs"
 VENV_PMXFS = Path(sys.executable).parent / "pmxfs"
 
@@ -36,7 +38,8 @@ def settings(text: str) -> dict[tuple[str, str], list[str]]:
     return out
 
 
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [UNIT, QNETD_UNIT], ids=lambda p: p.name)
+def test_systemd_analyze_verify(tmp_path: Path, unit: Path) -> None:
     """`systemd-analyze verify` refuses a unit whose ExecStart binary does not exist, and pmxfs is
     not installed at /usr/local/bin here; so the copy that is verified differs from the file
     only in that path, which points at this virtualenv's `pmxfs` (a real executable). Verify
@@ -45,9 +48,9 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
-    text = UNIT.read_text()
+    text = unit.read_text()
     assert text.count(f"ExecStart={INSTALLED_PMXFS} ") == 1
-    copy = tmp_path / "pmxfs.service"
+    copy = tmp_path / unit.name
     copy.write_text(text.replace(f"ExecStart={INSTALLED_PMXFS} ", f"ExecStart={VENV_PMXFS} "))
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
                             timeout=60, check=False)
@@ -101,3 +104,16 @@ def test_scheduling_is_left_to_the_daemon() -> None:
     (runtime/scheduling.py); a CPUScheduling*= that systemd cannot apply would fail the start."""
     unit = settings(UNIT.read_text())
     assert [key for _, key in unit if key.startswith(("CPUScheduling", "Nice"))] == []
+
+
+def test_qnetd_exec_start_is_the_server_with_its_defaults() -> None:
+    unit = settings(QNETD_UNIT.read_text())
+    [exec_start] = unit[("Service", "ExecStart")]
+    argv = shlex.split(exec_start)
+    assert argv[0] == INSTALLED_PMXFS
+    args = build_parser().parse_args(argv[1:])
+    assert args.handler is qnetd.run_server
+    defaults = build_parser().parse_args(["qnetd"])
+    assert (args.listen, args.serve_dir) == (defaults.listen, defaults.serve_dir)
+    assert unit[("Service", "Restart")] == ["on-failure"]
+    assert unit[("Install", "WantedBy")] == ["multi-user.target"]

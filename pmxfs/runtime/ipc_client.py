@@ -24,7 +24,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 TIMEOUT_S = 10.0
 EXPECTED_TIMEOUT_S = 60.0
-LIFECYCLE_COMMANDS = frozenset({"create", "join-token", "add", "delnode"})
+LIFECYCLE_COMMANDS = frozenset({"create", "join-token", "add", "delnode", "qdevice-setup",
+                                "qdevice-remove"})
 LIFECYCLE_TIMEOUT_S = 180.0  # they wait for quorum, a join exchange and a switch of the ring
 HEADER = struct.Struct(">I")
 READ_TOPICS = frozenset({"ring", "transport", "quorum", "tree", "checksum"})

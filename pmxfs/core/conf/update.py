@@ -58,9 +58,10 @@ def validate_update(current: ClusterConfig, new: ClusterConfig) -> UpdateResult:
     Refused: config_version not greater than the current one; a different cluster_name; a
     different transport. Run-time changes: nodes added or removed, a node's votes and address (the
     node whose own address changes needs a restart; the others take it), expected_votes,
-    two_node, totem timers and counts, logging. Everything else (node names,
-    netmtu, mcastaddr, port, wait_for_all, last_man_standing(_window), auto_tie_breaker(_node),
-    quorum device, unknown/kept keys) needs a restart of pmxfs on every node.
+    two_node, the quorum device (added, changed or removed), totem timers and counts, logging.
+    Everything else (node names, netmtu, mcastaddr, port, wait_for_all,
+    last_man_standing(_window), auto_tie_breaker(_node), unknown/kept keys) needs a restart of
+    pmxfs on every node.
     """
     rep = Reporter(new.filename)
     tm = new.totem.meta
@@ -98,8 +99,8 @@ def validate_update(current: ClusterConfig, new: ClusterConfig) -> UpdateResult:
         diff(f"quorum.{key}", getattr(cq, key), getattr(nq, key), True)
     for key in _RESTART_QUORUM_KEYS:
         diff(f"quorum.{key}", getattr(cq, key), getattr(nq, key), False)
-    if cq.device != nq.device:
-        changes.append(Change("quorum.device", "quorum.device changed", False))
+    if cq.device != nq.device:  # the device client and votequorum follow it at run time
+        changes.append(Change("quorum.device", "quorum.device changed", True))
     if cq.extras != nq.extras:
         changes.append(Change("quorum", "quorum: other (kept) keys changed", False))
     if current.logging != new.logging:
