@@ -24,8 +24,9 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 TIMEOUT_S = 10.0
 EXPECTED_TIMEOUT_S = 60.0
-LIFECYCLE_COMMANDS = frozenset({"create", "join-token", "add", "delnode", "qdevice-setup",
-                                "qdevice-remove"})
+LIFECYCLE_COMMANDS = frozenset({"create", "join-token", "add", "delnode"})
+# commands that may wait for quorum, a remote exchange or a switch of the ring: the long timeout
+SLOW_COMMANDS = LIFECYCLE_COMMANDS | {"qdevice-setup", "qdevice-remove"}
 LIFECYCLE_TIMEOUT_S = 180.0  # they wait for quorum, a join exchange and a switch of the ring
 HEADER = struct.Struct(">I")
 READ_TOPICS = frozenset({"ring", "transport", "quorum", "tree", "checksum"})
@@ -60,7 +61,7 @@ def request(path: Path, cmd: str, **args: Any) -> Any:
         raise ControlError(f"request too large: {len(data) - HEADER.size} bytes "
                            f"(at most {MAX_REQUEST_BYTES})")
     timeout = (EXPECTED_TIMEOUT_S if cmd == "expected" else
-               LIFECYCLE_TIMEOUT_S if cmd in LIFECYCLE_COMMANDS else TIMEOUT_S)
+               LIFECYCLE_TIMEOUT_S if cmd in SLOW_COMMANDS else TIMEOUT_S)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         _connect(sock, path)
