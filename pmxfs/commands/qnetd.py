@@ -127,10 +127,22 @@ def run_server(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         trio.run(functools.partial(_serve, server, host, port))
-    except OSError as exc:
+    except (OSError, ExceptionGroup) as exc:
+        failure = _os_error(exc)
+        if failure is None:
+            raise
         return _fail(f"cannot listen on {format_host_port(host, port)}: "
-                     f"{exc.strerror or exc}")
+                     f"{failure.strerror or failure}")
     return 0
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError in `exc`, also when trio's nursery wrapped it in an exception group."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        return next((e for e in map(_os_error, exc.exceptions) if e is not None), None)
+    return None
 
 
 async def _serve(server: QnetdServer, host: str, port: int) -> None:

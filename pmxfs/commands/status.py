@@ -38,8 +38,8 @@ def configure(status: argparse.ArgumentParser) -> None:
 Show the cluster as this node sees it, like `pvecm status`: cluster name and config_version,
 this node, votequorum (expected and total votes, quorum, flags, quorate or not), the members
 of the current ring and whether the tree is synced. With a quorum device, its line among the
-members (its votes while they count) and the flags Qdevice, QdeviceAlive (this node is
-connected to qnetd) and QdeviceCastVote (the device's vote counts).""" + ASKS_THE_DAEMON
+members (its votes while the ring counts them) and the flags Qdevice, QdeviceAlive (this node
+is connected to qnetd) and QdeviceCastVote (this node casts the device's vote).""" + ASKS_THE_DAEMON
     status.epilog = ("examples:\n  pmxfs status\n  pmxfs status --json | jq .quorum.quorate\n"
                      "  pmxfs --run-dir ./pmxfs-demo/node1/run status")
     status.add_argument("--json", action="store_true",
@@ -74,8 +74,8 @@ def render_status_text(status: dict[str, Any], *, date: str) -> str:
     q = status["quorum"]
     members = sorted(status["membership"]["members"], key=lambda m: m["nodeid"])
     member_votes = tuple((m["nodeid"], m["votes"]) for m in members)
-    casting = "QdeviceCastVote" in q["flags"]
-    qdevice_votes = max(0, q["total_votes"] - sum(v for _, v in member_votes)) if casting else 0
+    qdevice_votes = (max(0, q["total_votes"] - sum(v for _, v in member_votes))  # the ring's
+                     if "qdevice" in status else 0)
     quorum = QuorumStatus(
         quorate=q["quorate"], expected_votes=q["expected_votes"],
         highest_expected=q["highest_expected"], total_votes=q["total_votes"], quorum=q["quorum"],

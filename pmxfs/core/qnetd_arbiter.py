@@ -110,7 +110,8 @@ class ClusterArbiter:
         does not name the node among the members."""
         self._now = max(self._now, now)
         node = self._nodes.get(node_id)
-        if node is None or not node.connected or node_id not in msg.members:
+        if (node is None or not node.connected or node_id not in msg.members
+                or msg.stamp > msg.ring.seq):  # a tree cannot come from a ring yet to be
             return
         node.ring, node.members, node.stamp = msg.ring, frozenset(msg.members), msg.stamp
         self._newest_stamp = max(self._newest_stamp, msg.stamp)
@@ -153,10 +154,12 @@ class ClusterArbiter:
     def decisions(self, now: int) -> dict[int, VoteReply]:
         """Per connected node that reported a ring: the vote for that ring, now."""
         self._now = max(self._now, now)
-        reports = {nid: n for nid, n in self._nodes.items() if n.connected and n.ring is not None}
-        if self._settings is None or not reports:
+        if self._settings is None:
             return {}
         self._release_holder(now)
+        reports = {nid: n for nid, n in self._nodes.items() if n.connected and n.ring is not None}
+        if not reports:
+            return {}
         dead = {n.ring for n in reports.values() if n.ring is not None
                 and self._is_dead(n.ring, n.members)}
         live = {n.ring: n.members for n in reports.values()

@@ -24,6 +24,12 @@ task for all clusters) the server asks for `decisions(now)` and sends each conne
 `VoteReply` when its decision differs from the last one sent on it. Times given to the arbiter
 are milliseconds of trio's monotonic clock.
 
+What the arbiter must remember across restarts (the last holder, the newest stamp:
+runtime/qnetd_state.py) is on disk before any vote that follows from it goes out; a failed write
+sends nothing and is tried again after `SAVE_RETRY_S`. A cluster whose state file exists but
+cannot be read is not decided for at all: its nodes' Hellos are refused, saying why, until the
+file can be read (or the operator removes it).
+
 Each voting connection has a writer task fed by a bounded queue, so that a decision taken on one
 connection's event is never blocked by another's slow peer: a peer that does not take its
 messages within `SEND_TIMEOUT_S`, or lets `QUEUE_SIZE` pile up, is closed.
@@ -31,8 +37,10 @@ messages within `SEND_TIMEOUT_S`, or lets `QUEUE_SIZE` pile up, is closed.
 What never stops the server: a peer that never completes the handshake or never sends (dropped
 at the deadline), a failed handshake (a certificate of another CA, say), a malformed or
 oversized frame (the connection is closed), more than `max_connections` at once (closed as soon
-as they are accepted, before any TLS). Every event is one line in the log "pmxfs.qnetd":
-connections, refusals with their reason, memberships, vote changes.
+as they are accepted, before any TLS), more than `MAX_UNPROVEN_PER_SOURCE` connections of one
+address that have not yet sent their first message (closed at once, logged once per window), so
+that one source cannot take every slot from the cluster's nodes. Every event is one line in the
+log "pmxfs.qnetd": connections, refusals with their reason, memberships, vote changes.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import logging
 import math
 import ssl
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -71,6 +79,8 @@ SEND_TIMEOUT_S = 10.0  # a peer takes a message within this, or is closed
 MAX_CONNECTIONS = 1024  # served at once; more are closed at once
 QUEUE_SIZE = 64  # messages waiting for one voting peer
 ACCEPT_RETRY_S = 0.1
+MAX_UNPROVEN_PER_SOURCE = 16  # connections of one address before their first message
+SAVE_RETRY_S = 1.0  # a cluster's state that could not be saved is tried again after this
 QUIET_SOURCES = 1024  # sources whose rate-limit refusal was logged, remembered at most
 
 ClusterKey = tuple[str, str]  # (cluster name, cluster id)
@@ -109,6 +119,7 @@ class _Cluster:
     arbiter: ClusterArbiter
     saved: ClusterState  # what its state file holds
     voters: dict[int, _Voter] = field(default_factory=dict)
+    retry_at: int | None = None  # when to try again to save its state (ms), after a failure
 
 
 class _Refuse(Exception):
@@ -126,6 +137,7 @@ class QnetdServer:
         self.limiter = limiter if limiter is not None else FailureLimiter()
         self.clusters: dict[ClusterKey, _Cluster] = {}
         self.open = 0
+        self.unproven: Counter[str] = Counter()  # connections per source before a message
         self._timer_changed = trio.Event()
         self._full_logged = False
         self._quiet_until: OrderedDict[str, float] = OrderedDict()
@@ -171,8 +183,16 @@ class QnetdServer:
     async def _connection(self, tcp: trio.SocketStream) -> None:
         peer = "?"
         stream = trio.SSLStream(tcp, self.context, server_side=True)
+        ticket: list[str] = []  # its source while it counts as unproven (`_proven`)
         try:
             peer = _peer_ip(tcp)
+            if self.unproven[peer] >= MAX_UNPROVEN_PER_SOURCE:
+                self._log_rate_limited(peer, f"{peer}: more than {MAX_UNPROVEN_PER_SOURCE} "
+                                             "connections before their first message: closed",
+                                       EXCHANGE_TIMEOUT_S)
+                return
+            self.unproven[peer] += 1
+            ticket.append(peer)
             with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as handshake:
                 await stream.do_handshake()
             if handshake.cancelled_caught:
@@ -180,9 +200,9 @@ class QnetdServer:
                 return
             certificate = stream.getpeercert()
             if certificate:
-                await self._voting(stream, peer, _common_name(certificate))
+                await self._voting(stream, peer, _common_name(certificate), ticket)
             else:
-                await self._enrollment(stream, peer)
+                await self._enrollment(stream, peer, ticket)
         except trio.BrokenResourceError as exc:
             log.info("%s: closed: %s", peer, _reason(exc))
         except OSError as exc:  # the peer left before its address was read
@@ -191,13 +211,23 @@ class QnetdServer:
             log.warning("%s: closed: %s: %s", peer, type(exc).__name__,
                         " ".join(str(exc).split()))
         finally:
+            self._proven(ticket)
             self.open -= 1
             await trio.aclose_forcefully(stream)
 
+    def _proven(self, ticket: list[str]) -> None:
+        """A connection got past its first message, or ended: it counts no more against the
+        per-source limit of connections that have proven nothing yet (once)."""
+        if ticket:
+            peer = ticket.pop()
+            self.unproven[peer] -= 1
+            if not self.unproven[peer]:
+                del self.unproven[peer]
+
     async def _first_message(self, stream: trio.SSLStream[trio.SocketStream],
-                             peer: str) -> Message | None:
+                             peer: str, ticket: list[str]) -> Message | None:
         """The first message, within the exchange deadline; None (logged) when there is
-        none or it is malformed."""
+        none or it is malformed. After it the connection is no longer unproven."""
         try:
             with trio.move_on_after(EXCHANGE_TIMEOUT_S - HANDSHAKE_TIMEOUT_S):
                 return await receive_message(stream)
@@ -206,6 +236,8 @@ class QnetdServer:
             log.info("%s: closed: malformed frame: %s", peer, exc)
         except ConnectionClosed as exc:
             log.info("%s: closed: %s before a request", peer, exc)
+        finally:
+            self._proven(ticket)
         return None
 
     async def _answer(self, stream: trio.SSLStream[trio.SocketStream],
@@ -217,8 +249,9 @@ class QnetdServer:
 
     # ------------------------------------------------------------------------ enrollment
 
-    async def _enrollment(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
-        request = await self._first_message(stream, peer)
+    async def _enrollment(self, stream: trio.SSLStream[trio.SocketStream], peer: str,
+                          ticket: list[str]) -> None:
+        request = await self._first_message(stream, peer, ticket)
         if request is None:
             return
         wait = self.limiter.retry_after(time.monotonic(), peer)
@@ -260,8 +293,8 @@ class QnetdServer:
     # ------------------------------------------------------------------------ voting
 
     async def _voting(self, stream: trio.SSLStream[trio.SocketStream], peer: str,
-                      common_name: str) -> None:
-        hello = await self._first_message(stream, peer)
+                      common_name: str, ticket: list[str]) -> None:
+        hello = await self._first_message(stream, peer, ticket)
         if hello is None:
             return
         try:
@@ -272,6 +305,8 @@ class QnetdServer:
             if common_name != subject:
                 raise _Refuse(f"a client certificate of another cluster ({common_name[:80]!r}, "
                               f"the Hello names {subject!r})")
+            key = (hello.cluster_name, hello.cluster_id)
+            cluster = self.clusters.get(key) or self._new_cluster(key)
         except _Refuse as exc:
             log.warning("%s: voting connection refused: %s", peer, exc)
             await self._answer(stream, Refused(str(exc)))
@@ -283,18 +318,15 @@ class QnetdServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, stream, inbox, voter)
                 try:
-                    await self._welcomed(stream, hello, voter)
+                    await self._welcomed(stream, hello, voter, cluster)
                 finally:
                     nursery.cancel_scope.cancel()
         if scope.cancelled_caught:
             log.info("%s: connection closed", voter.where)
 
     async def _welcomed(self, stream: trio.SSLStream[trio.SocketStream], hello: Hello,
-                        voter: _Voter) -> None:
-        key = (hello.cluster_name, hello.cluster_id)
-        cluster = self.clusters.get(key)
-        if cluster is None:
-            cluster = self.clusters[key] = self._new_cluster(key)
+                        voter: _Voter, cluster: _Cluster) -> None:
+        cluster = self.clusters.setdefault(cluster.key, cluster)
         old = cluster.voters.get(voter.node_id)
         if old is not None:
             log.info("%s: replaced by a new connection", old.where)
@@ -369,10 +401,11 @@ class QnetdServer:
         qnetd_state.py)."""
         try:
             state = load_state(state_path(self.pki.directory, *key))
-        except StateError as exc:
-            log.error("%s: starting without the previous vote holder: %s",
+        except StateError as exc:  # never decide without what the file says: refuse, retry
+            log.error("%s: cannot read the cluster's state, no votes until it can: %s",
                       cluster_subject(*key), exc)
-            state = ClusterState()
+            raise _Refuse(f"qnetd cannot read this cluster's state ({exc}); it answers once "
+                          "it can") from None
         arbiter = ClusterArbiter(now_ms(), state.last_holder, state.newest_stamp)
         return _Cluster(key, arbiter, state)
 
@@ -385,10 +418,13 @@ class QnetdServer:
             try:
                 save_state(state_path(self.pki.directory, *cluster.key), state)
             except StateError as exc:  # no vote goes out that a restart could contradict
-                log.error("%s: votes not sent: %s", cluster_subject(*cluster.key), exc)
+                log.error("%s: votes not sent, trying again in %g s: %s",
+                          cluster_subject(*cluster.key), SAVE_RETRY_S, exc)
+                cluster.retry_at = now_ms() + int(SAVE_RETRY_S * 1000)
                 self._timer_changed.set()
                 return
             cluster.saved = state
+        cluster.retry_at = None
         for node_id, voter in cluster.voters.items():
             reply = decisions.get(node_id)
             if reply is not None and reply != voter.last_sent:
@@ -403,8 +439,9 @@ class QnetdServer:
         """Decide again for each cluster when its arbiter's next deadline comes."""
         while True:
             self._timer_changed = trio.Event()
-            deadlines = {key: d for key, c in self.clusters.items()
-                         if (d := c.arbiter.next_deadline()) is not None}
+            deadlines = {key: min(d) for key, c in self.clusters.items()
+                         if (d := [t for t in (c.arbiter.next_deadline(), c.retry_at)
+                                   if t is not None])}
             if not deadlines:
                 await self._timer_changed.wait()
                 continue

@@ -42,8 +42,11 @@ and every new stamp of the tree (`add_ring_listener`: ring id, members, quorate,
 the newest quorate ring the tree comes from, which qnetd weighs; checked after every flush;
 listeners must not call back into the node from there) and casts or withdraws the device's vote
 with `set_qdevice_vote`, which the replica sends through the ring tied to that ring's id.
-`status` shows the device while corosync.conf configures one, with `QdeviceAlive` among the
-flags while the client says it is connected and welcomed (`set_qdevice_alive`).
+`status` shows the device while corosync.conf configures one; its flags are this node's, as
+votequorum's: `QdeviceAlive` while the client says it is connected and welcomed
+(`set_qdevice_alive`), `QdeviceCastVote` while it also casts the vote for the current ring. The
+votes table's Qdevice line shows whether the ring counts the device's votes (any member may cast
+them).
 """
 
 from __future__ import annotations
@@ -209,6 +212,7 @@ class ReplicaNode:
         self._ring_listeners: list[RingListener] = []
         self._ring_told: tuple[RingId, int] | None = None  # last (ring, stamp) listeners saw
         self._qdevice_alive = False
+        self._qdevice_cast: RingId | None = None  # the ring this node's client casts for
         self._waiters: dict[int, _Waiter] = {}
         self._room = trio.Event()  # set (and replaced) whenever a reply frees a pending slot
         self._failure: Exception | None = None  # the output that could not be carried out
@@ -309,6 +313,7 @@ class ReplicaNode:
         """This node's device client got or lost the device's vote for `ring` (module
         header); ignored by the replica when `ring` is not its current ring."""
         self._check_running()
+        self._qdevice_cast = ring if vote else None
         self.replica.set_qdevice_vote(self.now(), ring, vote)
         self._flush()
 
@@ -379,10 +384,12 @@ class ReplicaNode:
         votes = dict(q.member_votes)
         ring = now.ring
         device = None if self.standalone else device_settings(self.config)
-        flags = list(q.flags)
-        if device is not None and self._qdevice_alive:  # corosync-quorumtool's order
-            flags.insert(flags.index("Qdevice") + 1 if "Qdevice" in flags else len(flags),
-                         "QdeviceAlive")
+        casting = self._qdevice_alive and self._qdevice_cast == ring
+        flags = [f for f in q.flags if f != "QdeviceCastVote"]  # the ring's: shown as this node's
+        if device is not None:  # corosync-quorumtool's order, after Qdevice
+            at = flags.index("Qdevice") + 1 if "Qdevice" in flags else len(flags)
+            flags[at:at] = [name for name, on in (("QdeviceAlive", self._qdevice_alive),
+                                                  ("QdeviceCastVote", casting)) if on]
         return {
             "cluster": {"name": self.config.cluster_name,
                         "config_version": self.config.config_version,
@@ -401,8 +408,7 @@ class ReplicaNode:
         } | ({"restart_needed": list(self.restart_needed)} if self.restart_needed else {}) | (
             {} if device is None else {"qdevice": {
                 "host": device.address, "algorithm": device.algorithm,
-                "connected": self._qdevice_alive,
-                "casting_vote": "QdeviceCastVote" in q.flags}})
+                "connected": self._qdevice_alive, "casting_vote": casting}})
 
     def nodes(self) -> list[dict[str, Any]]:
         online = set(self.replica.status().members)
