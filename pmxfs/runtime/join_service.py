@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,13 +50,13 @@ from pmxfs.core.join_token import (
 )
 from pmxfs.runtime.cluster_tree import TREE_JOIN_PEM, ClusterTree, LifecycleError
 from pmxfs.runtime.join_tls import JoinError, serve_join
+from pmxfs.runtime.quiet_log import QuietSources
 from pmxfs.runtime.replica_node import ReplicaNode
 
 log = logging.getLogger("pmxfs")
 
 CONFIG_ATTEMPTS = 3  # a join's corosync.conf is built again when another change came first
 SHOWN_NAME_CHARS = 64  # of a joiner's name in a log line
-QUIET_SOURCES = 1024  # sources whose rate-limit refusal was logged, remembered at most
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ class JoinService:
         self.listening: tuple[str, int] | None = None
         self._listening_changed = trio.Event()
         self._tokens_changed = trio.Event()
-        self._quiet_until: OrderedDict[str, float] = OrderedDict()  # rate-limit lines logged
+        self._quiet = QuietSources()  # rate-limit lines logged
         node.add_tree_listener(self._on_tree_change)
 
     def tokens_changed(self) -> None:
@@ -182,13 +181,8 @@ class JoinService:
     async def _log_rate_limited(self, peer: str, message: str, wait: float) -> None:
         """In the daemon log and the cluster log, once per source and window: a client
         hammering the service must not flood them (the refusal is answered every time)."""
-        now = time.monotonic()
-        if self._quiet_until.get(peer, 0.0) > now:
+        if not self._quiet.should_log(peer, time.monotonic(), wait):
             return
-        self._quiet_until[peer] = now + wait
-        self._quiet_until.move_to_end(peer)
-        while len(self._quiet_until) > QUIET_SOURCES:
-            self._quiet_until.popitem(last=False)
         log.warning("%s (logged once until then)", message)
         await self.node.log(priority=4, tag="pmxfs", user="root", pid=os.getpid(), msg=message)
 

@@ -56,6 +56,7 @@ from cryptography.x509.oid import NameOID
 
 from pmxfs.core.errors import LocalError
 from pmxfs.core.join_token import format_host_port
+from pmxfs.runtime.net_errors import one_line, reason
 
 MAX_MESSAGE_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -108,7 +109,7 @@ def fingerprint(pem: bytes) -> str:
         certificates = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:
         raise JoinError(f"no usable certificate in the join certificate PEM: "
-                        f"{_one_line(str(exc))}") from None
+                        f"{one_line(str(exc))}") from None
     return hashlib.sha256(certificates[0].public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
@@ -197,10 +198,10 @@ class _JoinServer:
             peer = _peer_ip(stream)
             await self._exchange(trio.SSLStream(stream, self.context, server_side=True), peer)
         except (trio.BrokenResourceError, _Dropped) as exc:
-            log.debug("join connection from %s dropped: %s", peer, _reason(exc))
+            log.debug("join connection from %s dropped: %s", peer, reason(exc))
         except Exception as exc:  # one connection must never stop the server
             log.warning("join connection from %s failed: %s: %s", peer, type(exc).__name__,
-                        _one_line(str(exc)))
+                        one_line(str(exc)))
         finally:
             self.open -= 1
 
@@ -232,7 +233,7 @@ class _JoinServer:
             return await self.handler(request, peer)
         except Exception as exc:
             log.warning("join request from %s failed: %s: %s", peer, type(exc).__name__,
-                        _one_line(str(exc)))
+                        one_line(str(exc)))
             return {"ok": False, "error": "internal error"}
 
 
@@ -243,7 +244,7 @@ def _frame_or_internal_error(answer: dict[str, Any], peer: str) -> bytes:
             raise TypeError(f"the handler answered a {type(answer).__name__}, not a dict")
         return _frame(answer)
     except (TypeError, ValueError) as exc:
-        log.warning("join answer to %s not sent: %s", peer, _one_line(str(exc)))
+        log.warning("join answer to %s not sent: %s", peer, one_line(str(exc)))
         return _frame({"ok": False, "error": "internal error"})
 
 
@@ -287,7 +288,7 @@ async def _client_exchange(stream: trio.SSLStream[trio.SocketStream], where: str
     try:
         await stream.do_handshake()
     except trio.BrokenResourceError as exc:
-        raise JoinError(f"TLS handshake with {where} failed: {_reason(exc)}") from None
+        raise JoinError(f"TLS handshake with {where} failed: {reason(exc)}") from None
     der = stream.getpeercert(binary_form=True)
     presented = hashlib.sha256(der).hexdigest() if der else "(none)"
     if presented != expected_fingerprint:
@@ -298,7 +299,7 @@ async def _client_exchange(stream: trio.SSLStream[trio.SocketStream], where: str
         await stream.send_all(frame)
         answer = await _receive_frame(stream)
     except (trio.BrokenResourceError, _Dropped) as exc:
-        raise JoinError(f"the join service at {where} broke the exchange: {_reason(exc)}"
+        raise JoinError(f"the join service at {where} broke the exchange: {reason(exc)}"
                         ) from None
     if not isinstance(answer, dict):
         raise JoinError(f"bad answer from the join service at {where}: not a JSON object")
@@ -356,16 +357,3 @@ async def _receive_exactly(stream: trio.SSLStream[trio.SocketStream], size: int)
         data += chunk
     return bytes(data)
 
-
-def _reason(exc: BaseException) -> str:
-    """One line for `exc`, or for the SSL or OS error trio wrapped in it."""
-    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else None
-    if isinstance(cause, ssl.SSLError):
-        return cause.reason or str(cause)
-    if isinstance(cause, OSError):
-        return cause.strerror or str(cause)
-    return _one_line(str(exc)) or type(exc).__name__
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

@@ -75,6 +75,7 @@ from pmxfs.core.qdevice_wire import (
     silence_limit_ms,
 )
 from pmxfs.core.wire import RingId
+from pmxfs.runtime.net_errors import reason
 from pmxfs.runtime.node_api import Invalidator
 from pmxfs.runtime.qdevice_frames import ConnectionClosed, receive_message, send_message
 from pmxfs.runtime.qnetd_pki import PkiError, client_context
@@ -414,14 +415,9 @@ def _cluster_of(cert_pem: bytes) -> tuple[str, str] | None:
 
 
 def _reason(exc: BaseException) -> str:
-    """One line for `exc`, or for the SSL or OS error trio wrapped in it."""
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
-    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-    if isinstance(cause, ssl.SSLError):
-        return f"TLS: {cause.reason or cause}"
-    if isinstance(cause, OSError):
-        return cause.strerror or str(cause) or type(cause).__name__
+    """One line for why the connection to qnetd failed."""
     if isinstance(exc, ConnectionClosed):
         return "qnetd closed the connection"
-    return " ".join(str(exc).split()) or type(exc).__name__
+    tls = isinstance(exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc,
+                     ssl.SSLError)
+    return f"TLS: {reason(exc)}" if tls else reason(exc)

@@ -80,6 +80,7 @@ from pmxfs.core.qnetd_token import (
     record_name,
 )
 from pmxfs.runtime.durable_file import write_file
+from pmxfs.runtime.net_errors import one_line, reason
 from pmxfs.runtime.qdevice_frames import ConnectionClosed, receive_message, send_message
 
 DEFAULT_DIR = Path("/etc/pmxfs-qnetd")
@@ -338,7 +339,7 @@ async def _enroll_exchange(stream: trio.SSLStream[trio.SocketStream], where: str
     try:
         await stream.do_handshake()
     except trio.BrokenResourceError as exc:
-        raise EnrollError(f"TLS handshake with qnetd at {where} failed: {_reason(exc)}"
+        raise EnrollError(f"TLS handshake with qnetd at {where} failed: {reason(exc)}"
                           ) from None
     der = stream.getpeercert(binary_form=True)
     presented = hashlib.sha256(der).hexdigest() if der else "(none)"
@@ -350,7 +351,7 @@ async def _enroll_exchange(stream: trio.SSLStream[trio.SocketStream], where: str
         await send_message(stream, request)
         answer = await receive_message(stream)
     except (trio.BrokenResourceError, ConnectionClosed, ProtocolError) as exc:
-        raise EnrollError(f"qnetd at {where} broke the enrollment: {_reason(exc)}") from None
+        raise EnrollError(f"qnetd at {where} broke the enrollment: {reason(exc)}") from None
     if not isinstance(answer, Enrolled | Refused):
         raise EnrollError(f"qnetd at {where} answered the enrollment with a "
                           f"{type(answer).__name__}")
@@ -360,7 +361,7 @@ async def _enroll_exchange(stream: trio.SSLStream[trio.SocketStream], where: str
 def _check_answer(answer: Enrolled | Refused, where: str, expected: str,
                   key: ec.EllipticCurvePrivateKey, request: Enroll) -> tuple[bytes, bytes]:
     if isinstance(answer, Refused):
-        raise EnrollError(f"qnetd at {where} refused the enrollment: {_one_line(answer.reason)}")
+        raise EnrollError(f"qnetd at {where} refused the enrollment: {one_line(answer.reason)}")
     try:
         ca = x509.load_pem_x509_certificates(answer.ca_pem)[0]
         certificate = x509.load_pem_x509_certificates(answer.cert_pem)[0]
@@ -499,16 +500,3 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
-
-def _reason(exc: BaseException) -> str:
-    """One line for `exc`, or for the SSL or OS error trio wrapped in it."""
-    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else None
-    if isinstance(cause, ssl.SSLError):
-        return cause.reason or str(cause)
-    if isinstance(cause, OSError):
-        return cause.strerror or str(cause)
-    return _one_line(str(exc)) or type(exc).__name__
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:300]

@@ -47,9 +47,8 @@ from __future__ import annotations
 
 import logging
 import math
-import ssl
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
@@ -69,9 +68,11 @@ from pmxfs.core.qdevice_wire import (
     cluster_subject,
 )
 from pmxfs.core.qnetd_arbiter import ClusterArbiter
+from pmxfs.runtime.net_errors import reason
 from pmxfs.runtime.qdevice_frames import ConnectionClosed, receive_message, send_message
 from pmxfs.runtime.qnetd_pki import EnrollRefused, QnetdPki
 from pmxfs.runtime.qnetd_state import ClusterState, StateError, load_state, save_state, state_path
+from pmxfs.runtime.quiet_log import QuietSources
 
 HANDSHAKE_TIMEOUT_S = 10.0
 EXCHANGE_TIMEOUT_S = 15.0  # the handshake and the first message (Enroll or Hello)
@@ -81,7 +82,6 @@ QUEUE_SIZE = 64  # messages waiting for one voting peer
 ACCEPT_RETRY_S = 0.1
 MAX_UNPROVEN_PER_SOURCE = 16  # connections of one address before their first message
 SAVE_RETRY_S = 1.0  # a cluster's state that could not be saved is tried again after this
-QUIET_SOURCES = 1024  # sources whose rate-limit refusal was logged, remembered at most
 
 ClusterKey = tuple[str, str]  # (cluster name, cluster id)
 
@@ -140,7 +140,7 @@ class QnetdServer:
         self.unproven: Counter[str] = Counter()  # connections per source before a message
         self._timer_changed = trio.Event()
         self._full_logged = False
-        self._quiet_until: OrderedDict[str, float] = OrderedDict()
+        self._quiet = QuietSources()
 
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -204,7 +204,7 @@ class QnetdServer:
             else:
                 await self._enrollment(stream, peer, ticket)
         except trio.BrokenResourceError as exc:
-            log.info("%s: closed: %s", peer, _reason(exc))
+            log.info("%s: closed: %s", peer, reason(exc))
         except OSError as exc:  # the peer left before its address was read
             log.debug("connection closed at once: %s", exc)
         except Exception as exc:  # one connection must never stop the server
@@ -281,13 +281,8 @@ class QnetdServer:
 
     def _log_rate_limited(self, peer: str, reason: str, wait: float) -> None:
         """Once per source and window: the refusal itself is answered every time."""
-        now = time.monotonic()
-        if self._quiet_until.get(peer, 0.0) > now:
+        if not self._quiet.should_log(peer, time.monotonic(), wait):
             return
-        self._quiet_until[peer] = now + wait
-        self._quiet_until.move_to_end(peer)
-        while len(self._quiet_until) > QUIET_SOURCES:
-            self._quiet_until.popitem(last=False)
         log.warning("%s (logged once until then)", reason)
 
     # ------------------------------------------------------------------------ voting
@@ -361,7 +356,7 @@ class QnetdServer:
                 log.info("%s: disconnected%s", voter.where, "" if exc.clean else f" ({exc})")
                 return
             except trio.BrokenResourceError as exc:
-                log.info("%s: disconnected: %s", voter.where, _reason(exc))
+                log.info("%s: disconnected: %s", voter.where, reason(exc))
                 return
             if message is None:
                 log.info("%s: closed: silent for %d ms", voter.where, hello.timeout_ms)
@@ -385,7 +380,7 @@ class QnetdServer:
                 try:
                     await send_message(stream, message)
                 except trio.BrokenResourceError as exc:
-                    log.info("%s: cannot send: %s", voter.where, _reason(exc))
+                    log.info("%s: cannot send: %s", voter.where, reason(exc))
                     voter.scope.cancel()
                     return
             if sending.cancelled_caught:
@@ -472,10 +467,3 @@ def _peer_ip(stream: trio.SocketStream) -> str:
     return address.removeprefix("::ffff:") if "." in address else address
 
 
-def _reason(exc: BaseException) -> str:
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLError):
-        return cause.reason or str(cause)
-    if isinstance(cause, OSError):
-        return cause.strerror or str(cause)
-    return " ".join(str(exc).split()) or type(exc).__name__
