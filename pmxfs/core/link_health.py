@@ -15,8 +15,9 @@ Each (peer, link) pair is a *path* with its own heartbeat:
   (`on_ping` builds the answer; it keeps no state).
 * A pong counts only when it answers a ping this object sent on that path, less than
   `ping_timeout_ms` ago (knet discards pongs whose latency exceeds the timeout), and newer than
-  the last counted one (duplicates and reordered old answers are ignored). Unknown peers, links
-  or sequence numbers are ignored: peer input never raises.
+  the last counted one (duplicates and reordered old answers are ignored). Sequence numbers are
+  unique across paths, so a pong cannot count on a link other than its ping's. Unknown peers,
+  links or sequence numbers are ignored: peer input never raises.
 * A path that is down becomes *connected* after `pong_count` counted pongs in a row, "in a row"
   meaning with no gap of `ping_timeout_ms` between them (knet's counter is reset exactly when
   that timeout passes).
@@ -100,7 +101,6 @@ class _Path:
     """The heartbeat state of one (peer, link) pair."""
 
     next_ping_at: int
-    next_seq: int = 1
     sent: dict[int, int] = field(default_factory=dict)  # seq -> sent_at, young enough to count
     last_seq: int = 0  # the newest seq a counted pong answered
     pongs: int = 0  # counted pongs in a row while down
@@ -133,6 +133,7 @@ class LinkHealth:
         self._links: dict[int, LinkConfig] = {}
         self._paths: dict[tuple[int, int], _Path] = {}
         self._events: list[LinkEvent] = []
+        self._next_seq = 1  # one counter for all paths: a seq names the path it was sent on
         self.mode: LinkMode = mode
         self.reconfigure(now, peers, links, mode)
 
@@ -173,8 +174,8 @@ class LinkHealth:
         for (peer, number), path in self._paths.items():
             if path.next_ping_at > now:
                 continue
-            seq = path.next_seq
-            path.next_seq += 1
+            seq = self._next_seq
+            self._next_seq += 1
             path.sent[seq] = now
             path.next_ping_at = now + self._links[number].ping_interval_ms
             due.append(Ping(peer=peer, link=number, seq=seq, sent_at=now))
