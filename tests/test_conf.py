@@ -129,16 +129,19 @@ def test_proxmox_config_validates_and_renders_back_identically() -> None:
 
 
 def test_proxmox_config_with_two_links_and_crypto() -> None:
-    source = PROXMOX.replace("    ring0_addr: 10.0.0.1\n",
-                             "    ring0_addr: 10.0.0.1\n    ring1_addr: 10.1.0.1\n")
+    source = PROXMOX
+    for nid in (1, 2, 3):
+        source = source.replace(f"    ring0_addr: 10.0.0.{nid}\n",
+                                f"    ring0_addr: 10.0.0.{nid}\n    ring1_addr: 10.1.0.{nid}\n")
     source = source.replace("  secauth: on\n", "  crypto_cipher: aes256\n  crypto_hash: sha256\n"
                                                "  secauth: on\n  knet_pmtud_interval: 30\n")
     result = conf.check(source)
-    assert result.ok
+    assert result.ok, result.errors
     assert problems(result, "warning") == [
-        "12:5: 'nodelist.node.ring1_addr' is kept but ignored: pmxfs runs a single ring "
-        "(ring0_addr)"]
+        "45:3: 'totem.knet_pmtud_interval' is a corosync option pmxfs does not implement; it is "
+        "kept and ignored"]
     assert result.config is not None
+    assert result.config.nodes[0].addrs == ((0, "10.0.0.1"), (1, "10.1.0.1"))
     assert conf.render(result.config) == source
 
 
@@ -440,8 +443,8 @@ WARNING_ROWS = [
      "unknown key 'totem.frobnicate' is kept but not used by pmxfs"),
     ("unknown node key", text(nodes=[node(1, extra="weight: 3")]), "weight",
      "unknown key 'nodelist.node.weight' is kept but not used by pmxfs"),
-    ("second ring", text(nodes=[node(1, extra="ring1_addr: 10.1.0.1")]), "ring1_addr",
-     "'nodelist.node.ring1_addr' is kept but ignored: pmxfs runs a single ring (ring0_addr)"),
+    ("link number 8", text(nodes=[node(1, extra="ring8_addr: 10.1.0.1")]), "ring8_addr",
+     "'nodelist.node.ring8_addr' is kept but not used: link numbers are 0-7"),
     ("unknown top-level section", text(top="system {\n  qb_ipc_type: native\n}\n"), "system {",
      "unknown top-level section 'system' is kept but not used by pmxfs"),
     ("node outside the nodelist", text(top="node {\n  nodeid: 9\n}\n"), "node {@@4",

@@ -1,10 +1,12 @@
 """corosync.conf raw tree -> typed model, and `parse` (text -> model).
 
 Each section has a `_Spec`: its known keys and how their values read (numbers are decimal only,
-booleans are corosync's `yes/no/on/off/1/0`), its known subsections, and the keys that real
-(Proxmox) corosync.conf files carry but pmxfs does not use (`version`, `secauth`, `crypto_*`,
-`ip_version`, `link_mode`, `interface {}`, `knet_*`, ...), which are kept silently; any other
-unknown key or section is kept with a warning, as corosync does. Everything kept is rendered back.
+booleans are corosync's `yes/no/on/off/1/0`), its known subsections (`repeated` ones, such as
+`totem.interface`, may appear more than once), and the keys that real (Proxmox) corosync.conf
+files carry but pmxfs does not use (`version`, `secauth`, `crypto_*`, `ip_version`, ...), which are
+kept silently; any other unknown key or section -- a knet option pmxfs does not implement
+included, named as such -- is kept with a warning, as corosync does. Everything kept is rendered
+back.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from typing import Any, Literal, TypeAlias
 from pmxfs.core.conf.errors import ConfigError, ConfigSyntaxError, Pos, Reporter, by_position, short
 from pmxfs.core.conf.model import (
     DEFAULT_FILENAME,
+    RING_ADDR_KEYS,
     TOTEM_TIMER_KEYS,
     ClusterConfig,
     DeviceNetSection,
     DeviceSection,
+    InterfaceSection,
     LoggingSection,
     NodeEntry,
     QuorumSection,
@@ -80,6 +84,8 @@ class _Spec:
     path: str  # the section's dotted path, for messages ("quorum.device")
     values: Mapping[str, _Kind]  # known keys and how their values read
     sections: Mapping[str, Callable[[RawSection], Any]] = field(default_factory=dict)  # builders
+    # sections that may repeat: name -> (the model's field, holding a tuple; the builder)
+    repeated: Mapping[str, tuple[str, Callable[[RawSection], Any]]] = field(default_factory=dict)
     ignored: frozenset[str] = frozenset()  # known, unused keys/sections: kept without a warning
     ignored_prefixes: tuple[str, ...] = ()  # the same, by name prefix
     ignored_checks: Mapping[str, _IgnoredCheck] = field(default_factory=dict)  # values they allow
@@ -108,6 +114,15 @@ class _Builder:
             name = item_name(item)
             pos = _item_pos(item)
             path = f"{spec.path}.{name}"
+            if name in spec.repeated:
+                if isinstance(item, RawEntry):
+                    self.rep.error(pos, f"'{path}' is a section ('{name} {{ ... }}'), not a key")
+                    continue
+                key, build = spec.repeated[name]
+                built = values.setdefault(key, [])
+                layout.append(f"{name}#{len(built)}")
+                built.append(build(item))
+                continue
             is_value = name in spec.values
             is_section = name in spec.sections
             if is_value or is_section:
@@ -142,6 +157,9 @@ class _Builder:
                     self.rep.warn(pos, f"unknown {kind} '{path}' is kept but not used by pmxfs")
             layout.append(f"+{len(extras)}")
             extras.append(item)
+        for key, _ in spec.repeated.values():
+            if key in values:
+                values[key] = tuple(values[key])
         meta = SectionMeta(section.pos if section else None, keys, tuple(layout))
         return values, extras, meta
 
@@ -157,8 +175,13 @@ class _Builder:
     # -- sections
 
     def totem(self, section: RawSection) -> TotemSection:
-        values, extras, meta = self.collect(TOTEM_SPEC, section, section.items)
+        spec = replace(TOTEM_SPEC, repeated={"interface": ("interfaces", self.interface)})
+        values, extras, meta = self.collect(spec, section, section.items)
         return TotemSection(**values, extras=tuple(extras), meta=meta)
+
+    def interface(self, section: RawSection) -> InterfaceSection:
+        values, extras, meta = self.collect(INTERFACE_SPEC, section, section.items)
+        return InterfaceSection(**values, extras=tuple(extras), meta=meta)
 
     def node(self, section: RawSection) -> NodeEntry:
         values, extras, meta = self.collect(_NODE_SPEC, section, section.items)
@@ -277,38 +300,70 @@ TOTEM_SPEC = _Spec(
         "port": "int",
         "netmtu": "int",
         **{k: "int" for k in TOTEM_TIMER_KEYS},
+        "link_mode": "str",
     },
     ignored=frozenset({
         "version", "secauth", "crypto_cipher", "crypto_hash", "crypto_model", "ip_version",
-        "link_mode", "keyfile", "key", "clear_node_high_bit", "threads", "rrp_mode", "interface",
-        "nodeid", "vsftype", "token_warning", "send_join", "max_network_delay",
+        "keyfile", "key", "clear_node_high_bit", "threads", "rrp_mode", "nodeid", "vsftype",
+        "token_warning", "send_join", "max_network_delay",
         "heartbeat_failures_allowed", "cancel_token_hold_on_retransmit", "block_unlisted_ips",
         "rrp_problem_count_timeout", "rrp_problem_count_threshold", "rrp_token_expired_timeout",
         "rrp_autorecovery_check_timeout",
     }),
-    ignored_prefixes=("knet_", "crypto_"),
+    ignored_prefixes=("crypto_",),
     ignored_checks={
         "version": frozenset({"2"}),
         "secauth": "bool",
         "crypto_cipher": frozenset({"none", "aes256", "aes192", "aes128"}),
         "crypto_hash": frozenset({"none", "md5", "sha1", "sha256", "sha384", "sha512"}),
         "ip_version": frozenset({"ipv4", "ipv6", "ipv4-6", "ipv6-4"}),
-        "link_mode": frozenset({"passive", "active", "rr"}),
     },
+    unknown_warning=lambda item: _unused_warning("totem", item),
+)
+
+# corosync's options of a link that pmxfs does not implement: kept, with a warning naming them
+_UNIMPLEMENTED_LINK_OPTIONS = frozenset({"ttl", "broadcast"})
+
+
+def _unused_warning(path: str, item: RawItem) -> str:
+    """The warning for an item pmxfs keeps but does not use; a knet option says it is one."""
+    name = item_name(item)
+    if name.startswith("knet_") or name in _UNIMPLEMENTED_LINK_OPTIONS:
+        return f"'{path}.{name}' is a corosync option pmxfs does not implement; it is kept and " \
+               "ignored"
+    kind = "key" if isinstance(item, RawEntry) else "section"
+    return f"unknown {kind} '{path}.{name}' is kept but not used by pmxfs"
+
+
+INTERFACE_SPEC = _Spec(
+    "totem.interface",
+    {
+        "linknumber": "int",
+        "ringnumber": "int",
+        "mcastaddr": "str",
+        "mcastport": "int",
+        "bindnetaddr": "str",
+        "knet_link_priority": "int",
+        "knet_ping_interval": "int",
+        "knet_ping_timeout": "int",
+        "knet_pong_count": "int",
+        "knet_transport": "str",
+    },
+    unknown_warning=lambda item: _unused_warning("totem.interface", item),
 )
 
 
 def _node_unknown(item: RawItem) -> str:
     name = item_name(item)
-    if re.fullmatch(r"ring[1-7]_addr", name):
-        return f"'nodelist.node.{name}' is kept but ignored: pmxfs runs a single ring (ring0_addr)"
+    if re.fullmatch(r"ring[0-9]+_addr", name):
+        return f"'nodelist.node.{name}' is kept but not used: link numbers are 0-7"
     kind = "key" if isinstance(item, RawEntry) else "section"
     return f"unknown {kind} 'nodelist.node.{name}' is kept but not used by pmxfs"
 
 
 _NODE_SPEC = _Spec(
     "nodelist.node",
-    {"name": "str", "nodeid": "int", "ring0_addr": "str", "quorum_votes": "int"},
+    {"name": "str", "nodeid": "int", "quorum_votes": "int", **{k: "str" for k in RING_ADDR_KEYS}},
     unknown_warning=_node_unknown,
 )
 

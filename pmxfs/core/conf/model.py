@@ -5,7 +5,12 @@
 kept as raw items (`extras`). Source positions, layout (`SectionMeta`), filename and warnings
 live in fields excluded from equality (`field(compare=False)`), so two configs are equal when
 their content is. A field left None is not set in the file: `ClusterConfig`'s properties,
-`default_mcastaddr`, `device_votes` and `totem_params` give the values that then apply.
+`default_mcastaddr`, `device_votes`, `totem_params`, `effective_transport`, `effective_link_mode`
+and `link_settings` give the values that then apply.
+
+Links (corosync 3 / knet): a node has up to MAX_LINKS addresses, `ring0_addr` .. `ring7_addr`
+(`NodeEntry.addrs`); link N's settings come from the `totem.interface {}` whose linknumber is N
+(`InterfaceSection`), else from corosync's defaults (`link_settings`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ DEFAULT_FILENAME = "corosync.conf"
 DEFAULT_PORT = 5405
 DEFAULT_QNETD_PORT = 5403
 DEFAULT_LMS_WINDOW_MS = 10000
+MAX_LINKS = 8  # knet: link numbers 0..7
+DEFAULT_LINK_PRIORITY = 1  # knet_link_priority
+DEFAULT_PONG_COUNT = 2  # knet_pong_count
+RING_ADDR_KEYS = tuple(f"ring{n}_addr" for n in range(MAX_LINKS))
+
+Transport: TypeAlias = Literal["knet", "udpu", "udp"]
+LinkMode: TypeAlias = Literal["passive", "active"]
 
 AtbNode: TypeAlias = "Literal['lowest', 'highest'] | tuple[int, ...]"
 
@@ -59,6 +71,31 @@ def key_pos(meta: SectionMeta, *keys: str) -> Pos | None:
 
 
 @dataclass(frozen=True)
+class InterfaceSection:
+    """`totem { interface {} }`: the settings of one link (None = not set, default applies)."""
+
+    linknumber: int | None = None
+    ringnumber: int | None = None  # corosync 2's name; taken as the link number without linknumber
+    mcastaddr: str | None = None  # transport udp only
+    mcastport: int | None = None
+    bindnetaddr: str | None = None
+    knet_link_priority: int | None = None
+    knet_ping_interval: int | None = None  # ms
+    knet_ping_timeout: int | None = None  # ms
+    knet_pong_count: int | None = None
+    knet_transport: str | None = None  # only udp
+    extras: tuple[RawItem, ...] = ()  # unknown or unused items, kept as written
+    meta: SectionMeta = field(default_factory=_meta, compare=False)
+
+    @property
+    def link(self) -> int:
+        """The link this section configures: linknumber, else ringnumber, else 0 (corosync)."""
+        if self.linknumber is not None:
+            return self.linknumber
+        return 0 if self.ringnumber is None else self.ringnumber
+
+
+@dataclass(frozen=True)
 class TotemSection:
     """`totem {}`: identity, transport and the timers (None = not set, default applies).
     Fields are the file's keys; the timers mean what `TotemParams` says."""
@@ -83,8 +120,14 @@ class TotemSection:
     window_size: int | None = None
     max_messages: int | None = None
     miss_count_const: int | None = None
+    link_mode: str | None = None  # passive | active | rr (knet)
+    interfaces: tuple[InterfaceSection, ...] = ()  # in file order
     extras: tuple[RawItem, ...] = ()  # unknown or unused items, kept as written
     meta: SectionMeta = field(default_factory=_meta, compare=False)
+
+    def interface(self, link: int) -> InterfaceSection | None:
+        """The (first) interface section of link number `link`."""
+        return next((i for i in self.interfaces if i.link == link), None)
 
 
 @dataclass(frozen=True)
@@ -95,8 +138,37 @@ class NodeEntry:
     nodeid: int | None = None
     ring0_addr: str | None = None
     quorum_votes: int | None = None
+    ring1_addr: str | None = None
+    ring2_addr: str | None = None
+    ring3_addr: str | None = None
+    ring4_addr: str | None = None
+    ring5_addr: str | None = None
+    ring6_addr: str | None = None
+    ring7_addr: str | None = None
     extras: tuple[RawItem, ...] = ()  # unknown or unused items, kept as written
     meta: SectionMeta = field(default_factory=_meta, compare=False)
+
+    @property
+    def addrs(self) -> tuple[tuple[int, str], ...]:
+        """(link number, ringX_addr as written) for every link the node has, by link number."""
+        out = []
+        for number, key in enumerate(RING_ADDR_KEYS):
+            value = getattr(self, key)
+            if value is not None:
+                out.append((number, value))
+        return tuple(out)
+
+    def addr(self, link: int) -> str | None:
+        """The node's address on link number `link` (ringX_addr as written), None without one."""
+        return dict(self.addrs).get(link)
+
+    @property
+    def node_name(self) -> str | None:
+        """The name pmxfs knows the node by: `name`, else (one link only, as Proxmox does)
+        `ring0_addr`."""
+        if self.name is not None or len(self.addrs) != 1:
+            return self.name
+        return self.ring0_addr
 
     @property
     def votes(self) -> int:
@@ -187,17 +259,22 @@ class ClusterConfig:
 
     @property
     def transport(self) -> str:
-        """The transport pmxfs runs: `udpu` unless the file says `udp`."""
+        """The transport line as the single-link (udpu/udp) runtime reads it: the file's value,
+        `udpu` without one. What actually runs is `effective_transport` (no line: knet)."""
         return self.totem.transport or "udpu"
 
     @property
     def mcastaddr(self) -> str:
-        """The multicast address for `udp` (explicit, or derived from the cluster name)."""
-        return self.totem.mcastaddr or default_mcastaddr(self.cluster_name)
+        """The multicast address for `udp`: totem.mcastaddr, else link 0's interface mcastaddr,
+        else derived from the cluster name."""
+        iface = self.totem.interface(0)
+        explicit = self.totem.mcastaddr or (iface.mcastaddr if iface is not None else None)
+        return explicit or default_mcastaddr(self.cluster_name)
 
     @property
     def port(self) -> int:
-        return DEFAULT_PORT if self.totem.port is None else self.totem.port
+        """Link 0's UDP port (the only one of udpu/udp): see `link_port`."""
+        return link_port(self, 0)
 
     @property
     def expected_votes(self) -> int:
@@ -210,15 +287,17 @@ class ClusterConfig:
         """The nodelist as complete records, sorted by node id (config must be valid)."""
         out = []
         for n in self.nodes:
-            if n.nodeid is None or n.name is None or n.ring0_addr is None:
+            name = n.node_name
+            if n.nodeid is None or name is None or n.ring0_addr is None:
                 raise ValueError("node_infos() needs a validated config (a node lacks "
                                  "nodeid, name or ring0_addr)")
-            out.append(NodeInfo(n.nodeid, n.name, n.ring0_addr, n.votes))
+            out.append(NodeInfo(n.nodeid, name, n.ring0_addr, n.votes))
         return tuple(sorted(out, key=lambda i: i.nodeid))
 
     def node_by_name(self, name: str) -> NodeEntry | None:
         for n in self.nodes:
-            if n.name is not None and n.name.lower() == name.lower():
+            own = n.node_name
+            if own is not None and own.lower() == name.lower():
                 return n
         return None
 
@@ -271,3 +350,65 @@ def totem_params(config: ClusterConfig) -> TotemParams:
         miss_count_const=t.miss_count_const,
         netmtu=t.netmtu,
     )
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """One knet link as it runs: its number, UDP port and health-check parameters."""
+
+    number: int  # 0..7
+    port: int  # UDP port of this link on every node
+    priority: int  # knet_link_priority: passive mode sends on the highest connected one
+    ping_interval_ms: int  # a ping to each peer this often
+    ping_timeout_ms: int  # no pong for this long: the link to that peer is down
+    pong_count: int  # this many pongs in a row: the link to that peer is up
+
+
+def effective_transport(config: ClusterConfig) -> Transport:
+    """The transport that runs: the file's `transport`, knet when there is no such line (as
+    corosync 3). Only meaningful for a validated config (knet, udpu or udp)."""
+    value = config.totem.transport
+    if value == "udpu":
+        return "udpu"
+    if value == "udp":
+        return "udp"
+    return "knet"
+
+
+def effective_link_mode(config: ClusterConfig) -> LinkMode:
+    """knet's link mode: passive (default) or active; `rr` runs as active (see validation)."""
+    return "passive" if config.totem.link_mode in (None, "passive") else "active"
+
+
+def link_numbers(config: ClusterConfig) -> tuple[int, ...]:
+    """Every link number a node has an address on, sorted (a valid config: the same on all)."""
+    return tuple(sorted({number for n in config.nodes for number, _ in n.addrs}))
+
+
+def link_port(config: ClusterConfig, link: int) -> int:
+    """Link `link`'s UDP port: its interface's mcastport, else totem.port (default 5405) + link."""
+    iface = config.totem.interface(link)
+    if iface is not None and iface.mcastport is not None:
+        return iface.mcastport
+    base = DEFAULT_PORT if config.totem.port is None else config.totem.port
+    return base + link
+
+
+def link_settings(config: ClusterConfig) -> tuple[LinkSettings, ...]:
+    """The settings of every link in use (`link_numbers`), by link number, as corosync derives
+    them: priority knet_link_priority (default 1); pong count knet_pong_count (default 2); ping
+    timeout knet_ping_timeout, else token / pong count; ping interval knet_ping_interval, else
+    token / (2 * pong count) -- token/2 and token/4 by default, `token` being the derived totem
+    token timeout (`totem_params`)."""
+    token = totem_params(config).token
+    out = []
+    for number in link_numbers(config):
+        iface = config.totem.interface(number) or InterfaceSection(linknumber=number)
+        pongs = iface.knet_pong_count or DEFAULT_PONG_COUNT
+        timeout = iface.knet_ping_timeout or max(1, token // pongs)
+        interval = iface.knet_ping_interval or max(1, token // (2 * pongs))
+        priority = (DEFAULT_LINK_PRIORITY if iface.knet_link_priority is None
+                    else iface.knet_link_priority)
+        out.append(LinkSettings(number, link_port(config, number), priority, interval, timeout,
+                                pongs))
+    return tuple(out)

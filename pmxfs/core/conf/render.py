@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from pmxfs.core.conf.build import QUORUM_VALUES, TOTEM_SPEC
+from pmxfs.core.conf.build import INTERFACE_SPEC, QUORUM_VALUES, TOTEM_SPEC
 from pmxfs.core.conf.model import (
+    RING_ADDR_KEYS,
     ClusterConfig,
     DeviceNetSection,
     DeviceSection,
+    InterfaceSection,
     NodeEntry,
     SectionMeta,
     TotemSection,
@@ -106,13 +108,20 @@ def _render_device(dev: DeviceSection) -> tuple[str, ...]:
     return _block("device", _section_lines(items, dev.meta))
 
 
+def _render_interface(iface: InterfaceSection) -> tuple[str, ...]:
+    items = _fields_items(iface, tuple(INTERFACE_SPEC.values)) + _extras_items(iface.extras)
+    return _block("interface", _section_lines(items, iface.meta))
+
+
 def _totem_items(t: TotemSection) -> list[_Item]:
     keys = [k for k in TOTEM_SPEC.values]
-    return _fields_items(t, keys) + _extras_items(t.extras)
+    interfaces = [_Item("interface", f"interface#{i}", _render_interface(iface))
+                  for i, iface in enumerate(t.interfaces)]
+    return _fields_items(t, keys) + interfaces + _extras_items(t.extras)
 
 
 def _node_lines(n: NodeEntry) -> tuple[str, ...]:
-    items = _fields_items(n, ("name", "nodeid", "quorum_votes", "ring0_addr"))
+    items = _fields_items(n, ("name", "nodeid", "quorum_votes", *RING_ADDR_KEYS))
     items += _extras_items(n.extras)
     return _block("node", _section_lines(items, n.meta))
 
