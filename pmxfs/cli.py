@@ -71,6 +71,8 @@ COMMANDS: tuple[tuple[str, str, str | None], ...] = (
     ("join-token", "print a one-time token for `pmxfs add`", "join_token"),
     ("add", "join this standalone node to a cluster (like pvecm add)", "add"),
     ("delnode", "remove a powered-off node from the cluster (like pvecm delnode)", "delnode"),
+    ("links", "each peer's links and which carries the traffic (like corosync-cfgtool -n)",
+     "links"),
     ("qdevice", "set up or remove a quorum device (like pvecm qdevice)", "qdevice"),
     ("qnetd", "the quorum device's arbiter, on a machine outside the cluster", "qnetd"),
     ("log", "add a message to the cluster log", "log"),

@@ -25,6 +25,7 @@ from pmxfs.commands import (
     expected,
     join_token,
     keygen,
+    links,
     log,
     nodes,
     qdevice,
@@ -32,7 +33,8 @@ from pmxfs.commands import (
     status,
 )
 
-COMMANDS = [(), ("daemon",), ("demo",), ("status",), ("nodes",), ("expected",), ("log",),
+COMMANDS = [(), ("daemon",), ("demo",), ("status",), ("nodes",), ("links",), ("expected",),
+            ("log",),
             ("create",), ("join-token",), ("add",), ("delnode",), ("qdevice",),
             ("qdevice", "setup"), ("qdevice", "remove"), ("qnetd",), ("qnetd", "init"),
             ("qnetd", "token"),
@@ -40,7 +42,7 @@ COMMANDS = [(), ("daemon",), ("demo",), ("status",), ("nodes",), ("expected",), 
             ("db", "dump"), ("db", "backup"), ("db", "restore"), ("debug",), ("debug", "cpg"),
             *(("debug", topic) for topic in debug.DEBUG_TOPICS)]
 MODULES = [add, cli, config_check, control, create, daemon, db, debug, debug_cpg, delnode, demo,
-           expected, join_token, keygen, log, nodes, qdevice, qnetd, status]
+           expected, join_token, keygen, links, log, nodes, qdevice, qnetd, status]
 DAEMON_DEFAULTS = ["/etc/pmxfs/corosync.conf", "/etc/pmxfs/authkey", "/etc/pve",
                    "/var/lib/pmxfs", "/run/pmxfs"]
 

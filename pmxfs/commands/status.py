@@ -17,8 +17,11 @@ from pmxfs.core.quorum import ClusterInfo, MemberInfo, QuorumStatus, render_stat
 from pmxfs.runtime.ipc_client import ControlError, request
 
 MEMBER_SHAPE: Shape = {"nodeid": int, "name": str, "votes": int, "local": bool}
+LINK_SHAPE: Shape = {"nodeid": int, "name": str, "link": int, "address": str, "connected": bool,
+                     "active": bool}
 STATUS_SHAPE: Shape = {
-    "cluster": {"name": str, "config_version": int, "transport": frozenset({"udpu", "udp"})},
+    "cluster": {"name": str, "config_version": int,
+                "transport": frozenset({"knet", "udpu", "udp"})},
     "node": {"name": str, "nodeid": int},
     "quorum": {"quorate": bool, "expected_votes": int, "highest_expected": int,
                "total_votes": int, "quorum": int, "flags": [str]},
@@ -27,8 +30,10 @@ STATUS_SHAPE: Shape = {
 }
 QDEVICE_SHAPE: Shape = {"host": str, "algorithm": frozenset({"ffsplit", "lms"}),
                         "connected": bool, "casting_vote": bool}
-# Keys present only while they have something to say.
-OPTIONAL_SHAPE: dict[str, Shape] = {"restart_needed": [str], "qdevice": QDEVICE_SHAPE}
+# Keys present only while they have something to say; "links" (one entry per peer and link,
+# as `pmxfs links`) is always sent by this daemon, optional for the answers of older ones.
+OPTIONAL_SHAPE: dict[str, Shape] = {"restart_needed": [str], "qdevice": QDEVICE_SHAPE,
+                                    "links": [LINK_SHAPE]}
 
 
 def configure(status: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ connection's peer is identified with SO_PEERCRED (pid, uid, gid):
 
 * uid 0 (or the daemon's own uid) may do everything;
 * a peer whose gid, or one of whose supplementary groups (the `Groups:` line of
-  /proc/<pid>/status), is www-data may only read: `status`, `nodes` and the `debug` topics
-  other than `verify`. It sees what the mount shows it and no more: the mount gives private
+  /proc/<pid>/status), is www-data may only read: `status`, `nodes`, `links` and the `debug`
+  topics other than `verify`. It sees what the mount shows it and no more: the mount gives private
   directories (`priv/`, `nodes/<node>/priv/`) no group permissions, so www-data cannot list
   them, and `debug tree` leaves out every entry inside one too (the other topics carry counters,
   node names and checksums, no file names);
@@ -31,14 +31,16 @@ string "cmd" is answered with an error when possible, counted (`ControlCounters`
 connection is closed; nothing a client sends stops the server. A request with a known frame but
 an unknown command or bad arguments gets an error answer and the connection stays usable.
 
-Commands: "status" -> `node.status()`; "nodes" -> `node.nodes()`; "expected" {"votes": N} ->
-{"expected_votes": N} or the refusal's reason as error; "log" {"priority", "tag", "user", "pid",
-"msg"} -> None; "debug" {"topic"} -> `node.debug(topic)`. The cluster's life (root only, each
-argument present, null where optional; `LifecycleControl`): "create" {"cluster_name", "link0",
-"nodeid", "votes", "port"}, "join-token" {"ttl"}, "add" {"host", "token", "link0", "nodeid",
-"votes", "force"}, "delnode" {"name"}; a refusal is the error answer. The quorum device (root
-only; `QdeviceControl`, runtime/qdevice_setup.py): "qdevice-setup" {"address", "token",
-"algorithm", "tie_breaker", "force"} (algorithm null: pvecm's choice), "qdevice-remove" {}.
+Commands: "status" -> `node.status()`; "nodes" -> `node.nodes()`; "links" -> {"links": the
+"links" list of `node.status()`} (one entry per peer and link, `pmxfs links`); "expected"
+{"votes": N} -> {"expected_votes": N} or the refusal's reason as error; "log" {"priority",
+"tag", "user", "pid", "msg"} -> None; "debug" {"topic"} -> `node.debug(topic)`. The cluster's
+life (root only, each argument present, null where optional; `LifecycleControl`): "create"
+{"cluster_name", "link0", "nodeid", "votes", "port"}, "join-token" {"ttl"}, "add" {"host",
+"token", "link0", "nodeid", "votes", "force"}, "delnode" {"name"}; a refusal is the error
+answer. The quorum device (root only; `QdeviceControl`, runtime/qdevice_setup.py):
+"qdevice-setup" {"address", "token", "algorithm", "tie_breaker", "force"} (algorithm null:
+pvecm's choice), "qdevice-remove" {}.
 
 The client, `request(path, cmd, **args)`, is blocking (the CLI has no event loop): one connection
 per request, `TIMEOUT_S` for an answer (`EXPECTED_TIMEOUT_S` for "expected", which waits for the
@@ -313,6 +315,9 @@ class _Server:
         if cmd == "nodes":
             _expect_args(cmd, args)
             return self.node.nodes()
+        if cmd == "links":
+            _expect_args(cmd, args)
+            return {"links": self.node.status().get("links", [])}
         if cmd == "debug":
             _expect_args(cmd, args, "topic")
             topic = _arg(args, "topic", str)
