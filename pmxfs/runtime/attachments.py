@@ -4,8 +4,11 @@ describes (`replica_node.Attachment`). The daemon builds one at start; `pmxfs cr
 
 A standalone node (no corosync.conf yet, or `--local`) is a one-node cluster of this host on an
 in-process transport: always quorate, no network. A cluster attachment takes the node's ring seq
-file and a new boot id (both per node id in the data directory), the authkey, and opens the UDP
-transport on the config's addresses.
+file and a new boot id (both per node id in the data directory), the authkey, and opens the
+cluster network the config's transport names (`conf.effective_transport`): knet (also when the
+transport line is missing, as in corosync 3) opens `KnetTransport` on every link of the nodelist,
+host names resolved here; udpu and udp open `UdpTransport` on the ring0 addresses. A name that
+does not resolve or an address that cannot be bound is one line (`AttachmentError`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pmxfs.core import conf
 from pmxfs.core.errors import LocalError
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
 from pmxfs.runtime.frame_crypto import FrameCrypto
+from pmxfs.runtime.knet_transport import KnetTransport, link_mode, link_specs
 from pmxfs.runtime.memory_transport import MemoryHub
 from pmxfs.runtime.replica_node import Attachment
 from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
@@ -65,11 +69,17 @@ async def cluster_member(config: conf.ClusterConfig, node_id: int, *, config_pat
     infos = config.node_infos()
     crypto = FrameCrypto(authkey, config.cluster_name, node_id, [i.nodeid for i in infos],
                          boot_id=boot_id)
+    kind = conf.effective_transport(config)
+    transport: KnetTransport | UdpTransport
     try:
-        transport = await UdpTransport.open(
-            node_id=node_id, addresses={i.nodeid: i.addr for i in infos}, port=config.port,
-            mode=config.transport,
-            mcastaddr=config.mcastaddr if config.transport == "udp" else None, crypto=crypto)
+        if kind == "knet":
+            transport = await KnetTransport.open(node_id=node_id, links=link_specs(config),
+                                                 mode=link_mode(config), crypto=crypto)
+        else:
+            transport = await UdpTransport.open(
+                node_id=node_id, addresses={i.nodeid: i.addr for i in infos}, port=config.port,
+                mode=kind, mcastaddr=config.mcastaddr if kind == "udp" else None,
+                crypto=crypto)
     except (OSError, ValueError) as exc:
         raise AttachmentError(f"cannot open the cluster network: {exc}") from None
     return Attachment(node_id=node_id, config=config, config_path=config_path,

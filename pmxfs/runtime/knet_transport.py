@@ -143,7 +143,7 @@ def link_specs(config: conf.ClusterConfig) -> tuple[LinkSpec, ...]:
     for s in conf.link_settings(config):
         addresses = {}
         for node in config.nodes:
-            addr = dict(node.addrs).get(s.number)
+            addr = node.addr(s.number)
             if node.nodeid is not None and addr is not None:
                 addresses[node.nodeid] = addr
         specs.append(LinkSpec(number=s.number, port=s.port, priority=s.priority,
@@ -155,7 +155,7 @@ def link_specs(config: conf.ClusterConfig) -> tuple[LinkSpec, ...]:
 
 def link_mode(config: conf.ClusterConfig) -> LinkMode:
     """`totem.link_mode`: `active` (and `rr`, which pmxfs runs as active) or `passive`."""
-    return "active" if config.totem.link_mode in ("active", "rr") else "passive"
+    return conf.effective_link_mode(config)
 
 
 @dataclass

@@ -19,6 +19,14 @@ the outputs are carried out in their order:
   transport takes the new nodelist's addresses and crypto peers (the replica has already handed
   the node set and timers to totem). What cannot change while running (this node's own address,
   and what `conf.validate_update` sorts as needing a restart) is logged and listed in `status`.
+  With knet the transport takes the new links whole (`KnetTransport.set_links`: links added or
+  removed, other addresses -- this node's too --, ports, priorities, timers).
+
+Links. `status` and the control command `links` list one entry per peer and link (`links()`):
+with knet the transport's link health; with udpu and udp the one link 0, connected while the
+peer is in this node's ring. A knet link going down or up is one line in the daemon log and one
+in the cluster log, written by `_report_links` (the transport tells it from its receive path,
+where nothing may wait).
 
 Attachments. What the node runs as -- its node id and config, the local corosync.conf it keeps in
 step (none: standalone), its transport and ring seq store -- is an `Attachment`. `attach()`
@@ -64,11 +72,12 @@ from typing import Any, NoReturn
 
 import trio
 
-from pmxfs.core.conf import ClusterConfig, totem_params, validate_update
+from pmxfs.core.conf import ClusterConfig, effective_transport, totem_params, validate_update
 from pmxfs.core.conf import check as check_config
 from pmxfs.core.entry import guest_config
 from pmxfs.core.errors import LocalError
 from pmxfs.core.fsop import FsOp, Mkdir, Rename, WriteFile, op_paths
+from pmxfs.core.link_health import LinkEvent
 from pmxfs.core.memdb import COROSYNC_CONF, MemDB
 from pmxfs.core.persist import Persist
 from pmxfs.core.qdevice_settings import device_settings
@@ -100,6 +109,7 @@ from pmxfs.core.wire import RingId
 from pmxfs.runtime.core_loop import CoreLoop, FrameTransport
 from pmxfs.runtime.database import Database
 from pmxfs.runtime.durable_file import write_file
+from pmxfs.runtime.knet_transport import KnetTransport, link_mode, link_specs
 from pmxfs.runtime.node_api import Invalidator
 from pmxfs.runtime.persister import Persister
 from pmxfs.runtime.ring_seq import RingSeqStore
@@ -252,7 +262,12 @@ class ReplicaNode:
                                     functools.partial(self._persisted, self._generation))
         self._joined = {}
         self._wanted_addresses: dict[int, str] = {}
+        self._wanted_links: ClusterConfig | None = None  # knet: the config whose links to take
         self._addresses_changed = trio.Event()  # set when _wanted_addresses is news
+        self._link_events: list[LinkEvent] = []
+        self._link_news = trio.Event()  # set when _link_events has some
+        if isinstance(self.transport, KnetTransport):
+            self.transport.set_link_listener(self._on_link_event)
         loaded = self.database.load()
         self.replica = Replica(
             self.node_id, self.config, params, 0, incarnation=attachment.incarnation,
@@ -393,7 +408,7 @@ class ReplicaNode:
         return {
             "cluster": {"name": self.config.cluster_name,
                         "config_version": self.config.config_version,
-                        "transport": self.config.transport},
+                        "transport": effective_transport(self.config)},
             "node": {"name": self._name, "nodeid": self.node_id},
             "quorum": {"quorate": q.quorate, "expected_votes": q.expected_votes,
                        "highest_expected": q.highest_expected, "total_votes": q.total_votes,
@@ -405,10 +420,26 @@ class ReplicaNode:
                             for m in now.members],
             },
             "fs": {"synced": now.synced, "version": self.memdb.version},
+            "links": self.links(),
         } | ({"restart_needed": list(self.restart_needed)} if self.restart_needed else {}) | (
             {} if device is None else {"qdevice": {
                 "host": device.address, "algorithm": device.algorithm,
                 "connected": self._qdevice_alive, "casting_vote": casting}})
+
+    def links(self) -> list[dict[str, Any]]:
+        """One entry per peer and link (module header): nodeid, name, link, address,
+        connected, active."""
+        names = self._names()
+        if isinstance(self.transport, KnetTransport):
+            return [{"nodeid": s.peer, "name": names.get(s.peer, str(s.peer)), "link": s.link,
+                     "address": s.address, "connected": s.connected, "active": s.active}
+                    for s in self.transport.links_status()]
+        if self.standalone:
+            return []
+        ring = set(self.replica.status().members)
+        return [{"nodeid": i.nodeid, "name": i.name, "link": 0, "address": i.addr,
+                 "connected": i.nodeid in ring, "active": i.nodeid in ring}
+                for i in self.infos if i.nodeid != self.node_id]
 
     def nodes(self) -> list[dict[str, Any]]:
         online = set(self.replica.status().members)
@@ -497,6 +528,7 @@ class ReplicaNode:
                                    self.replica.digest)
                 nursery.start_soon(self._first_start_setup)
                 nursery.start_soon(self._apply_addresses)
+                nursery.start_soon(self._report_links)
                 await self._session_over.wait()
                 nursery.cancel_scope.cancel()
         except* NodeStopped:
@@ -704,17 +736,22 @@ class ReplicaNode:
             return
         addresses = {i.nodeid: i.addr for i in self.infos}
         mine = {i.nodeid: i.addr for i in old.node_infos()}.get(self.node_id)
-        self._note_restart_needed(old, config, mine, addresses.get(self.node_id))
-        if mine is not None:  # this node's own address changes only with a restart
+        knet = isinstance(self.transport, KnetTransport)
+        self._note_restart_needed(old, config, mine, addresses.get(self.node_id),
+                                  own_address_fixed=not knet)
+        if knet and self.node_id in addresses:
+            self._wanted_links = config
+            self._addresses_changed.set()
+        elif not knet and mine is not None:  # this node's own address changes only with a restart
             self._wanted_addresses = {**addresses, self.node_id: mine}
             self._addresses_changed.set()
 
     def _note_restart_needed(self, old: ClusterConfig, new: ClusterConfig, mine_old: str | None,
-                             mine_new: str | None) -> None:
+                             mine_new: str | None, *, own_address_fixed: bool) -> None:
         needs = [c.description for c in validate_update(old, new).restart_changes]
         if mine_new is None:
             needs.append(f"this node ({self._name}) is no longer in the nodelist")
-        elif mine_old != mine_new:
+        elif own_address_fixed and mine_old != mine_new:
             needs.append(f"this node's address {mine_old} -> {mine_new}")
         for reason in needs:
             if reason not in self.restart_needed:
@@ -723,11 +760,15 @@ class ReplicaNode:
                 self.restart_needed.append(reason)
 
     async def _apply_addresses(self) -> None:
-        """Hand the transport the newest nodelist's addresses, one change at a time: the last
-        config taken wins even when its addresses resolve faster than an earlier one's."""
+        """Hand the transport the newest nodelist's addresses (knet: its links), one change at a
+        time: the last config taken wins even when its addresses resolve faster than an earlier
+        one's."""
         while True:
             await self._addresses_changed.wait()
             self._addresses_changed = trio.Event()
+            if isinstance(self.transport, KnetTransport) and self._wanted_links is not None:
+                await self._apply_links(self.transport, self._wanted_links)
+                continue
             wanted = self._wanted_addresses
             try:
                 await self.transport.set_addresses(wanted)
@@ -736,6 +777,40 @@ class ReplicaNode:
                 continue
             log.info("transport: nodelist now %s", ", ".join(
                 f"{nid}={addr}" for nid, addr in sorted(wanted.items())))
+
+    @staticmethod
+    async def _apply_links(transport: KnetTransport, config: ClusterConfig) -> None:
+        try:
+            specs = link_specs(config)
+            await transport.set_links(specs, link_mode(config))
+        except (OSError, ValueError) as exc:
+            log.error("cannot take the new corosync.conf's links: %s", exc)
+            return
+        log.info("transport: links now %s", "; ".join(
+            f"link {s.number} port {s.port}: " + ", ".join(
+                f"{nid}={addr}" for nid, addr in sorted(s.addresses.items())) for s in specs))
+
+    def _on_link_event(self, event: LinkEvent) -> None:
+        """From the transport's receive path: queued for `_report_links` (never waits)."""
+        self._link_events.append(event)
+        self._link_news.set()
+
+    async def _report_links(self) -> None:
+        """Each link going down or up: a line in the daemon log and in the cluster log."""
+        while True:
+            await self._link_news.wait()
+            self._link_news = trio.Event()
+            events, self._link_events = self._link_events, []
+            for event in events:
+                name = self._names().get(event.peer, str(event.peer))
+                message = (f"link {event.link} to node {name} (nodeid {event.peer}) is "
+                           f"{'up' if event.up else 'down'}")
+                if event.up:
+                    log.info("%s", message)
+                else:
+                    log.warning("%s", message)
+                await self.log(priority=6 if event.up else 4, tag="pmxfs", user="root",
+                               pid=os.getpid(), msg=message)
 
     def _write_local_config(self, text: str) -> None:
         if self.config_path is None:
