@@ -10,13 +10,20 @@ import random
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 
+from pmxfs.commands.status import check_status_shape
+from pmxfs.core import conf
+from pmxfs.core.fsop import WriteFile
 from pmxfs.core.link_health import LinkMode
+from pmxfs.runtime import attachments
+from pmxfs.runtime.database import Database
 from pmxfs.runtime.frame_crypto import FrameCrypto
 from pmxfs.runtime.knet_transport import _BEAT, PONG, KnetTransport, LinkSpec, LinkStatus
+from pmxfs.runtime.replica_node import ReplicaNode
 from pmxfs.runtime.transport import TransportError
 
 KEY = bytes(range(256))
@@ -248,3 +255,142 @@ async def test_inconsistent_links_are_refused() -> None:
                                  crypto=crypto(1, nodes))
     with pytest.raises(ValueError, match="not in the address map"):
         await KnetTransport.open(node_id=3, links=links, mode="passive", crypto=crypto(3, nodes))
+
+
+# ---------------------------------------------------------------------------- two real nodes
+
+NODE_CONFIG = """totem {
+  version: 2
+  cluster_name: lab
+  config_version: 1
+  token: 3000
+  interface {
+    linknumber: 0
+    mcastport: %(port0)d
+    knet_ping_interval: 50
+    knet_ping_timeout: 250
+  }
+  interface {
+    linknumber: 1
+    mcastport: %(port1)d
+    knet_ping_interval: 50
+    knet_ping_timeout: 250
+  }
+}
+nodelist {
+  node {
+    name: node1
+    nodeid: 1
+    ring0_addr: 127.0.1.1
+    ring1_addr: 127.0.2.1
+  }
+  node {
+    name: node2
+    nodeid: 2
+    ring0_addr: 127.0.1.2
+    ring1_addr: 127.0.2.2
+  }
+}
+quorum {
+  provider: corosync_votequorum
+  two_node: 1
+}
+"""
+
+
+async def node_pair(tmp_path: Path, nursery: trio.Nursery) -> dict[int, ReplicaNode]:
+    """Two nodes of a two-link knet cluster (no transport line: knet), on free ports."""
+    rng = random.Random()
+    for _attempt in range(30):
+        port = rng.randrange(20000, 32000, 2)
+        text = NODE_CONFIG % {"port0": port, "port1": port + 1}
+        config = conf.parse(text)
+        nodes: dict[int, ReplicaNode] = {}
+        try:
+            for nid in (1, 2):
+                home = tmp_path / f"{port}-node{nid}"
+                home.mkdir()
+                (home / "corosync.conf").write_text(text)
+                attachment = await attachments.cluster_member(
+                    config, nid, config_path=home / "corosync.conf", authkey=KEY,
+                    data_dir=home)
+                nodes[nid] = ReplicaNode(
+                    node_id=nid, config=config, config_path=attachment.config_path,
+                    params=conf.totem_params(config), transport=attachment.transport,
+                    database=Database.open(home), ring_seq_store=attachment.ring_seq_store,
+                    incarnation=attachment.incarnation, data_dir=home)
+        except attachments.AttachmentError as exc:
+            for node in nodes.values():
+                node.transport.close()
+                node.database.close()
+            if "in use" in str(exc):
+                continue
+            raise
+        for node in nodes.values():
+            nursery.start_soon(node.run)
+        return nodes
+    pytest.fail("no free ports found in 30 attempts")
+
+
+def settled(nodes: dict[int, ReplicaNode]) -> bool:
+    return all(n.quorate() and n.replica.synced() and len(n.replica.members) == 2
+               and n.memdb.lookup(f"nodes/{n.node_name}/priv") is not None
+               for n in nodes.values())
+
+
+def knet(node: ReplicaNode) -> KnetTransport:
+    assert isinstance(node.transport, KnetTransport)
+    return node.transport
+
+
+def link_entry(node: ReplicaNode, link: int) -> dict[str, object]:
+    return next(e for e in node.status()["links"] if e["link"] == link)
+
+
+def clusterlog(node: ReplicaNode) -> list[str]:
+    return [e.msg for e in node.replica.status().recent_log]
+
+
+async def test_two_nodes_keep_their_ring_when_link_0_is_cut(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        nodes = await node_pair(tmp_path, nursery)
+        one, two = nodes[1], nodes[2]
+        try:
+            await wait_for(lambda: settled(nodes), "a synced two-node ring", 30)
+            await wait_for(lambda: all(e["connected"] for n in nodes.values()
+                                       for e in n.status()["links"]), "both links up")
+            status = one.status()
+            assert status["cluster"]["transport"] == "knet"
+            assert check_status_shape(status) == []
+            assert status["links"] == [
+                {"nodeid": 2, "name": "node2", "link": 0, "address": "127.0.1.2",
+                 "connected": True, "active": True},
+                {"nodeid": 2, "name": "node2", "link": 1, "address": "127.0.2.2",
+                 "connected": True, "active": False}]
+            ring = one.replica.ring
+            for node in nodes.values():
+                knet(node).block_link(0)
+            with trio.fail_after(10):
+                for i in range(10):
+                    reply = await one.write(WriteFile(f"during{i}", b"x", 1, create=True))
+                    assert reply.errno == 0
+            await wait_for(lambda: link_entry(one, 1)["active"]
+                           and not link_entry(one, 0)["connected"], "traffic on link 1")
+            await wait_for(lambda: "link 0 to node node2 (nodeid 2) is down" in clusterlog(two)
+                           and "link 0 to node node1 (nodeid 1) is down" in clusterlog(one),
+                           "the link-down lines in the cluster log")
+            assert knet(one).counters["link1_sent"] > 0
+            for node in nodes.values():
+                knet(node).block_link(0, False)
+            await wait_for(lambda: link_entry(one, 0)["active"], "traffic back on link 0")
+            with trio.fail_after(10):
+                assert (await two.write(WriteFile("after", b"y", 1, create=True))).errno == 0
+            assert one.replica.ring == ring
+            assert two.replica.ring == ring
+            down = [m for m in clusterlog(one) if m.startswith("link 0 to node node2")]
+            assert down.count("link 0 to node node2 (nodeid 2) is down") == 1
+        finally:
+            nursery.cancel_scope.cancel()
+    for node in nodes.values():
+        node.transport.close()
+        node.database.close()
