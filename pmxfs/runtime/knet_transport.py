@@ -241,6 +241,8 @@ class KnetTransport:
             self._link_counters(number)
         self._epoch = trio.current_time()
         self._due: int | None = health.next_deadline()
+        self._routes: dict[int, tuple[int, ...]] = {}
+        self._find_routes()
 
     # ------------------------------------------------------------------ setup
 
@@ -291,6 +293,7 @@ class KnetTransport:
         self.mode = mode
         self.crypto.set_nodes(nodes)
         self._health.reconfigure(self._now(), self._others, [s.health() for s in links], mode)
+        self._find_routes()
         self._after_health()
 
     async def set_addresses(self, addresses: Mapping[int, str]) -> None:
@@ -355,7 +358,7 @@ class KnetTransport:
             return
         frame = self.crypto.seal(DATA + payload, EVERY_NODE if to is None else to)
         for peer in (self._others if to is None else (to,)):
-            for number in self._health.routes(peer):
+            for number in self._routes.get(peer, ()):
                 link = self._links.get(number)
                 if link is not None and self._sendto(link, frame, peer):
                     self._counters[link.sent] += 1
@@ -530,9 +533,16 @@ class KnetTransport:
                 self._counters[PINGS_SENT] += 1
         self._after_health()
 
+    def _find_routes(self) -> None:
+        """Each peer's route, kept until the link health changes (not asked per frame)."""
+        self._routes = {peer: self._health.routes(peer) for peer in self._others}
+
     def _after_health(self) -> None:
         self._due = self._health.next_deadline()
-        for event in self._health.events():
+        events = self._health.events()
+        if events:
+            self._find_routes()
+        for event in events:
             if self._listener is not None:
                 self._listener(event)
             else:
