@@ -250,10 +250,10 @@ def _ipv6_nodes() -> list[str]:
 
 VALIDATION_ROWS: list[tuple[str, str, str, str]] = [
     # (name, source, marker of the offending line, reason)
-    ("knet is refused", text(totem="transport: knet"), "transport: knet",
-     "totem.transport: knet is not supported by pmxfs (use udpu, the default, or udp)"),
     ("unknown transport", text(totem="transport: tcp"), "transport: tcp",
-     "totem.transport: unknown transport 'tcp' (use udpu or udp)"),
+     "totem.transport: unknown transport 'tcp' (use knet, the default, udpu or udp)"),
+    ("link number 8", text(nodes=[node(1, extra="ring8_addr: 10.1.0.1")]), "ring8_addr",
+     "node pve1: ring8_addr: link number 8 is above the maximum 7"),
     ("cluster_name required", text().replace("  cluster_name: lab\n", ""), "totem {",
      "totem.cluster_name is required"),
     ("cluster_name well-formed", text().replace("cluster_name: lab", "cluster_name: my lab"),
@@ -289,7 +289,7 @@ VALIDATION_ROWS: list[tuple[str, str, str, str]] = [
      "node pve2: ring0_addr 10.0.0.1 is already used by node pve1 (line 7)"),
     ("addresses of one family", text(nodes=[node(1), node(2, addr="fd00::2")]), "fd00::2",
      "node pve2: ring0_addr fd00::2 is IPv6 but node pve1 (line 7) uses IPv4; all node "
-     "addresses must be of one family"),
+     "addresses of link 0 must be of one family"),
     ("address not unspecified", text(nodes=[node(1, addr="0.0.0.0")]), "0.0.0.0",
      "node pve1: ring0_addr 0.0.0.0 cannot be a node address (unspecified or multicast)"),
     ("address not multicast", text(nodes=[node(1, addr="239.1.1.1")]), "239.1.1.1",
@@ -403,12 +403,12 @@ def test_validation_rules(source: str, marker: str, reason: str) -> None:
 
 
 def test_validation_collects_every_error() -> None:
-    source = text(totem="transport: knet\ntoken: 10",
+    source = text(totem="transport: tcp\ntoken: 10",
                   nodes=[node(1), node(1, name="pve_2", addr="10.0.0.1")],
                   quorum="two_node: 1\nexpected_votes: 0")
     result = conf.check(source)
     assert [e.reason for e in result.errors] == [
-        "totem.transport: knet is not supported by pmxfs (use udpu, the default, or udp)",
+        "totem.transport: unknown transport 'tcp' (use knet, the default, udpu or udp)",
         "totem.token: 10 ms is below the minimum of 30 ms",
         "node pve_2: name 'pve_2' is not a valid host name",
         "node pve_2: nodeid 1 is already used by node pve1 (line 9)",
@@ -419,11 +419,11 @@ def test_validation_collects_every_error() -> None:
 
 
 def test_validate_returns_errors_for_a_parsed_config() -> None:
-    config = conf.parse(text(totem="transport: knet"))
+    config = conf.parse(text(totem="transport: tcp"))
     errors = conf.validate(config)
     assert [str(e) for e in errors] == [
-        "corosync.conf:4:3: totem.transport: knet is not supported by pmxfs (use udpu, the "
-        "default, or udp)"]
+        "corosync.conf:4:3: totem.transport: unknown transport 'tcp' (use knet, the default, "
+        "udpu or udp)"]
     assert conf.validate(conf.parse(text())) == []
 
 
@@ -443,8 +443,6 @@ WARNING_ROWS = [
      "unknown key 'totem.frobnicate' is kept but not used by pmxfs"),
     ("unknown node key", text(nodes=[node(1, extra="weight: 3")]), "weight",
      "unknown key 'nodelist.node.weight' is kept but not used by pmxfs"),
-    ("link number 8", text(nodes=[node(1, extra="ring8_addr: 10.1.0.1")]), "ring8_addr",
-     "'nodelist.node.ring8_addr' is kept but not used: link numbers are 0-7"),
     ("unknown top-level section", text(top="system {\n  qb_ipc_type: native\n}\n"), "system {",
      "unknown top-level section 'system' is kept but not used by pmxfs"),
     ("node outside the nodelist", text(top="node {\n  nodeid: 9\n}\n"), "node {@@4",
@@ -454,8 +452,10 @@ WARNING_ROWS = [
      "unknown key 'nodelist.colour' is kept but not used by pmxfs"),
     ("allow_downscale", text(quorum="allow_downscale: 1"), "allow_downscale",
      "'quorum.allow_downscale' is not supported by pmxfs and is ignored"),
-    ("mcastaddr with udpu", text(totem="mcastaddr: 239.192.1.1"), "mcastaddr",
+    ("mcastaddr with udpu", text(totem="transport: udpu\nmcastaddr: 239.192.1.1"), "mcastaddr",
      "totem.mcastaddr is ignored with transport udpu"),
+    ("mcastaddr with knet", text(totem="mcastaddr: 239.192.1.1"), "mcastaddr",
+     "totem.mcastaddr is ignored with transport knet"),
     ("config_version missing", text(version=None), "totem {",
      "totem.config_version is not set (taken as 0); an update must set a greater one"),
     ("auto_tie_breaker odd votes", text(quorum="auto_tie_breaker: 1"), "auto_tie_breaker",
@@ -606,7 +606,7 @@ UPDATE_REFUSALS = [
      "cluster_name", "totem.cluster_name cannot change on a running cluster (current 'lab', "
                      "new 'prod')"),
     ("transport changes", text(version=4, totem="transport: udp"), "transport",
-     "totem.transport cannot change on a running cluster (current udpu, new udp)"),
+     "totem.transport cannot change on a running cluster (current knet, new udp)"),
 ]
 
 
@@ -626,7 +626,7 @@ def test_update_refusals(source: str, marker: str, reason: str) -> None:
 UPDATE_CHANGES: list[tuple[str, str, list[str], list[str]]] = [
     # (name, new text, run-time change keys, restart change keys)
     ("only the version", text(version=4), [], []),
-    ("explicit udpu is the same transport", text(version=4, totem="transport: udpu"), [], []),
+    ("explicit knet is the same transport", text(version=4, totem="transport: knet"), [], []),
     ("node added", text(version=4, nodes=[node(1), node(2), node(3), node(4)]),
      ["nodelist.4"], []),
     ("node removed", text(version=4, nodes=[node(1), node(2)]), ["nodelist.3"], []),
@@ -678,7 +678,7 @@ def test_check_with_current() -> None:
     assert result.update is not None
     assert [c.description for c in result.update.changes] == [
         "nodelist: node 4 (pve4) added"]
-    invalid = conf.check(text(version=4, totem="transport: knet"), "new", current)
+    invalid = conf.check(text(version=4, totem="transport: tcp"), "new", current)
     assert not invalid.ok
     assert invalid.update is None
 

@@ -54,10 +54,18 @@ totem {
 }
 """
 
-INVALID = (VALID.replace("  version: 2\n", "  version: 2\n  transport: knet\n")
+INVALID = (VALID.replace("  version: 2\n", "  version: 2\n  transport: tcp\n")
            .replace("nodeid: 3", "nodeid: 2")
            .replace("    quorum_votes: 1\n    ring0_addr: 10.0.0.1",
                     "    quorum_votes: x\n    ring0_addr: 10.0.0.1"))
+
+LINK_LINES = [
+    "transport knet, 1 link, link_mode passive",
+    "link 0: port 5405, priority 1, ping every 912 ms, down after 1825 ms without a pong, up "
+    "after 2 pongs",
+    "pmxfs always encrypts and authenticates cluster traffic with the cluster's authkey; secauth "
+    "and crypto_* are accepted and not used",
+]
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> str:
@@ -80,7 +88,7 @@ def test_valid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, path)
     assert code == 0
     assert out == [f"{path}: ok: cluster lab, config_version 3, 3 nodes, expected votes 3, "
-                   "token 3650 ms, consensus 4380 ms"]
+                   "token 3650 ms, consensus 4380 ms", *LINK_LINES]
     assert err == []
 
 
@@ -109,7 +117,7 @@ def test_invalid_file_lists_every_error(tmp_path: Path,
     assert code == 1
     assert err == [
         f"{path}:21:5: node pve3: nodeid 2 is already used by node pve2 (line 13)",
-        f"{path}:41:3: totem.transport: knet is not supported by pmxfs (use udpu, the default, "
+        f"{path}:41:3: totem.transport: unknown transport 'tcp' (use knet, the default, udpu "
         "or udp)",
     ]
 
@@ -118,7 +126,7 @@ def test_warnings_go_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str
     path = write(tmp_path, "c.conf", VALID.replace("  version: 2\n", "  version: 2\n  foo: 1\n"))
     code, out, err = run(capsys, path)
     assert code == 0
-    assert len(out) == 1
+    assert len(out) == 1 + len(LINK_LINES)
     assert err == [f"{path}:41:3: warning: unknown key 'totem.foo' is kept but not used by pmxfs"]
 
 
@@ -133,7 +141,10 @@ def test_against_current(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert code == 0, err
     assert out == [f"{new}: ok: cluster lab, config_version 4, 3 nodes, expected votes 3, "
                    "token 5650 ms, consensus 6780 ms; update from config_version 3: run time: "
-                   "totem.token, nodelist.3.ring0_addr; needs restart: nodelist.3.name"]
+                   "totem.token, nodelist.3.ring0_addr; needs restart: nodelist.3.name",
+                   "transport knet, 1 link, link_mode passive",
+                   "link 0: port 5405, priority 1, ping every 1412 ms, down after 2825 ms without "
+                   "a pong, up after 2 pongs", LINK_LINES[2]]
 
 
 def test_against_refuses_an_old_version(tmp_path: Path,
@@ -236,10 +247,11 @@ PMXFS = Path(sys.executable).parent / "pmxfs"
     ("name", "content", "code", "stdout", "stderr"),
     [
         ("valid", VALID, 0, "{path}: ok: cluster lab, config_version 3, 3 nodes, expected votes "
-                            "3, token 3650 ms, consensus 4380 ms\n", ""),
-        ("invalid", VALID.replace("  version: 2\n", "  version: 2\n  transport: knet\n"), 1, "",
-         "{path}:41:3: totem.transport: knet is not supported by pmxfs (use udpu, the default, "
-         "or udp)\n"),
+                            "3, token 3650 ms, consensus 4380 ms\n" + "\n".join(LINK_LINES) + "\n",
+         ""),
+        ("invalid", VALID.replace("  version: 2\n", "  version: 2\n  transport: tcp\n"), 1, "",
+         "{path}:41:3: totem.transport: unknown transport 'tcp' (use knet, the default, udpu or "
+         "udp)\n"),
         ("binary", b"\x7fELF\x02\x01\x01\x00\x00\x00", 1, "",
          "{path}:1:8: binary data (NUL byte): not a text file\n"),
         ("missing", None, 2, "", "pmxfs: cannot read {path}: No such file or directory\n"),

@@ -20,13 +20,19 @@ How it works
 Two configs are equal when their content is: source positions, layout and warnings are not part
 of equality (see `model`).
 
+Links: `totem.transport` missing means knet, as in corosync 3 (`effective_transport`; the
+`ClusterConfig.transport` property keeps reading `udpu` there for the single-link runtime).
+knet has up to 8 links (`NodeEntry.addrs`, `totem.interface {}`), whose settings
+`link_settings` derives as corosync does; udpu and udp have one.
+
 pmxfs differences from corosync, on purpose:
-* `totem.transport` missing means `udpu` (corosync 3 defaults to knet, which pmxfs does not
-  implement; `transport: knet` is refused with a message saying so).
 * With `transport: udp` and no `mcastaddr`, the address is derived from the cluster name:
   `239.192.H0.H1` where H0, H1 are the first two bytes of SHA-256(cluster_name in UTF-8)
   (`default_mcastaddr`). The port defaults to 5405.
-* Every node needs `name`, `nodeid` and `ring0_addr` (pmxfs keys the tree and the ring on them).
+* Every node needs `nodeid`, `ring0_addr` and a name (pmxfs keys the tree and the ring on them);
+  with one link a host name in ring0_addr serves as the name, as in Proxmox VE.
+* `link_mode: rr` runs as active; `secauth`/`crypto_*` are accepted and not used (pmxfs always
+  encrypts); knet options pmxfs does not implement are kept with a warning naming them.
 * Validation is stricter: timer relations, duplicate keys and sections, address families,
   incompatible quorum options are errors, not log lines.
 
@@ -62,10 +68,12 @@ from pmxfs.core.conf.model import (
     device_votes,
     effective_link_mode,
     effective_transport,
+    ip_versions,
     link_numbers,
     link_port,
     link_settings,
     totem_params,
+    uses_crypto_options,
 )
 from pmxfs.core.conf.render import render
 from pmxfs.core.conf.syntax import RawEntry, RawItem, RawSection
@@ -127,6 +135,7 @@ __all__ = [
     "device_votes",
     "effective_link_mode",
     "effective_transport",
+    "ip_versions",
     "is_hostname",
     "link_numbers",
     "link_port",
@@ -135,6 +144,7 @@ __all__ = [
     "parse_address",
     "render",
     "totem_params",
+    "uses_crypto_options",
     "validate",
     "validate_update",
 ]

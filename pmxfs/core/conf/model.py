@@ -16,12 +16,13 @@ Links (corosync 3 / knet): a node has up to MAX_LINKS addresses, `ring0_addr` ..
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from pmxfs.core.conf.errors import ConfigError, Pos
-from pmxfs.core.conf.syntax import RawItem
+from pmxfs.core.conf.syntax import RawEntry, RawItem
 from pmxfs.core.totem_params import TotemParams, derive_params
 
 DEFAULT_FILENAME = "corosync.conf"
@@ -164,11 +165,15 @@ class NodeEntry:
 
     @property
     def node_name(self) -> str | None:
-        """The name pmxfs knows the node by: `name`, else (one link only, as Proxmox does)
-        `ring0_addr`."""
-        if self.name is not None or len(self.addrs) != 1:
+        """The name pmxfs knows the node by: `name`, else (one link only, as Proxmox VE does) a
+        ring0_addr that is a host name, not an IP literal."""
+        if self.name is not None or len(self.addrs) != 1 or self.ring0_addr is None:
             return self.name
-        return self.ring0_addr
+        try:
+            ipaddress.ip_address(self.ring0_addr)
+        except ValueError:
+            return self.ring0_addr
+        return None
 
     @property
     def votes(self) -> int:
@@ -412,3 +417,19 @@ def link_settings(config: ClusterConfig) -> tuple[LinkSettings, ...]:
         out.append(LinkSettings(number, link_port(config, number), priority, interval, timeout,
                                 pongs))
     return tuple(out)
+
+
+def ip_versions(config: ClusterConfig) -> tuple[Literal[4, 6], ...]:
+    """The IP versions a host name in ringX_addr resolves to, in the order tried: totem.ip_version
+    (ipv4, ipv6, ipv4-6, ipv6-4; corosync 3's default ipv6-4)."""
+    value = next((x.value for x in config.totem.extras
+                  if isinstance(x, RawEntry) and x.key == "ip_version"), "ipv6-4")
+    orders: dict[str, tuple[Literal[4, 6], ...]] = {
+        "ipv4": (4,), "ipv6": (6,), "ipv4-6": (4, 6), "ipv6-4": (6, 4)}
+    return orders.get(value, (6, 4))
+
+
+def uses_crypto_options(config: ClusterConfig) -> bool:
+    """Whether totem sets secauth or a crypto_* option (pmxfs encrypts regardless)."""
+    return any(isinstance(x, RawEntry) and (x.key == "secauth" or x.key.startswith("crypto_"))
+               for x in config.totem.extras)

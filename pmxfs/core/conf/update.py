@@ -1,8 +1,10 @@
 """Rules for replacing the running corosync.conf with a new one (`validate_update`).
 
 The new config is refused when its config_version does not grow, or when it changes the cluster
-name or the transport; every other difference is a `Change` that either applies at run time or
-needs a restart of pmxfs on every node (`UpdateResult` sorts them).
+name or the transport that runs (`effective_transport`: no line and `knet` are the same); every
+other difference is a `Change` that either applies at run time or needs a restart of pmxfs on
+every node (`UpdateResult` sorts them). Links (knet: a node's ringX_addr, the interface sections,
+link_mode, the ports) change at run time, as corosync 3 reloads them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pmxfs.core.conf.errors import ConfigError, Reporter, by_position
-from pmxfs.core.conf.model import TOTEM_TIMER_KEYS, ClusterConfig, key_pos
+from pmxfs.core.conf.model import (
+    RING_ADDR_KEYS,
+    TOTEM_TIMER_KEYS,
+    ClusterConfig,
+    effective_transport,
+    key_pos,
+)
 from pmxfs.core.conf.render import format_value
 
 
@@ -56,12 +64,13 @@ def validate_update(current: ClusterConfig, new: ClusterConfig) -> UpdateResult:
     """Rules for replacing the running `current` config with `new` (both already valid).
 
     Refused: config_version not greater than the current one; a different cluster_name; a
-    different transport. Run-time changes: nodes added or removed, a node's votes and address (the
-    node whose own address changes needs a restart; the others take it), expected_votes,
-    two_node, the quorum device (added, changed or removed), totem timers and counts, logging.
-    Everything else (node names, netmtu, mcastaddr, port, wait_for_all,
-    last_man_standing(_window), auto_tie_breaker(_node), unknown/kept keys) needs a restart of
-    pmxfs on every node.
+    different transport. Run-time changes: nodes added or removed, a node's votes and addresses
+    (ringX_addr: links added, removed or moved -- for udpu/udp the node whose own address
+    changes needs a restart; the others take it), the interface sections, link_mode and (knet)
+    totem.port, expected_votes, two_node, the quorum device (added, changed or removed), totem
+    timers and counts, logging. Everything else (node names, netmtu, mcastaddr, port with
+    udpu/udp, wait_for_all, last_man_standing(_window), auto_tie_breaker(_node), unknown/kept
+    keys) needs a restart of pmxfs on every node.
     """
     rep = Reporter(new.filename)
     tm = new.totem.meta
@@ -73,10 +82,12 @@ def validate_update(current: ClusterConfig, new: ClusterConfig) -> UpdateResult:
         rep.error(key_pos(tm, "cluster_name"),
                   f"totem.cluster_name cannot change on a running cluster (current "
                   f"'{current.cluster_name}', new '{new.cluster_name}')")
-    if new.transport != current.transport:
+    old_transport, new_transport = effective_transport(current), effective_transport(new)
+    if new_transport != old_transport:
         rep.error(key_pos(tm, "transport"),
                   f"totem.transport cannot change on a running cluster (current "
-                  f"{current.transport}, new {new.transport})")
+                  f"{old_transport}, new {new_transport})")
+    knet = new_transport == "knet"
     changes: list[Change] = []
 
     def diff(key: str, old: object, new_value: object, runtime: bool) -> None:
@@ -87,8 +98,12 @@ def validate_update(current: ClusterConfig, new: ClusterConfig) -> UpdateResult:
     ct, nt = current.totem, new.totem
     for key in TOTEM_TIMER_KEYS:
         diff(f"totem.{key}", getattr(ct, key), getattr(nt, key), True)
-    for key in ("netmtu", "mcastaddr", "port"):
+    for key in ("netmtu", "mcastaddr"):
         diff(f"totem.{key}", getattr(ct, key), getattr(nt, key), False)
+    diff("totem.port", ct.port, nt.port, knet)
+    diff("totem.link_mode", ct.link_mode, nt.link_mode, True)
+    if ct.interfaces != nt.interfaces:
+        changes.append(Change("totem.interface", "totem.interface sections changed", True))
     if ct.extras != nt.extras:
         changes.append(Change("totem", "totem: other (kept) keys changed", False))
     _diff_nodes(current, new, changes)
@@ -126,7 +141,7 @@ def _diff_nodes(current: ClusterConfig, new: ClusterConfig, changes: list[Change
                 changes.append(Change(f"nodelist.{nid}.quorum_votes",
                                       f"nodelist: {label} quorum_votes {o.votes} -> {n.votes}",
                                       True))
-            for key, runtime in (("name", False), ("ring0_addr", True)):
+            for key, runtime in (("name", False), *((k, True) for k in RING_ADDR_KEYS)):
                 if getattr(o, key) != getattr(n, key):
                     changes.append(Change(f"nodelist.{nid}.{key}",
                                           f"nodelist: {label} {key} {getattr(o, key)} -> "

@@ -1,9 +1,11 @@
 """The rules a corosync.conf must follow (`validate`), and `check`: text -> usable config.
 
 `validate` points at the line and column of the offending key (its docstring lists the rules).
-pmxfs is stricter than corosync on purpose: knet is refused, every node needs `name`, `nodeid`
-and `ring0_addr` (pmxfs keys the tree and the ring on them), and timer relations, duplicate
-addresses, address families and incompatible quorum options are errors, not log lines.
+The link rules are corosync 3's (link numbers 0-7, the same links on every node, a name on every
+node with more than one link, one link for udpu/udp); pmxfs is stricter than corosync on purpose
+elsewhere: every node needs `nodeid` and `ring0_addr` and a name (with one link a host name in
+ring0_addr serves, as in Proxmox VE), and timer relations, duplicate addresses and ports, address
+families and incompatible quorum options are errors, not log lines.
 `check` parses, validates and, given the running config, applies `validate_update`: the single
 code path for `pmxfs config check` and for writes to /etc/pve/corosync.conf.
 """
@@ -19,25 +21,42 @@ from pmxfs.core.conf.build import DECIMAL_RE, parse
 from pmxfs.core.conf.errors import ConfigError, ConfigSyntaxError, Pos, Reporter, by_position, short
 from pmxfs.core.conf.model import (
     DEFAULT_FILENAME,
+    MAX_LINKS,
+    RING_ADDR_KEYS,
     TOTEM_COUNT_KEYS,
     TOTEM_TIMEOUT_KEYS,
     ClusterConfig,
     DeviceSection,
+    InterfaceSection,
     NodeEntry,
+    effective_transport,
     key_pos,
+    link_numbers,
+    link_port,
+    link_settings,
     totem_params,
 )
+from pmxfs.core.conf.syntax import RawEntry, RawItem, item_name
 from pmxfs.core.conf.update import UpdateResult, validate_update
 from pmxfs.core.totem_params import MIN_TIMEOUT_MS
 
-TRANSPORTS = ("udpu", "udp")
+TRANSPORTS = ("knet", "udpu", "udp")
+LINK_MODES = ("passive", "active", "rr")
+KNET_MAX_NODEID = 65536  # knet: node ids below this
 QUORUM_PROVIDER = "corosync_votequorum"
 MIN_NETMTU = 576
 MAX_NETMTU = 65507
 
 _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
+_RING_KEY_RE = re.compile(r"ring([0-9]+)_addr\Z")
 Address: TypeAlias = "ipaddress.IPv4Address | ipaddress.IPv6Address"
+
+
+def _ring_number(item: RawItem) -> int | None:
+    """N of a kept `ringN_addr: ...` entry, None for anything else."""
+    match = _RING_KEY_RE.match(item.key) if isinstance(item, RawEntry) else None
+    return int(match.group(1)) if match else None
 
 
 def is_hostname(name: str) -> bool:
@@ -88,13 +107,23 @@ class _Validator:
             self.rep.warn(m.pos, "totem.config_version is not set (taken as 0); an update must "
                                  "set a greater one")
         if t.transport is not None and t.transport not in TRANSPORTS:
-            pos = key_pos(m, "transport")
-            if t.transport == "knet":
-                self.rep.error(pos, "totem.transport: knet is not supported by pmxfs "
-                                    "(use udpu, the default, or udp)")
-            else:
-                self.rep.error(pos, f"totem.transport: unknown transport '{short(t.transport)}' "
-                                    "(use udpu or udp)")
+            self.rep.error(key_pos(m, "transport"),
+                           f"totem.transport: unknown transport '{short(t.transport)}' (use knet, "
+                           "the default, udpu or udp)")
+        if t.link_mode == "rr":
+            self.rep.warn(key_pos(m, "link_mode"), "totem.link_mode: rr (round robin) is not "
+                                                   "implemented by pmxfs; it runs as active "
+                                                   "(every frame on every connected link)")
+        elif t.link_mode is not None and t.link_mode not in LINK_MODES:
+            self.rep.error(key_pos(m, "link_mode"), f"totem.link_mode '{short(t.link_mode)}' is "
+                                                    "not one of passive, active, rr")
+        if effective_transport(self.c) != "knet":
+            for item in t.extras:
+                if (isinstance(item, RawEntry) and item.key in ("crypto_cipher", "crypto_hash")
+                        and item.value != "none"):
+                    self.rep.warn(item.pos, f"totem.{item.key}: corosync accepts it with "
+                                            "transport knet only; pmxfs encrypts every "
+                                            "transport and ignores it")
         if t.port is not None and not 1 <= t.port <= 65535:
             self.rep.error(key_pos(m, "port"), f"totem.port: {t.port} is not a port number "
                                                "(1-65535)")
@@ -106,9 +135,10 @@ class _Validator:
             if addr is None or not addr.is_multicast:
                 self.rep.error(key_pos(m, "mcastaddr"), f"totem.mcastaddr: '{short(t.mcastaddr)}'"
                                                         " is not a multicast IP address")
-            elif self.c.transport == "udpu":
+            elif effective_transport(self.c) != "udp":
                 self.rep.warn(key_pos(m, "mcastaddr"),
-                              "totem.mcastaddr is ignored with transport udpu")
+                              f"totem.mcastaddr is ignored with transport "
+                              f"{effective_transport(self.c)}")
 
     # -- nodes
 
@@ -120,11 +150,11 @@ class _Validator:
             return
         ids: dict[int, NodeEntry] = {}
         names: dict[str, NodeEntry] = {}
-        addrs: dict[str, NodeEntry] = {}
-        family: tuple[int, NodeEntry] | None = None
+        multi_link = len(link_numbers(c)) > 1
+        knet = effective_transport(c) == "knet"
         for index, n in enumerate(c.nodes, 1):
             m = n.meta
-            label = n.name or f"#{index}"
+            label = n.node_name or f"#{index}"
             if n.nodeid is None:
                 self.rep.error(m.pos, f"node {label}: nodeid is required")
             elif n.nodeid == 0:
@@ -135,62 +165,227 @@ class _Validator:
                                f"{self._where(ids[n.nodeid])}")
             else:
                 ids[n.nodeid] = n
-            if n.name is None:
-                self.rep.error(m.pos, f"node {label}: name is required")
-            elif not is_hostname(n.name):
-                self.rep.error(key_pos(m, "name"),
-                               f"node {label}: name '{short(n.name)}' is not a valid host name")
-            elif n.name.lower() in names:
-                self.rep.error(key_pos(m, "name"), f"node {label}: name is already used by node "
-                                                   f"{self._where(names[n.name.lower()])}")
-            else:
-                names[n.name.lower()] = n
+                if knet and n.nodeid >= KNET_MAX_NODEID:
+                    self.rep.error(key_pos(m, "nodeid"),
+                                   f"node {label}: nodeid {n.nodeid} is too large for knet "
+                                   f"(at most {KNET_MAX_NODEID - 1})")
+            name = self._node_name(n, label, multi_link)
+            if name is not None:
+                if name.lower() in names:
+                    self.rep.error(key_pos(m, "name", "ring0_addr"),
+                                   f"node {label}: name is already used by node "
+                                   f"{self._where(names[name.lower()])}")
+                else:
+                    names[name.lower()] = n
             if n.quorum_votes is not None and n.quorum_votes > 1000:
                 self.rep.error(key_pos(m, "quorum_votes"),
                                f"node {label}: quorum_votes {n.quorum_votes} is out of range "
                                "(0-1000)")
             if n.ring0_addr is None:
                 self.rep.error(m.pos, f"node {label}: ring0_addr is required")
-                continue
-            pos = key_pos(m, "ring0_addr")
-            addr = parse_address(n.ring0_addr)
-            if addr is None:
-                if not is_hostname(n.ring0_addr):
-                    self.rep.error(pos, f"node {label}: ring0_addr '{short(n.ring0_addr)}' is "
-                                        "neither an IP address nor a valid host name")
-                    continue
-                key = n.ring0_addr.lower()
-            else:
-                if addr.is_unspecified or addr.is_multicast:
-                    self.rep.error(pos, f"node {label}: ring0_addr {addr} cannot be a node "
-                                        "address (unspecified or multicast)")
-                    continue
-                key = str(addr)
-                if family is None:
-                    family = (addr.version, n)
-                elif family[0] != addr.version:
-                    self.rep.error(pos, f"node {label}: ring0_addr {addr} is IPv{addr.version} "
-                                        f"but node {self._where(family[1])} uses "
-                                        f"IPv{family[0]}; all node addresses must be of one "
-                                        "family")
-            if key in addrs:
-                self.rep.error(pos, f"node {label}: ring0_addr {n.ring0_addr} is already used by "
-                                    f"node {self._where(addrs[key])}")
-            else:
-                addrs[key] = n
+            for item in n.extras:
+                number = _ring_number(item)
+                if number is not None and number >= MAX_LINKS:
+                    self.rep.error(item.pos, f"node {label}: {item_name(item)}: link number "
+                                             f"{number} is above the maximum {MAX_LINKS - 1}")
         if sum(n.votes for n in c.nodes) < 1:
             self.rep.error(c.nodelist_meta.pos, "the nodes' quorum_votes add up to 0; at least "
                                                 "one vote is needed")
-        if c.transport == "udp" and family is not None:
+        self.links()
+
+    def _node_name(self, n: NodeEntry, label: str, multi_link: bool) -> str | None:
+        """The node's valid name (reporting why it has none), as `NodeEntry.node_name`."""
+        m = n.meta
+        if n.name is not None:
+            if is_hostname(n.name):
+                return n.name
+            self.rep.error(key_pos(m, "name"),
+                           f"node {label}: name '{short(n.name)}' is not a valid host name")
+            return None
+        if multi_link:
+            self.rep.error(m.pos, f"node {label}: name is required with more than one link "
+                                  "(corosync: for a multi-link configuration, all nodes must "
+                                  "have a 'name' attribute)")
+            return None
+        if n.ring0_addr is not None and parse_address(n.ring0_addr) is None \
+                and is_hostname(n.ring0_addr):
+            self.rep.warn(m.pos, f"node {label}: no name; pmxfs names the node after its "
+                                 f"ring0_addr {n.ring0_addr} (as Proxmox VE does)")
+            return n.ring0_addr
+        if n.ring0_addr is not None:
+            self.rep.error(m.pos, f"node {label}: name is required")
+        return None
+
+    # -- links
+
+    def links(self) -> None:
+        """Every node's ringX_addr (per link: literal or host name, unique, one family), the
+        same links on every node, one link for udpu/udp, and the interface sections."""
+        c = self.c
+        transport = effective_transport(c)
+        numbers = link_numbers(c)
+        families: dict[int, tuple[int, NodeEntry]] = {}
+        for number in numbers:
+            key = RING_ADDR_KEYS[number]
+            addrs: dict[str, NodeEntry] = {}
+            for index, n in enumerate(c.nodes, 1):
+                value = n.addr(number)
+                label = n.node_name or f"#{index}"
+                pos = key_pos(n.meta, key)
+                if value is None:
+                    continue
+                if number > 0 and transport != "knet":
+                    self.rep.error(pos, f"node {label}: {key}: transport {transport} supports "
+                                        "one link only; use transport knet (or leave the "
+                                        "transport line out) for redundant links")
+                    continue
+                addr = parse_address(value)
+                if addr is None:
+                    if not is_hostname(value):
+                        self.rep.error(pos, f"node {label}: {key} '{short(value)}' is neither "
+                                            "an IP address nor a valid host name")
+                        continue
+                    unique = value.lower()
+                else:
+                    if addr.is_unspecified or addr.is_multicast:
+                        self.rep.error(pos, f"node {label}: {key} {addr} cannot be a node "
+                                            "address (unspecified or multicast)")
+                        continue
+                    unique = str(addr)
+                    first = families.setdefault(number, (addr.version, n))
+                    if first[0] != addr.version:
+                        self.rep.error(pos, f"node {label}: {key} {addr} is IPv{addr.version} "
+                                            f"but node {self._where(first[1])} uses "
+                                            f"IPv{first[0]}; all node addresses of link "
+                                            f"{number} must be of one family")
+                if unique in addrs:
+                    self.rep.error(pos, f"node {label}: {key} {value} is already used by "
+                                        f"node {self._where(addrs[unique])}")
+                else:
+                    addrs[unique] = n
+        if len(numbers) > 1:
+            self._same_links(numbers)
+        self.interfaces(numbers)
+        family = families.get(0)
+        if transport == "udp" and family is not None:
             mcast = parse_address(c.mcastaddr)
             if mcast is not None and mcast.version != family[0]:
                 where = key_pos(c.totem.meta, "mcastaddr", "transport")
-                if c.totem.mcastaddr is None:
+                if c.totem.mcastaddr is None and c.totem.interface(0) is None:
                     self.rep.error(where, "transport udp with IPv6 node addresses needs an "
                                           "explicit IPv6 totem.mcastaddr")
                 else:
                     self.rep.error(where, f"totem.mcastaddr {mcast} is IPv{mcast.version} but the "
                                           f"node addresses are IPv{family[0]}")
+
+    def _same_links(self, numbers: tuple[int, ...]) -> None:
+        for index, n in enumerate(self.c.nodes, 1):
+            own = tuple(number for number, _ in n.addrs)
+            if own and own != numbers:
+                missing = ", ".join(RING_ADDR_KEYS[x] for x in numbers if x not in own)
+                self.rep.error(n.meta.pos, f"node {n.node_name or f'#{index}'}: {missing} "
+                                           "missing: every node needs an address on every link "
+                                           "(corosync: Not all nodes have the same number of "
+                                           "links)")
+
+    def interfaces(self, numbers: tuple[int, ...]) -> None:
+        """The `totem.interface` sections: link numbers, ports, knet options."""
+        c = self.c
+        knet = effective_transport(c) == "knet"
+        seen: dict[int, Pos | None] = {}
+        for iface in c.totem.interfaces:
+            m = iface.meta
+            number = iface.link
+            pos = key_pos(m, "linknumber", "ringnumber")
+            if iface.linknumber is None and iface.ringnumber is not None:
+                self.rep.warn(key_pos(m, "ringnumber"),
+                              f"totem.interface.ringnumber is corosync 2's key: taken as "
+                              f"linknumber {iface.ringnumber} (as Proxmox VE does; use "
+                              "linknumber)")
+            elif iface.ringnumber is not None:
+                self.rep.warn(key_pos(m, "ringnumber"), "totem.interface.ringnumber is ignored "
+                                                        "(linknumber is set)")
+            if number >= MAX_LINKS:
+                self.rep.error(pos, f"totem.interface: link number {number} is above the "
+                                    f"maximum {MAX_LINKS - 1}")
+                continue
+            if number in seen:
+                first = seen[number]
+                line = f" (line {first.line})" if first is not None else ""
+                self.rep.error(pos, f"totem.interface: link {number} is configured twice{line}")
+                continue
+            seen[number] = m.pos
+            if numbers and number not in numbers:
+                self.rep.warn(pos, f"totem.interface: no node has {RING_ADDR_KEYS[number]}, so "
+                                   f"link {number} is not used")
+            self._interface_values(iface, knet)
+        ports: dict[int, int] = {}
+        for number in numbers:
+            port = link_port(c, number)
+            section = c.totem.interface(number)
+            where = key_pos(c.totem.meta, "port") if section is None or section.mcastport is None \
+                else key_pos(section.meta, "mcastport")
+            if not 1 <= port <= 65535:
+                self.rep.error(where, f"link {number}: port {port} is not a port number "
+                                      "(1-65535)")
+            elif port in ports:
+                self.rep.error(where, f"link {number}: port {port} is also link "
+                                      f"{ports[port]}'s port; every link needs its own")
+            else:
+                ports[port] = number
+
+    def _interface_values(self, iface: InterfaceSection, knet: bool) -> None:
+        m = iface.meta
+        path = f"totem.interface (link {iface.link})"
+        if iface.bindnetaddr is not None:
+            if parse_address(iface.bindnetaddr) is None:
+                self.rep.error(key_pos(m, "bindnetaddr"),
+                               f"{path}: bindnetaddr '{short(iface.bindnetaddr)}' is not an IP "
+                               "address")
+            else:
+                self.rep.warn(key_pos(m, "bindnetaddr"),
+                              f"{path}: bindnetaddr is not used: each node binds the link to "
+                              "its own ringX_addr")
+        if iface.mcastaddr is not None:
+            addr = parse_address(iface.mcastaddr)
+            if addr is None or not addr.is_multicast:
+                self.rep.error(key_pos(m, "mcastaddr"), f"{path}: mcastaddr "
+                                                        f"'{short(iface.mcastaddr)}' is not a "
+                                                        "multicast IP address")
+            elif effective_transport(self.c) != "udp" or iface.link != 0:
+                self.rep.warn(key_pos(m, "mcastaddr"),
+                              f"{path}: mcastaddr is used with transport udp only")
+        if iface.mcastport is not None and not 1 <= iface.mcastport <= 65535:
+            self.rep.error(key_pos(m, "mcastport"), f"{path}: mcastport {iface.mcastport} is not "
+                                                    "a port number (1-65535)")
+        priority = iface.knet_link_priority
+        if priority is not None:
+            if priority > 255:
+                self.rep.error(key_pos(m, "knet_link_priority"),
+                               f"{path}: knet_link_priority {priority} is out of range (0-255)")
+            elif not knet and priority != 1:
+                self.rep.error(key_pos(m, "knet_link_priority"),
+                               f"{path}: knet_link_priority can only be set with transport knet")
+        if iface.knet_transport is not None:
+            if iface.knet_transport == "sctp":
+                self.rep.error(key_pos(m, "knet_transport"),
+                               f"{path}: knet_transport sctp is not supported by pmxfs (use udp)")
+            elif iface.knet_transport != "udp":
+                self.rep.error(key_pos(m, "knet_transport"),
+                               f"{path}: knet_transport '{short(iface.knet_transport)}' is not "
+                               "known (use udp)")
+        timers = ("knet_ping_interval", "knet_ping_timeout", "knet_pong_count")
+        if not knet:
+            for key in (*timers, "knet_transport"):
+                if getattr(iface, key) is not None:
+                    self.rep.warn(key_pos(m, key), f"{path}: {key} is used with transport knet "
+                                                   "only")
+            return
+        settings = next((s for s in link_settings(self.c) if s.number == iface.link), None)
+        if settings is not None and settings.ping_interval_ms >= settings.ping_timeout_ms:
+            self.rep.error(key_pos(m, "knet_ping_interval", "knet_ping_timeout"),
+                           f"{path}: the ping interval ({settings.ping_interval_ms} ms) must be "
+                           f"less than the ping timeout ({settings.ping_timeout_ms} ms)")
 
     @staticmethod
     def _where(n: NodeEntry) -> str:
@@ -374,10 +569,17 @@ def _validate(config: ClusterConfig) -> tuple[list[ConfigError], list[ConfigErro
 def validate(config: ClusterConfig) -> list[ConfigError]:
     """Every rule violation of a parsed config, sorted by position (empty when valid).
 
-    Rules: cluster_name required and well-formed; transport udpu|udp (knet refused); mcastaddr a
-    multicast address of the nodes' family; port 1-65535; netmtu 576-65507; at least one node;
-    every node has name (RFC 1123 host name, unique), nodeid (> 0, unique) and ring0_addr (IP
-    literal or host name, unique, literals all of one family, not unspecified/multicast);
+    Rules: cluster_name required and well-formed; transport knet|udpu|udp (none: knet);
+    link_mode passive|active (rr: a warning, runs as active); mcastaddr a multicast address of
+    the nodes' family; port 1-65535; netmtu 576-65507; at least one node; every node has name
+    (RFC 1123 host name, unique; with one link a host name in ring0_addr serves, with a warning;
+    required with more than one link), nodeid (> 0, unique, < 65536 with knet) and ring0_addr;
+    every ringX_addr (X 0-7) an IP literal or host name, unique on its link, the literals of a
+    link all of one family, not unspecified/multicast; every node has the same links; udpu/udp
+    have one link; `totem.interface` sections: link number 0-7 (linknumber, else ringnumber
+    with a warning), one per link, mcastport 1-65535 and every link's port distinct,
+    bindnetaddr an IP address (not used: a warning), knet_link_priority 0-255 (knet only),
+    knet_transport udp, ping interval below the ping timeout;
     quorum_votes <= 1000, total > 0; provider corosync_votequorum; expected_votes >= 1;
     two_node only with exactly two nodes and not with auto_tie_breaker; last_man_standing only
     with all votes 1; auto_tie_breaker + last_man_standing with an odd vote total needs
