@@ -151,6 +151,10 @@ class _Validator:
         ids: dict[int, NodeEntry] = {}
         names: dict[str, NodeEntry] = {}
         multi_link = len(link_numbers(c)) > 1
+        any_link = bool(link_numbers(c))
+        if not any_link:
+            self.rep.error(c.nodelist_meta.pos, "no node has a ring0_addr, so there is no link "
+                                                "(corosync: No interfaces defined)")
         knet = effective_transport(c) == "knet"
         for index, n in enumerate(c.nodes, 1):
             m = n.meta
@@ -181,7 +185,7 @@ class _Validator:
                 self.rep.error(key_pos(m, "quorum_votes"),
                                f"node {label}: quorum_votes {n.quorum_votes} is out of range "
                                "(0-1000)")
-            if n.ring0_addr is None:
+            if n.ring0_addr is None and any_link:
                 self.rep.error(m.pos, f"node {label}: ring0_addr is required")
             for item in n.extras:
                 number = _ring_number(item)
