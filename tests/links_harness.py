@@ -410,7 +410,7 @@ def lossy_load(lab: LinksLab, loss: dict[int, float], seconds: float) -> dict[st
     transport: dict[str, int] = {}
     for name in names:
         for key, value in counter_delta(ring_before[name], lab.counters(name)).items():
-            if "retrans" in key:
+            if "retrans" in key and not key.startswith("params."):  # counters, not timers
                 ring[key] = ring.get(key, 0) + value
         for key, value in counter_delta(transport_before[name],
                                              lab.counters(name, "transport")).items():
