@@ -186,13 +186,14 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"loss: skipped: {lossy['skipped']}")
         return "\n".join(lines)
     keys = sorted({k for run in lossy.values() for k in run["retransmissions"]})
-    header = f"  {'run':<26}{'writes':>8}" + "".join(f"{k:>20}" for k in keys)
+    header = f"  {'run':<26}{'writes':>8}" + "".join(
+        f"{k.removeprefix('counters.'):>19}" for k in keys)
     lines += ["loss (per node, per link, independently)",
               header + f"{'per write':>11}{'duplicates':>12}{'ring chg':>10}"]
     labels = {"active_two_links": "active, 2 links", "one_link": "1 link"}
     for key, run in lossy.items():
         percent = "/".join(f"{p:g}%" for p in run["loss_percent"].values())
-        cells = "".join(f"{run['retransmissions'].get(k, 0):>20}" for k in keys)
+        cells = "".join(f"{run['retransmissions'].get(k, 0):>19}" for k in keys)
         lines.append(f"  {labels[key] + ' ' + percent:<26}{run['writes']:>8}{cells}"
                      f"{run['retransmissions_per_write']:>11}"
                      f"{run['transport'].get('duplicate_frames', 0):>12}"
