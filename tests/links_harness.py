@@ -96,12 +96,12 @@ class LinkEntry:
 def links_config(nodes: Sequence[tuple[str, int, Sequence[str]]], *, transport: str = "knet",
                  link_mode: str | None = "passive", priorities: Sequence[int] | None = None,
                  token_ms: int = TOKEN_MS, port: int = DEFAULT_PORT,
-                 mcastaddr: str | None = None) -> str:
+                 mcastaddr: str | None = None, config_version: int = 1) -> str:
     """A corosync.conf for `nodes` (name, nodeid, one address per link): for knet one
     `interface` per link (with `knet_link_priority` when `priorities` is given) and
     ring<L>_addr lines; for udpu/udp only the first address of each node is used."""
     links = len(nodes[0][2]) if transport == "knet" else 1
-    totem = [f"cluster_name: {CLUSTER}", "config_version: 1", "version: 2",
+    totem = [f"cluster_name: {CLUSTER}", f"config_version: {config_version}", "version: 2",
              f"transport: {transport}", f"token: {token_ms}", f"port: {port}"]
     if transport == "knet" and link_mode is not None:
         totem.append(f"link_mode: {link_mode}")

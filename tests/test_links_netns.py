@@ -253,6 +253,26 @@ def test_active_mode_with_loss_on_each_link_retransmits_less(make_lab: LabFactor
     assert per_write(both) < per_write(one), (both, one)
 
 
+def test_a_second_link_added_at_run_time(make_lab: LabFactory) -> None:
+    lab = make_lab()
+    lab.start_cluster(lab.config_text(links=1))
+    ring_id = lab.ring_id("a")
+    pids = {name: list(lab[name].pids) for name in NAMES}
+    assert sorted({e.link for e in lab.links("a")}) == [0]
+    (lab["a"].mount / "corosync.conf").write_text(lab.config_text(config_version=2))
+
+    def both_links_connected() -> bool:
+        return all(sorted((e.link, e.connected) for e in lab.links(name)) ==
+                   [(0, True), (0, True), (1, True), (1, True)] for name in NAMES)
+
+    wait_until(both_links_connected, RING_TIMEOUT_S, "link 1 connected everywhere",
+               lambda: lab.describe_links(NAMES))
+    lab.set_link("c", 0, up=False)
+    lab.wait_carrying(_pairs("c"), (1,), RING_TIMEOUT_S)
+    _assert_same_ring(lab, ring_id)
+    assert {name: lab[name].pids for name in NAMES} == pids  # no daemon restarted
+
+
 def test_udpu_reports_one_link_per_peer(make_lab: LabFactory) -> None:
     lab = make_lab(links=1)
     lab.start_cluster(lab.config_text(transport="udpu"))
