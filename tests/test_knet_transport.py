@@ -216,6 +216,39 @@ async def test_a_forged_or_foreign_pong_does_not_bring_a_link_up() -> None:
         assert state(one, 2, 1).active
 
 
+async def test_no_bytes_from_a_peer_address_stop_the_transport() -> None:
+    rng = random.Random(15)
+    async with pair("active") as (port, ts), running(ts) as rx:
+        one, two = ts[1], ts[2]
+        await wait_for(lambda: all_connected(one, two), "both links up")
+        real = two.crypto.seal(b"\x00real", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as spoof0, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as spoof1:
+            spoof0.bind((addr(0, 2), 0))
+            spoof1.bind((addr(1, 2), 0))
+            for i in range(600):
+                kind = i % 4
+                if kind == 0:  # noise
+                    data = rng.randbytes(rng.randrange(0, 200))
+                elif kind == 1:  # a real frame cut short or with a bit flipped
+                    cut = bytearray(real[:rng.randrange(len(real) + 1)])
+                    if cut:
+                        cut[rng.randrange(len(cut))] ^= 1 << rng.randrange(8)
+                    data = bytes(cut)
+                elif kind == 2:  # authentic frames of every kind with odd bodies
+                    body = rng.choice([b"", b"\x01", b"\x02", b"\x07zz"]) + rng.randbytes(
+                        rng.randrange(0, 12))
+                    data = two.crypto.seal(body, rng.choice([0, 1]))
+                else:  # a header of a known sender, then noise
+                    data = b"PX\x02" + (2).to_bytes(4, "big") + rng.randbytes(60)
+                (spoof0 if i % 2 else spoof1).sendto(data, (addr(i % 2 == 0, 1),
+                                                            port + (i % 2 == 0)))
+            await wait_for(lambda: one.counters["datagrams_received"] >= 600, "the noise")
+        two.send(1, b"still here")
+        await wait_for(lambda: rx[1].frames[-1:] == [(2, b"still here")], "a real frame")
+        assert all(s.connected for s in one.links_status())
+
+
 async def test_runtime_priority_change_moves_traffic() -> None:
     async with pair() as (port, ts), running(ts) as rx:
         one, two = ts[1], ts[2]
