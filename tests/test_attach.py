@@ -138,7 +138,7 @@ async def test_a_standalone_node_joins_a_running_cluster_without_a_restart(
     assert entry.data == b"of the cluster"
     assert joiner.memdb.checksum() == first.memdb.checksum()
     assert joiner.status()["cluster"] == {"name": "lab", "config_version": 2,
-                                          "transport": "udpu"}
+                                          "transport": "knet"}  # no transport line: knet
     with trio.fail_after(30):
         assert (await joiner.write(WriteFile("from2.txt", b"2", 1, create=True))).errno == 0
     from_two = first.memdb.lookup("from2.txt")

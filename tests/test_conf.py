@@ -120,7 +120,7 @@ def test_proxmox_config_validates_and_renders_back_identically() -> None:
     assert config is not None
     assert config.cluster_name == "lab"
     assert config.config_version == 3
-    assert config.transport == "udpu"  # no transport: udpu for pmxfs (corosync 3 would say knet)
+    assert config.transport == "knet"  # no transport line: knet, as corosync 3
     assert [n.name for n in config.nodes] == ["pve1", "pve2", "pve3"]
     assert config.node_infos()[1] == conf.NodeInfo(2, "pve2", "10.0.0.2", 1)
     assert config.expected_votes == 3
@@ -542,7 +542,7 @@ def test_other_totem_defaults() -> None:
 
 def test_transport_defaults() -> None:
     config = conf.parse(text())
-    assert config.transport == "udpu"
+    assert config.transport == "knet"
     assert config.port == 5405
     udp = conf.parse(text(totem="transport: udp"))
     assert conf.validate(udp) == []

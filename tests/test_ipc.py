@@ -280,12 +280,12 @@ def test_status_shape() -> None:
     bad = copy.deepcopy(STATUS)
     del bad["fs"]["synced"]
     bad["fs"]["extra"] = 1
-    bad["cluster"]["transport"] = "knet"
+    bad["cluster"]["transport"] = "sctp"
     bad["quorum"]["quorum"] = True
     bad["quorum"]["flags"] = ["Quorate", 3]
     bad["membership"]["members"][1]["local"] = "yes"
     assert check_status_shape(bad) == [
-        "status.cluster.transport: expected one of udp, udpu, got 'knet'",
+        "status.cluster.transport: expected one of knet, udp, udpu, got 'sctp'",
         "status.quorum.quorum: expected int, got bool",
         "status.quorum.flags[1]: expected str, got int",
         "status.membership.members[1].local: expected bool, got str",

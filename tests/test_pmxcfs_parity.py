@@ -195,7 +195,7 @@ async def test_status_nodes_and_members_show_a_new_corosync_conf_at_once(
     assert reply.errno == 0, reply
     status = node.status()
     assert check_status_shape(status) == []
-    assert status["cluster"] == {"name": "lab", "config_version": 2, "transport": "udpu"}
+    assert status["cluster"] == {"name": "lab", "config_version": 2, "transport": "knet"}
     assert status["membership"]["members"] == [
         {"nodeid": 1, "name": "node1", "votes": 2, "local": True}]
     nodes = node.nodes()

@@ -27,12 +27,13 @@ import trio
 
 from pmxfs.core import conf
 from pmxfs.core.totem import ConfChange, Deliver, Stable
+from pmxfs.runtime.attachments import open_cluster_transport
 from pmxfs.runtime.boot_id import BootIdFileError, next_boot_id
 from pmxfs.runtime.config_file import load_checked
 from pmxfs.runtime.frame_crypto import FrameCrypto
 from pmxfs.runtime.ring_seq import RingSeqFileError, RingSeqStore
 from pmxfs.runtime.totem_node import TotemNode
-from pmxfs.runtime.transport import AuthkeyError, UdpTransport, load_authkey
+from pmxfs.runtime.transport import AuthkeyError, load_authkey
 
 DEFAULT_DATA_DIR = "/var/lib/pmxfs"
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         trio.run(_watch, config, me.nodeid, authkey, boot_id, ring_seq_store)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"pmxfs: cannot join the ring: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -117,11 +118,7 @@ async def _watch(config: conf.ClusterConfig, node_id: int, authkey: bytes, boot_
     infos = config.node_infos()
     nodes = [i.nodeid for i in infos]
     crypto = FrameCrypto(authkey, config.cluster_name, node_id, nodes, boot_id=boot_id)
-    transport = await UdpTransport.open(
-        node_id=node_id, addresses={i.nodeid: i.addr for i in infos}, port=config.port,
-        mode=config.transport, mcastaddr=config.mcastaddr if config.transport == "udp" else None,
-        crypto=crypto,
-    )
+    transport = await open_cluster_transport(config, node_id, crypto)
     node = TotemNode(node_id, nodes, conf.totem_params(config), transport, store)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:

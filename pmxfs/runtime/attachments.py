@@ -69,22 +69,27 @@ async def cluster_member(config: conf.ClusterConfig, node_id: int, *, config_pat
     infos = config.node_infos()
     crypto = FrameCrypto(authkey, config.cluster_name, node_id, [i.nodeid for i in infos],
                          boot_id=boot_id)
-    kind = conf.effective_transport(config)
-    transport: KnetTransport | UdpTransport
     try:
-        if kind == "knet":
-            transport = await KnetTransport.open(node_id=node_id, links=link_specs(config),
-                                                 mode=link_mode(config), crypto=crypto)
-        else:
-            transport = await UdpTransport.open(
-                node_id=node_id, addresses={i.nodeid: i.addr for i in infos}, port=config.port,
-                mode=kind, mcastaddr=config.mcastaddr if kind == "udp" else None,
-                crypto=crypto)
+        transport = await open_cluster_transport(config, node_id, crypto)
     except (OSError, ValueError) as exc:
         raise AttachmentError(f"cannot open the cluster network: {exc}") from None
     return Attachment(node_id=node_id, config=config, config_path=config_path,
                       transport=transport, ring_seq_store=store,
                       incarnation=int.from_bytes(boot_id, "big"))
+
+
+async def open_cluster_transport(config: conf.ClusterConfig, node_id: int,
+                                 crypto: FrameCrypto) -> KnetTransport | UdpTransport:
+    """The cluster network of `config` for node `node_id`: knet's links (also without a
+    transport line), or udpu / udp. OSError or ValueError when it cannot be opened."""
+    kind = conf.effective_transport(config)
+    if kind == "knet":
+        return await KnetTransport.open(node_id=node_id, links=link_specs(config),
+                                        mode=link_mode(config), crypto=crypto)
+    return await UdpTransport.open(
+        node_id=node_id, addresses={i.nodeid: i.addr for i in config.node_infos()},
+        port=config.port, mode=kind, mcastaddr=config.mcastaddr if kind == "udp" else None,
+        crypto=crypto)
 
 
 def _boot_id(data_dir: Path, node_id: int) -> bytes:

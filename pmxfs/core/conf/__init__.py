@@ -20,8 +20,8 @@ How it works
 Two configs are equal when their content is: source positions, layout and warnings are not part
 of equality (see `model`).
 
-Links: `totem.transport` missing means knet, as in corosync 3 (`effective_transport`; the
-`ClusterConfig.transport` property keeps reading `udpu` there for the single-link runtime).
+Links: `totem.transport` missing means knet, as in corosync 3 (`effective_transport`, also
+`ClusterConfig.transport`).
 knet has up to 8 links (`NodeEntry.addrs`, `totem.interface {}`), whose settings
 `link_settings` derives as corosync does; udpu and udp have one.
 

@@ -264,9 +264,8 @@ class ClusterConfig:
 
     @property
     def transport(self) -> str:
-        """The transport line as the single-link (udpu/udp) runtime reads it: the file's value,
-        `udpu` without one. What actually runs is `effective_transport` (no line: knet)."""
-        return self.totem.transport or "udpu"
+        """The transport that runs (`effective_transport`: knet without a transport line)."""
+        return effective_transport(self)
 
     @property
     def mcastaddr(self) -> str:
