@@ -9,13 +9,17 @@ How it works
   answers.
 * One join, in this order: the rate limit of failed attempts (per source and in total), the token
   (known, unused, unexpired; each failure counts towards the limit), this member's quorum, then
-  the request (name, address and node id free, no VMID that exists in the cluster). Then, under
-  the lifecycle lock (one lifecycle change at a time on this member), the token is marked used --
-  an exclusive create through the ring, so of two concurrent uses exactly one wins -- and
-  corosync.conf is written with the new node (config_version + 1; built again from the newest
-  config when another member's change came first). From the mark on, the work is not cancelled: a
-  write already on the ring may commit, so it is waited for and, if it failed, the token is given
-  back. The answer carries the corosync.conf and the authkey.
+  the request (name, addresses and node id free, exactly the cluster's links, no VMID that
+  exists in the cluster). Then, under the lifecycle lock (one lifecycle change at a time on this
+  member), the token is marked used -- an exclusive create through the ring, so of two
+  concurrent uses exactly one wins -- and corosync.conf is written with the new node
+  (config_version + 1; built again from the newest config when another member's change came
+  first). From the mark on, the work is not cancelled: a write already on the ring may commit,
+  so it is waited for and, if it failed, the token is given back. The answer carries the
+  corosync.conf and the authkey.
+* The request carries the joiner's link 0 address in "address" and its addresses on further
+  links in "links" ({"N": "ADDR"}); a request without "links" (an older joiner) has link 0 only,
+  which a one-link cluster takes as before.
 * Logging cannot be turned into a flood: a refusal by the rate limit is logged (daemon log and
   cluster log, which reaches every member) once per source and window, other refusals only
   when the limit let the attempt through, and names are shortened and escaped.
@@ -70,6 +74,7 @@ class JoinRequest:
     votes: int
     vmids: tuple[int, ...]
     force: bool
+    links: tuple[tuple[int, str], ...] = ()  # (link number, address) for links 1-7
 
 
 def parse_request(request: dict[str, Any]) -> JoinRequest:
@@ -78,17 +83,24 @@ def parse_request(request: dict[str, Any]) -> JoinRequest:
         secret = base64.b64decode(request["secret"], validate=True)
         name, address, nodeid = request["name"], request["address"], request["nodeid"]
         votes, vmids, force = request["votes"], request["vmids"], request["force"]
-    except (KeyError, TypeError, ValueError, binascii.Error):
+        links = edit.links_from_wire(request.get("links"))
+    except (KeyError, TypeError, ValueError, binascii.Error, edit.EditError):
         raise LifecycleError("malformed join request") from None
     if not (isinstance(name, str) and isinstance(address, str) and _is_int(votes)
             and isinstance(force, bool) and (nodeid is None or _is_int(nodeid))
             and isinstance(vmids, list) and all(_is_int(v) for v in vmids)):
         raise LifecycleError("malformed join request")
-    return JoinRequest(secret, name, address, nodeid, votes, tuple(vmids), force)
+    return JoinRequest(secret, name, address, nodeid, votes, tuple(vmids), force,
+                       tuple(sorted(links.items())))
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _addresses(request: JoinRequest) -> str:
+    """The joiner's addresses for a log line: "10.0.0.4", or "10.0.0.4, link 1 10.1.0.4"."""
+    return ", ".join([request.address, *(f"link {n} {a}" for n, a in request.links)])
 
 
 def shown(name: object) -> str:
@@ -210,8 +222,8 @@ class JoinService:
                 await self._use_token(request.secret)
                 text, nodeid = await self._add_to_config(request)
         authkey = await trio.Path(self.authkey).read_bytes()
-        message = (f"node {shown(request.name)} (id {nodeid}, {request.address}) joined from "
-                   f"{peer}")
+        message = (f"node {shown(request.name)} (id {nodeid}, {_addresses(request)}) joined "
+                   f"from {peer}")
         log.info("%s", message)
         await self.node.log(priority=5, tag="pmxfs", user="root", pid=os.getpid(), msg=message)
         return {"ok": True, "corosync_conf": text, "nodeid": nodeid,
@@ -221,7 +233,7 @@ class JoinService:
         try:
             return edit.with_node(self.tree.config_text(), request.name, request.address,
                                   nodeid=request.nodeid, votes=request.votes,
-                                  replace=request.force)
+                                  replace=request.force, links=dict(request.links))
         except edit.EditError as exc:
             raise LifecycleError(str(exc)) from None
 

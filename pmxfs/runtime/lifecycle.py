@@ -7,7 +7,9 @@ How it works
 * One lifecycle change at a time on a node (`lock`, shared with the join service): a `create`
   racing an `add`, or two joins, would otherwise build from the same state and overwrite each
   other's files or configs.
-* `create` (on a standalone node): switches the running node to a one-member ring
+* `create` (on a standalone node): builds the first corosync.conf (`edit.new_cluster`: link 0 on
+  --link0 or the host name's address, further links on --link1..7, each an address of this
+  host; more than one link runs knet), switches the running node to a one-member ring
   (`ReplicaNode.attach`, no unmount), writes the new authkey and the cluster's first
   corosync.conf to the daemon's `--authkey` and `--config` paths, and puts into the tree what
   every member needs: the corosync.conf, the authkey (`TREE_AUTHKEY`, so a node restored from a
@@ -18,13 +20,16 @@ How it works
   prints the token once this member's join service listens.
 * `add` (on the new, standalone node): asks the member named in the token (or HOST) over TLS,
   pinning the token's fingerprint (`join_tls.request_join`: a mismatch sends nothing), with its
-  name, address and the VMIDs of its guest configs. With the member's answer it attaches to the
-  cluster with an empty tree, which the cluster's sync fills: while writes wait (nothing written
-  after the backup can be lost), the database is backed up to `<data-dir>/backup/config-<unix
-  time>.sql.gz`; only after the switch are the authkey and corosync.conf written, so a crash in
-  between leaves a standalone node (whose old tree is in the backup), never one that brings its
-  old tree into the cluster. Once quorate it puts its guest configs into the cluster's tree
-  (their VMIDs were checked, so nothing of the cluster's is replaced).
+  name, its address per link (link 0's in "address" as before, further links in "links" --
+  --link0 defaults to the address that reaches the member, others must be given; each an
+  address of this host) and the VMIDs of its guest configs. With the member's answer it
+  attaches to the cluster with an empty tree, which the cluster's sync fills: while writes wait
+  (nothing written after the backup can be lost), the database is backed up to
+  `<data-dir>/backup/config-<unix time>.sql.gz`; only after the switch are the authkey and
+  corosync.conf written, so a crash in between leaves a standalone node (whose old tree is in
+  the backup), never one that brings its old tree into the cluster. Once quorate it puts its
+  guest configs into the cluster's tree (their VMIDs were checked, so nothing of the cluster's
+  is replaced).
 * `delnode`: refuses this node itself and a node that is in the ring ("power it off first",
   checked again right before the write), else writes corosync.conf without it (config_version
   + 1). Every member's totem and transport drop the node from then on; `nodes/NAME` stays, as
@@ -42,7 +47,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,17 +114,20 @@ class Lifecycle:
     # ------------------------------------------------------------------ create
 
     async def create(self, cluster_name: str, *, link0: str | None, nodeid: int, votes: int,
-                     port: int | None) -> dict[str, Any]:
+                     port: int | None, links: Mapping[int, str] | None = None,
+                     transport: str | None = None) -> dict[str, Any]:
+        """`links`: this node's addresses on links 1-7 (link 0's is `link0`); `transport`:
+        knet or udpu, None for udpu with one link and knet with more (`edit.new_cluster`)."""
         async with self.lock:
             self._require_standalone()
             if self.node.memdb.lookup(COROSYNC_CONF) is not None:
                 raise LifecycleError("the tree already holds a corosync.conf: this node was in "
                                      "a cluster; remove /corosync.conf from the tree first")
             address = link0 or await _host_address()
-            _require_local(address)
+            addrs = _local_links(address, links)
             try:
                 text = edit.new_cluster(cluster_name, self.node.node_name, nodeid, votes,
-                                        address, port=port)
+                                        address, port=port, links=links, transport=transport)
             except edit.EditError as exc:
                 raise LifecycleError(str(exc)) from None
             config = _config_of(text)
@@ -134,9 +142,10 @@ class Lifecycle:
             except LifecycleError as exc:
                 raise LifecycleError(f"cluster {cluster_name} was created, but: {exc}; "
                                      "`pmxfs join-token` completes the tree") from None
-        log.info("created cluster %s: node %s, id %d, %s", cluster_name, self.node.node_name,
-                 nodeid, address)
+        log.info("created cluster %s: node %s, id %d, %s (transport %s)", cluster_name,
+                 self.node.node_name, nodeid, _addresses_text(addrs), config.transport)
         return {"cluster": cluster_name, "nodeid": nodeid, "address": address,
+                "links": edit.links_to_wire(addrs), "transport": config.transport,
                 "config_version": config.config_version}
 
     # ------------------------------------------------------------------ join-token
@@ -171,12 +180,14 @@ class Lifecycle:
     # ------------------------------------------------------------------ add (the joiner)
 
     async def add(self, host: str | None, token_text: str, *, link0: str | None,
-                  nodeid: int | None, votes: int, force: bool) -> dict[str, Any]:
-        """Join (module header); a failure is logged here too."""
+                  nodeid: int | None, votes: int, force: bool,
+                  links: Mapping[int, str] | None = None) -> dict[str, Any]:
+        """Join (module header); `links`: this node's addresses on links 1-7 (link 0's is
+        `link0`). A failure is logged here too."""
         try:
             async with self.lock:
                 return await self._add(host, token_text, link0=link0, nodeid=nodeid,
-                                       votes=votes, force=force)
+                                       votes=votes, force=force, links=links or {})
         except LifecycleError as exc:
             message = f"joining a cluster failed: {exc}"
             log.warning("%s", message)
@@ -185,7 +196,8 @@ class Lifecycle:
             raise
 
     async def _add(self, host: str | None, token_text: str, *, link0: str | None,
-                   nodeid: int | None, votes: int, force: bool) -> dict[str, Any]:
+                   nodeid: int | None, votes: int, force: bool,
+                   links: Mapping[int, str]) -> dict[str, Any]:
         self._require_standalone()
         try:
             token = decode_token(token_text)
@@ -194,10 +206,11 @@ class Lifecycle:
         except TokenError as exc:
             raise LifecycleError(str(exc)) from None
         address = link0 or await _source_address(target, port)
-        _require_local(address)
+        addrs = _local_links(address, links)
         guests = self._guest_configs()
         request = {"secret": base64.b64encode(token.secret).decode(),
-                   "name": self.node.node_name, "address": address, "nodeid": nodeid,
+                   "name": self.node.node_name, "address": address,
+                   "links": edit.links_to_wire(links), "nodeid": nodeid,
                    "votes": votes, "vmids": sorted({guest.vmid for guest in (
                        guest_config(path) for path, _ in guests) if guest is not None}),
                    "force": force}
@@ -209,7 +222,7 @@ class Lifecycle:
         if answer.get("ok") is not True:
             raise LifecycleError(f"the cluster refused the join: "
                                  f"{answer.get('error', 'no reason given')}")
-        text, authkey, my_id = _joined_files(answer, self.node.node_name)
+        text, authkey, my_id = _joined_files(answer, self.node.node_name, addrs)
         config = _config_of(text)
         backup: list[Path] = []
 
@@ -331,8 +344,10 @@ def _config_of(text: str) -> conf.ClusterConfig:
     return config
 
 
-def _joined_files(answer: dict[str, Any], name: str) -> tuple[str, bytes, int]:
-    """(corosync.conf, authkey, this node's id) from the member's answer, checked."""
+def _joined_files(answer: dict[str, Any], name: str,
+                  addrs: Mapping[int, str]) -> tuple[str, bytes, int]:
+    """(corosync.conf, authkey, this node's id) from the member's answer, checked: the
+    corosync.conf lists this node with that id and the addresses it asked for."""
     try:
         text, nodeid = answer["corosync_conf"], answer["nodeid"]
         authkey = base64.b64decode(answer["authkey"], validate=True)
@@ -341,7 +356,7 @@ def _joined_files(answer: dict[str, Any], name: str) -> tuple[str, bytes, int]:
     if not isinstance(text, str) or not isinstance(nodeid, int) or not authkey:
         raise LifecycleError("the member's answer is malformed")
     me = _config_of(text).node_by_name(name)
-    if me is None or me.nodeid != nodeid:
+    if me is None or me.nodeid != nodeid or dict(me.addrs) != dict(addrs):
         raise LifecycleError("the member's corosync.conf does not list this node as agreed")
     return text, authkey, nodeid
 
@@ -373,6 +388,24 @@ async def _source_address(host: str, port: int) -> str:
     except (OSError, IndexError) as exc:
         raise LifecycleError(f"cannot tell which address of this host reaches {host}: {exc}; "
                              "give --link0 ADDR") from None
+
+
+def _local_links(address: str, links: Mapping[int, str] | None) -> dict[int, str]:
+    """This node's addresses by link number (`edit.node_links`), each one of this host's."""
+    try:
+        addrs = edit.node_links(address, links)
+    except edit.EditError as exc:
+        raise LifecycleError(str(exc)) from None
+    for value in addrs.values():
+        _require_local(value)
+    return addrs
+
+
+def _addresses_text(addrs: Mapping[int, str]) -> str:
+    """"10.0.0.1", or with more links "10.0.0.1 (link 0), 10.1.0.1 (link 1)"."""
+    if len(addrs) == 1:
+        return next(iter(addrs.values()))
+    return ", ".join(f"{value} (link {number})" for number, value in sorted(addrs.items()))
 
 
 def _require_local(address: str) -> None:
