@@ -13,7 +13,8 @@ Each (peer, link) pair is a *path* with its own heartbeat:
 * Every `ping_interval_ms` a `Ping` with a new sequence number is due on every path, connected or
   not (a dead link must be probed to notice that it is back). The peer echoes it as a `Pong`
   (`on_ping` builds the answer; it keeps no state).
-* A pong counts only when it answers a ping this object sent on that path, less than
+* A pong counts only when it answers a ping this object sent on that path (one of the newest
+  `MAX_OUTSTANDING_PINGS`, so a silent path costs bounded memory), less than
   `ping_timeout_ms` ago (knet discards pongs whose latency exceeds the timeout), and newer than
   the last counted one (duplicates and reordered old answers are ignored). Sequence numbers are
   unique across paths, so a pong cannot count on a link other than its ping's. Unknown peers,
@@ -43,6 +44,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
+
+MAX_OUTSTANDING_PINGS = 64  # pings per path awaiting a pong; older ones can no longer count
 
 LinkMode: TypeAlias = Literal["passive", "active"]
 
@@ -177,6 +180,8 @@ class LinkHealth:
             seq = self._next_seq
             self._next_seq += 1
             path.sent[seq] = now
+            if len(path.sent) > MAX_OUTSTANDING_PINGS:  # a silent path: keep the newest only
+                del path.sent[min(path.sent)]
             path.next_ping_at = now + self._links[number].ping_interval_ms
             due.append(Ping(peer=peer, link=number, seq=seq, sent_at=now))
         return due
@@ -209,7 +214,8 @@ class LinkHealth:
     def _expire(self, now: int) -> None:
         for (peer, number), path in self._paths.items():
             timeout = self._links[number].ping_timeout_ms
-            path.sent = {s: at for s, at in path.sent.items() if now - at < timeout}
+            if path.sent and now - min(path.sent.values()) >= timeout:
+                path.sent = {s: at for s, at in path.sent.items() if now - at < timeout}
             if path.last_pong is None or now - path.last_pong < timeout:
                 continue
             path.last_pong = None

@@ -43,7 +43,14 @@ failure leaves the transport as it was. `links_status` is what `pmxfs links` sho
 its cable were pulled.
 
 Counters: those of `UdpTransport` plus `duplicate_frames`, `link_mismatch`, `pings_sent`,
-`pongs_sent`, `pongs_received`, and per link `link<N>_sent` / `link<N>_received` (totem frames).
+`pongs_sent`, `pongs_received`, `bad_payload`, and per link `link<N>_sent` /
+`link<N>_received` (totem frames).
+
+Limits (documented, not bugs): heartbeats run only while a task is in `recv`, so a core loop
+that stalls longer than the ping timeout marks links down until it resumes (traffic then goes on
+every link; nothing is lost). All links share the sender's one replay window: a frame overtaken
+by more than the window on a slow link is refused as a replay, and an active-mode copy that
+arrives after `RECENT_FRAMES` newer frames counts as a replay rather than a duplicate.
 """
 
 from __future__ import annotations
@@ -101,8 +108,10 @@ LINK_MISMATCH: Final = "link_mismatch"
 PINGS_SENT: Final = "pings_sent"
 PONGS_SENT: Final = "pongs_sent"
 PONGS_RECEIVED: Final = "pongs_received"
+BAD_PAYLOAD: Final = "bad_payload"  # authentic, but neither a totem frame nor a heartbeat
 KNET_COUNTERS: Final = (*TRANSPORT_COUNTERS, DUPLICATE_FRAMES, LINK_MISMATCH, PINGS_SENT,
-                        PONGS_SENT, PONGS_RECEIVED)
+                        PONGS_SENT, PONGS_RECEIVED, BAD_PAYLOAD)
+MAX_NODE_ID: Final = 2**32 - 1
 
 LinkListener = Callable[[LinkEvent], None]
 
@@ -119,6 +128,7 @@ class LinkSpec:
     ping_timeout_ms: int
     pong_count: int
     addresses: Mapping[int, str]
+    families: tuple[int, ...] = (0,)  # address families to try for host names, in order
 
     def health(self) -> LinkConfig:
         return LinkConfig(number=self.number, priority=self.priority,
@@ -140,6 +150,8 @@ class LinkStatus:
 def link_specs(config: conf.ClusterConfig) -> tuple[LinkSpec, ...]:
     """The links of a (validated) knet config, with every node's address on each."""
     specs = []
+    families = tuple(socket.AF_INET6 if v == 6 else socket.AF_INET
+                     for v in conf.ip_versions(config))
     for s in conf.link_settings(config):
         addresses = {}
         for node in config.nodes:
@@ -149,7 +161,7 @@ def link_specs(config: conf.ClusterConfig) -> tuple[LinkSpec, ...]:
         specs.append(LinkSpec(number=s.number, port=s.port, priority=s.priority,
                               ping_interval_ms=s.ping_interval_ms,
                               ping_timeout_ms=s.ping_timeout_ms, pong_count=s.pong_count,
-                              addresses=addresses))
+                              addresses=addresses, families=families))
     return tuple(specs)
 
 
@@ -195,15 +207,19 @@ def _check_specs(node_id: int, specs: Sequence[LinkSpec]) -> frozenset[int]:
             raise ValueError(f"link {s.number}: port {s.port} is out of range (1-65535)")
     if node_id not in nodes:
         raise ValueError(f"node {node_id} is not in the address map")
+    bad = sorted(n for n in nodes if not 1 <= n <= MAX_NODE_ID)
+    if bad:
+        raise ValueError(f"node id(s) {bad} out of range (1-{MAX_NODE_ID})")
     return nodes
 
 
 async def _resolve_link(node_id: int, spec: LinkSpec) -> tuple[_Addr, dict[int, _Addr]]:
     """This node's and the peers' addresses on one link, in one address family; host names are
     resolved here (a one-line `TransportError` when one cannot be)."""
-    family = _literal_family(spec.addresses.values())
+    literal = _literal_family(spec.addresses.values())
     try:
-        own = await _resolve(spec.addresses[node_id], spec.port, family)
+        own = await _resolve_first(spec.addresses[node_id], spec.port,
+                                   (literal,) if literal else spec.families)
         peers = {}
         for nid, host in sorted(spec.addresses.items()):
             if nid != node_id:
@@ -211,6 +227,18 @@ async def _resolve_link(node_id: int, spec: LinkSpec) -> tuple[_Addr, dict[int, 
     except TransportError as exc:
         raise TransportError(f"link {spec.number}: {exc}", exc.errno) from None
     return own, peers
+
+
+async def _resolve_first(host: str, port: int, families: tuple[int, ...]) -> _Addr:
+    """`host` in the first of `families` (totem.ip_version's order) it resolves in."""
+    error: TransportError | None = None
+    for family in families:
+        try:
+            return await _resolve(host, port, family)
+        except TransportError as exc:
+            error = error or exc
+    assert error is not None
+    raise error
 
 
 class KnetTransport:
@@ -241,6 +269,7 @@ class KnetTransport:
             self._link_counters(number)
         self._epoch = trio.current_time()
         self._due: int | None = health.next_deadline()
+        self._waiting: trio.CancelScope | None = None  # the receiving task's wait, if any
         self._routes: dict[int, tuple[int, ...]] = {}
         self._find_routes()
 
@@ -430,11 +459,17 @@ class KnetTransport:
                 batch.append(frame)
         return batch
 
+    def _deadline(self) -> float:
+        """The next heartbeat deadline on trio's clock (inf: none)."""
+        return float("inf") if self._due is None else self._epoch + self._due / 1000
+
     async def _wait(self) -> None:
-        """Until a link's socket is readable or the next heartbeat deadline."""
-        deadline = float("inf") if self._due is None else self._epoch + self._due / 1000
-        with trio.move_on_at(deadline), contextlib.suppress(trio.ClosedResourceError):
+        """Until a link's socket is readable or the next heartbeat deadline, which a change of
+        the links or of the health may bring forward while waiting (`_after_health`)."""
+        with trio.move_on_at(self._deadline()) as self._waiting, \
+                contextlib.suppress(trio.ClosedResourceError):
             await trio.lowlevel.wait_readable(self._epoll)
+        self._waiting = None
 
     def _poll(self) -> tuple[_Link, bytes, SockAddr] | OSError | None:
         """One datagram from whichever link has one (round robin), an error, or None."""
@@ -492,7 +527,8 @@ class KnetTransport:
     def _heartbeat(self, link: _Link, sender: int, kind: bytes, payload: bytes) -> None:
         """A ping (answered with a pong on the same link) or a pong (to the link health)."""
         if len(payload) != 1 + _BEAT.size or kind not in (PING, PONG):
-            self._log.note("bad_payload", f"node {sender} sent an unknown kind of frame")
+            self._counters[BAD_PAYLOAD] += 1
+            self._log.note(BAD_PAYLOAD, f"node {sender} sent an unknown kind of frame")
             return
         number, seq = _BEAT.unpack_from(payload, 1)
         if number != link.spec.number:
@@ -518,11 +554,9 @@ class KnetTransport:
 
     def _tick(self) -> None:
         """Timeouts and the pings that are due, when the health's deadline has come."""
-        if self._due is None:
+        if self._due is None or trio.current_time() < self._deadline():
             return
-        now = self._now()
-        if now < self._due:
-            return
+        now = max(self._now(), self._due)  # the wait ends at the deadline, ms floor may not
         self._health.on_timer(now)
         for ping in self._health.pings_due(now):
             link = self._links.get(ping.link)
@@ -539,6 +573,8 @@ class KnetTransport:
 
     def _after_health(self) -> None:
         self._due = self._health.next_deadline()
+        if self._waiting is not None:
+            self._waiting.deadline = self._deadline()
         events = self._health.events()
         if events:
             self._find_routes()

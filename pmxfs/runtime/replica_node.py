@@ -778,13 +778,18 @@ class ReplicaNode:
             log.info("transport: nodelist now %s", ", ".join(
                 f"{nid}={addr}" for nid, addr in sorted(wanted.items())))
 
-    @staticmethod
-    async def _apply_links(transport: KnetTransport, config: ClusterConfig) -> None:
+    async def _apply_links(self, transport: KnetTransport, config: ClusterConfig) -> None:
+        """The config's links into the transport; one it cannot take (a name that does not
+        resolve, a port in use) leaves the links as they were and is named in `status` as
+        needing a restart, besides the log."""
         try:
             specs = link_specs(config)
             await transport.set_links(specs, link_mode(config))
         except (OSError, ValueError) as exc:
             log.error("cannot take the new corosync.conf's links: %s", exc)
+            reason = f"links of config_version {config.config_version} not taken: {exc}"
+            if reason not in self.restart_needed:
+                self.restart_needed.append(reason)
             return
         log.info("transport: links now %s", "; ".join(
             f"link {s.number} port {s.port}: " + ", ".join(
