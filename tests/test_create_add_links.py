@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+from cpg_harness import PORT_RANGE
 from test_attach import Nodes, settled
 
 from pmxfs import cli
@@ -56,8 +57,9 @@ def _lifecycle(tmp_path: Path, name: str, node: ReplicaNode, join_port: int) -> 
 
 async def test_a_node_joins_a_two_link_cluster_with_an_address_on_each_link(
         nodes: Nodes, tmp_path: Path) -> None:
-    port = random.randrange(20000, 60000, 2)  # link 0 on port, link 1 on port + 1
-    join_port = random.randrange(20000, 60000, 2) + 1
+    # below Linux's ephemeral ports, so no outgoing connection holds them
+    port = random.randrange(*PORT_RANGE, 2)  # link 0 on port, link 1 on port + 1
+    join_port = random.randrange(*PORT_RANGE, 2) + 1
     with trio.fail_after(TIMEOUT_S):
         first = nodes.start("node1", nodes.standalone("node1"))
         joiner = nodes.start("node2", nodes.standalone("node2"))
