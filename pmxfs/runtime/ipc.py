@@ -36,11 +36,12 @@ Commands: "status" -> `node.status()`; "nodes" -> `node.nodes()`; "links" -> {"l
 {"votes": N} -> {"expected_votes": N} or the refusal's reason as error; "log" {"priority",
 "tag", "user", "pid", "msg"} -> None; "debug" {"topic"} -> `node.debug(topic)`. The cluster's
 life (root only, each argument present, null where optional; `LifecycleControl`): "create"
-{"cluster_name", "link0", "nodeid", "votes", "port"}, "join-token" {"ttl"}, "add" {"host",
-"token", "link0", "nodeid", "votes", "force"}, "delnode" {"name"}; a refusal is the error
-answer. The quorum device (root only; `QdeviceControl`, runtime/qdevice_setup.py):
-"qdevice-setup" {"address", "token", "algorithm", "tie_breaker", "force"} (algorithm null:
-pvecm's choice), "qdevice-remove" {}.
+{"cluster_name", "link0", "nodeid", "votes", "port"} and optionally "links" ({"N": "ADDR"}: links
+1-7) and "transport", "join-token" {"ttl"}, "add" {"host", "token", "link0", "nodeid", "votes",
+"force"} and optionally "links", "delnode" {"name"}; a refusal is the error answer. The quorum
+device (root only; `QdeviceControl`, runtime/qdevice_setup.py): "qdevice-setup" {"address",
+"token", "algorithm", "tie_breaker", "force"} (algorithm null: pvecm's choice),
+"qdevice-remove" {}.
 
 The client, `request(path, cmd, **args)`, is blocking (the CLI has no event loop): one connection
 per request, `TIMEOUT_S` for an answer (`EXPECTED_TIMEOUT_S` for "expected", which waits for the
@@ -62,6 +63,7 @@ from typing import Any, Protocol, TypeVar
 import msgpack
 import trio
 
+from pmxfs.core.conf import edit
 from pmxfs.core.errors import LocalError
 from pmxfs.core.memdb import mode_of
 from pmxfs.runtime.ipc_client import (
@@ -382,23 +384,27 @@ class _Server:
     @staticmethod
     async def _lifecycle(lifecycle: LifecycleControl, cmd: str, args: dict[str, Any]) -> Any:
         if cmd == "create":
-            _expect_args(cmd, args, "cluster_name", "link0", "nodeid", "votes", "port")
+            _expect_args(cmd, args, "cluster_name", "link0", "nodeid", "votes", "port", "links",
+                         "transport")
             return await lifecycle.create(
                 _arg(args, "cluster_name", str), link0=_optional(args, "link0", str),
                 nodeid=_arg(args, "nodeid", int), votes=_arg(args, "votes", int),
-                port=_optional(args, "port", int))
+                port=_optional(args, "port", int), links=edit.links_from_wire(args.get("links")),
+                transport=_optional(args, "transport", str))
         if cmd == "join-token":
             _expect_args(cmd, args, "ttl")
             return await lifecycle.join_token(_arg(args, "ttl", int))
         if cmd == "add":
-            _expect_args(cmd, args, "host", "token", "link0", "nodeid", "votes", "force")
+            _expect_args(cmd, args, "host", "token", "link0", "nodeid", "votes", "force",
+                         "links")
             force = args.get("force")
             if not isinstance(force, bool):
                 raise ControlError("argument 'force' must be of type bool")
             return await lifecycle.add(
                 _optional(args, "host", str), _arg(args, "token", str),
                 link0=_optional(args, "link0", str), nodeid=_optional(args, "nodeid", int),
-                votes=_arg(args, "votes", int), force=force)
+                votes=_arg(args, "votes", int), force=force,
+                links=edit.links_from_wire(args.get("links")))
         _expect_args(cmd, args, "name")
         return await lifecycle.delnode(_arg(args, "name", str))
 

@@ -6,7 +6,7 @@ methods are called from the node's one trio thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from pmxfs.core.fsop import FsOp
@@ -74,11 +74,13 @@ class LifecycleControl(Protocol):
     returns a JSON-able answer or raises a `LocalError` whose text is the refusal."""
 
     async def create(self, cluster_name: str, *, link0: str | None, nodeid: int, votes: int,
-                     port: int | None) -> dict[str, Any]: ...
+                     port: int | None, links: Mapping[int, str] | None = None,
+                     transport: str | None = None) -> dict[str, Any]: ...
 
     async def join_token(self, ttl: int) -> dict[str, Any]: ...
 
     async def add(self, host: str | None, token_text: str, *, link0: str | None,
-                  nodeid: int | None, votes: int, force: bool) -> dict[str, Any]: ...
+                  nodeid: int | None, votes: int, force: bool,
+                  links: Mapping[int, str] | None = None) -> dict[str, Any]: ...
 
     async def delnode(self, name: str) -> dict[str, Any]: ...
