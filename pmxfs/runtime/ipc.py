@@ -9,11 +9,11 @@ connection's peer is identified with SO_PEERCRED (pid, uid, gid):
 
 * uid 0 (or the daemon's own uid) may do everything;
 * a peer whose gid, or one of whose supplementary groups (the `Groups:` line of
-  /proc/<pid>/status), is www-data may only read: `status`, `nodes`, `links` and the `debug`
-  topics other than `verify`. It sees what the mount shows it and no more: the mount gives private
-  directories (`priv/`, `nodes/<node>/priv/`) no group permissions, so www-data cannot list
-  them, and `debug tree` leaves out every entry inside one too (the other topics carry counters,
-  node names and checksums, no file names);
+  /proc/<pid>/status), is www-data may only read: `status`, `nodes`, `links`, `metrics` and the
+  `debug` topics other than `verify`. It sees what the mount shows it and no more: the mount
+  gives private directories (`priv/`, `nodes/<node>/priv/`) no group permissions, so www-data
+  cannot list them, and `debug tree` leaves out every entry inside one too (the other topics and
+  `metrics` carry counters, node names and checksums, no file names);
 * anyone else is refused: every request gets a "permission denied" answer.
 
 Each class of peer -- root (and the daemon's uid), everyone else -- may hold at most
@@ -34,7 +34,9 @@ an unknown command or bad arguments gets an error answer and the connection stay
 Commands: "status" -> `node.status()`; "nodes" -> `node.nodes()`; "links" -> {"links": the
 "links" list of `node.status()`} (one entry per peer and link, `pmxfs links`); "expected"
 {"votes": N} -> {"expected_votes": N} or the refusal's reason as error; "log" {"priority",
-"tag", "user", "pid", "msg"} -> None; "debug" {"topic"} -> `node.debug(topic)`. The cluster's
+"tag", "user", "pid", "msg"} -> None; "debug" {"topic"} -> `node.debug(topic)`; "metrics" ->
+{"text": the Prometheus text exposition} (the `metrics` callable the daemon passes in,
+runtime/node_metrics.py). The cluster's
 life (root only, each argument present, null where optional; `LifecycleControl`): "create"
 {"cluster_name", "link0", "nodeid", "votes", "port"} and optionally "links" ({"N": "ADDR"}: links
 1-7) and "transport", "join-token" {"ttl"}, "add" {"host", "token", "link0", "nodeid", "votes",
@@ -56,6 +58,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -129,6 +132,7 @@ async def serve_control(path: Path, node: ControlNode, *, www_data_gid: int | No
                         lifecycle: LifecycleControl | None = None,
                         qdevice: QdeviceControl | None = None,
                         counters: ControlCounters | None = None,
+                        metrics: Callable[[], str] | None = None,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on `path` and answer requests for `node` until cancelled; removes the socket then.
 
@@ -137,7 +141,7 @@ async def serve_control(path: Path, node: ControlNode, *, www_data_gid: int | No
     """
     sock, inode = await _bind(path, www_data_gid)
     server = _Server(node, lifecycle, qdevice, www_data_gid,
-                     counters if counters is not None else ControlCounters())
+                     counters if counters is not None else ControlCounters(), metrics)
     try:
         async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, server.handle, [listener])
@@ -214,8 +218,9 @@ class _BadFrame(Exception):
 class _Server:
     def __init__(self, node: ControlNode, lifecycle: LifecycleControl | None,
                  qdevice: QdeviceControl | None, www_data_gid: int | None,
-                 counters: ControlCounters) -> None:
+                 counters: ControlCounters, metrics: Callable[[], str] | None = None) -> None:
         self.node = node
+        self.metrics = metrics
         self.lifecycle = lifecycle
         self.qdevice = qdevice
         self.www_data_gid = www_data_gid
@@ -317,6 +322,11 @@ class _Server:
         if cmd == "nodes":
             _expect_args(cmd, args)
             return self.node.nodes()
+        if cmd == "metrics":
+            _expect_args(cmd, args)
+            if self.metrics is None:
+                raise ControlError("this daemon serves no metrics")
+            return {"text": self.metrics()}
         if cmd == "links":
             _expect_args(cmd, args)
             return {"links": self.node.status().get("links", [])}

@@ -5,7 +5,9 @@ wait). The persister thread takes whatever is queued when it wakes, commits it i
 transaction (group commit: one fsync for all of it), and reports the last one done back into the
 trio thread with `TrioToken.run_sync_soon` (`on_done(last id, None)`, or `on_done(last id, the
 error)` after which it commits nothing more). Persists are committed in the order submitted, so
-"done up to id N" covers every earlier one.
+"done up to id N" covers every earlier one. Each commit is timed (monotonic clock, in the
+persister thread) and handed with the report to `on_commit(seconds, Persists in it)` in the trio
+thread: the database commit latency of `pmxfs metrics`.
 
 Why a thread of its own rather than `trio.to_thread` per commit: a commit is the only thing it
 does, and it does it thousands of times a second under load. Blocking on a queue and waking trio
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import trio
@@ -35,9 +38,11 @@ _STOP = None  # the queue's end marker
 
 class Persister:
     def __init__(self, database: Database,
-                 on_done: Callable[[int, Exception | None], None]) -> None:
+                 on_done: Callable[[int, Exception | None], None],
+                 on_commit: Callable[[float, int], None] | None = None) -> None:
         self._database = database
         self._on_done = on_done
+        self._on_commit = on_commit
         self._queue: queue.SimpleQueue[Persist | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -72,11 +77,15 @@ class Persister:
                     batch.append(item)
             error: Exception | None = None
             if batch:
+                started = time.monotonic()
                 try:
                     self._database.commit_many(batch)
                 except Exception as exc:
                     error = exc
+                seconds = time.monotonic() - started
                 try:
+                    if self._on_commit is not None and error is None:
+                        trio_token.run_sync_soon(self._on_commit, seconds, len(batch))
                     trio_token.run_sync_soon(self._on_done, batch[-1].id, error)
                 except trio.RunFinishedError:
                     return

@@ -111,6 +111,7 @@ from pmxfs.runtime.database import Database
 from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.knet_transport import KnetTransport, link_mode, link_specs
 from pmxfs.runtime.node_api import Invalidator
+from pmxfs.runtime.node_metrics import NodeStats
 from pmxfs.runtime.persister import Persister
 from pmxfs.runtime.ring_seq import RingSeqStore
 
@@ -237,6 +238,7 @@ class ReplicaNode:
         self._members_version = 0
         self._vmlist_version = 0
         self._counters = ChangeCounters()
+        self.stats = NodeStats()  # for metrics (runtime/node_metrics.py); kept across attaches
         self.restart_needed: list[str] = []  # config changes this run could not take
         self._joined: dict[int, int] = {}  # node id -> when it joined this node's ring (wall s)
         self.synced_once = trio.Event()
@@ -259,7 +261,8 @@ class ReplicaNode:
         self._generation += 1
         self.loop = CoreLoop(self.transport, self._flush)
         self._persister = Persister(self.database,
-                                    functools.partial(self._persisted, self._generation))
+                                    functools.partial(self._persisted, self._generation),
+                                    on_commit=self.stats.note_commit)
         self._joined = {}
         self._wanted_addresses: dict[int, str] = {}
         self._wanted_links: ClusterConfig | None = None  # knet: the config whose links to take
@@ -349,8 +352,11 @@ class ReplicaNode:
         if not await self._admitted():
             return Reply(0, E.EAGAIN, SWITCHING)
         request = self._new_request()
+        started = time.monotonic()
         self.replica.propose(self.now(), request, op)
+        self.stats.proposed += 1
         reply = await self._wait(request)
+        self.stats.note_reply(reply.errno, time.monotonic() - started)
         if reply.errno == E.EINVAL and COROSYNC_CONF in op_paths(op):
             await self._explain_refused_config(op)
         return reply
@@ -440,6 +446,10 @@ class ReplicaNode:
         return [{"nodeid": i.nodeid, "name": i.name, "link": 0, "address": i.addr,
                  "connected": i.nodeid in ring, "active": i.nodeid in ring}
                 for i in self.infos if i.nodeid != self.node_id]
+
+    def pending_writes(self) -> int:
+        """Writes and control requests waiting for their answer now (metrics)."""
+        return len(self._waiters)
 
     def nodes(self) -> list[dict[str, Any]]:
         online = set(self.replica.status().members)
@@ -636,6 +646,7 @@ class ReplicaNode:
         synced = self.replica.synced()
         if synced:
             self.synced_once.set()
+        self.stats.note_synced(synced, time.monotonic())
         state = (self.quorate(), synced)
         if state != self._writable_state:
             self._writable_state = state
@@ -705,6 +716,7 @@ class ReplicaNode:
 
     def _on_confchg(self, c: ConfChange) -> None:
         if c.kind is ConfChangeKind.REGULAR:
+            self.stats.membership_changes += 1
             now = self.wall_seconds()
             self._joined = {m: self._joined.get(m, now) for m in c.members}
             self._members_version += 1
