@@ -76,6 +76,7 @@ COMMANDS: tuple[tuple[str, str, str | None], ...] = (
     ("qdevice", "set up or remove a quorum device (like pvecm qdevice)", "qdevice"),
     ("qnetd", "the quorum device's arbiter, on a machine outside the cluster", "qnetd"),
     ("log", "add a message to the cluster log", "log"),
+    ("metrics", "the daemon's metrics in Prometheus text format", "metrics"),
     ("debug", "inspect a ring or a running node", None),
 )
 

@@ -27,6 +27,7 @@ from pmxfs.commands import (
     keygen,
     links,
     log,
+    metrics,
     nodes,
     qdevice,
     qnetd,
@@ -34,7 +35,7 @@ from pmxfs.commands import (
 )
 
 COMMANDS = [(), ("daemon",), ("demo",), ("status",), ("nodes",), ("links",), ("expected",),
-            ("log",),
+            ("log",), ("metrics",),
             ("create",), ("join-token",), ("add",), ("delnode",), ("qdevice",),
             ("qdevice", "setup"), ("qdevice", "remove"), ("qnetd",), ("qnetd", "init"),
             ("qnetd", "token"),
@@ -42,7 +43,7 @@ COMMANDS = [(), ("daemon",), ("demo",), ("status",), ("nodes",), ("links",), ("e
             ("db", "dump"), ("db", "backup"), ("db", "restore"), ("debug",), ("debug", "cpg"),
             *(("debug", topic) for topic in debug.DEBUG_TOPICS)]
 MODULES = [add, cli, config_check, control, create, daemon, db, debug, debug_cpg, delnode, demo,
-           expected, join_token, keygen, links, log, nodes, qdevice, qnetd, status]
+           expected, join_token, keygen, links, log, metrics, nodes, qdevice, qnetd, status]
 DAEMON_DEFAULTS = ["/etc/pmxfs/corosync.conf", "/etc/pmxfs/authkey", "/etc/pve",
                    "/var/lib/pmxfs", "/run/pmxfs"]
 

@@ -5,7 +5,6 @@ is assembled by `pmxfs.runtime.daemon`."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,9 @@ from pathlib import Path
 from pmxfs.commands import control
 from pmxfs.core.join_token import JOIN_PORT
 from pmxfs.core.replica import DEFAULT_VERIFY_INTERVAL_MS
+from pmxfs.runtime import log_setup
 from pmxfs.runtime.daemon import DaemonSettings, serve
+from pmxfs.runtime.metrics_http import MetricsListenError, parse_listen
 
 DEFAULT_CONFIG = "/etc/pmxfs/corosync.conf"
 DEFAULT_AUTHKEY = "/etc/pmxfs/authkey"
@@ -25,8 +26,11 @@ Run this node of the cluster in the foreground: join the ring described by --con
 replicated tree in DATA_DIR/config.db and mount it with FUSE at --mount. Without --config (a
 fresh host) it runs standalone -- a one-node tree, always quorate, as pmxcfs does -- until
 `pmxfs create` or `pmxfs add` makes it a cluster node, without a restart. The client commands
-(`pmxfs status`, `nodes`, `expected`, `log`, `debug`) talk to it over RUN_DIR/pmxfs.sock. It
-logs to stderr. systemd/pmxfs.service runs it with the default paths.
+(`pmxfs status`, `nodes`, `expected`, `log`, `metrics`, `debug`) talk to it over
+RUN_DIR/pmxfs.sock. It logs to stderr, one line per event; a message repeated within 30 s is
+written once and then counted ("... last message repeated N times"); under systemd each line
+carries its syslog level for the journal. --metrics-listen serves Prometheus metrics over HTTP.
+systemd/pmxfs.service runs it with the default paths.
 
 --data-dir, --run-dir and the mount point are created when missing, and the log says so; their
 parent directories are not (a mistyped path is refused). The mount point must be an empty
@@ -72,6 +76,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-realtime", dest="realtime", action="store_false",
                    help="stay at normal scheduling priority (by default the daemon runs under "
                         "SCHED_RR, as corosync does, so busy cores do not delay the token)")
+    p.add_argument("--metrics-listen", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics (default: off; "
+                        "`pmxfs metrics` prints them without it)")
     p.add_argument("--verify-interval", type=int, default=DEFAULT_VERIFY_INTERVAL_MS // 1000,
                    metavar="SECONDS", help=argparse.SUPPRESS)
     p.set_defaults(handler=run)
@@ -79,12 +86,25 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of `pmxfs daemon`; returns the exit status."""
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s pmxfs[%(process)d]: %(message)s",
-                        level=logging.DEBUG if args.debug else logging.INFO)
+    metrics_listen = None
+    if args.metrics_listen is not None:
+        try:
+            metrics_listen = parse_listen(args.metrics_listen)
+        except MetricsListenError as exc:
+            print(f"pmxfs: {exc}", file=sys.stderr)
+            return 2
+    handler = log_setup.install(debug=args.debug)
+    try:
+        return _serve(args, metrics_listen)
+    finally:
+        handler.flush_repeats()
+
+
+def _serve(args: argparse.Namespace, metrics_listen: tuple[str, int] | None) -> int:
     return serve(DaemonSettings(
         config=Path(args.config).absolute(), authkey=Path(args.authkey), node=args.node,
         mount=Path(os.path.realpath(args.mount)),  # as the mount table names it
         data_dir=Path(args.data_dir).absolute(),
         run_dir=Path(args.run_dir or args.global_run_dir), local=args.local,
         verify_interval_ms=args.verify_interval * 1000, realtime=args.realtime,
-        join_port=args.join_port))
+        join_port=args.join_port, metrics_listen=metrics_listen))

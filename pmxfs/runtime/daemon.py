@@ -16,7 +16,9 @@ Start-up, in an order where every failure is one clear line and leaves nothing b
    directory was restored from a backup comes back with its identity, as pmxcfs does);
 3. the transport, the replica node, the mount point (below), the mount;
 4. the control socket and the quorum-device client (runtime/qdevice_client.py, idle unless
-   corosync.conf configures a device), then `READY=1` to systemd once the mount answers.
+   corosync.conf configures a device), then `READY=1` to systemd once the mount answers. With
+   `--metrics-listen` its socket is bound before the mount (a refusal leaves nothing behind)
+   and serves /metrics (runtime/metrics_http.py) from step 4 on.
 
 The mount point never shows the plain directory underneath while the daemon is meant to serve it:
 * only an orderly stop, SIGTERM or SIGINT, unmounts (exit 0);
@@ -51,7 +53,7 @@ from pmxfs.core import conf
 from pmxfs.core.errors import LocalError
 from pmxfs.core.join_token import JOIN_PORT
 from pmxfs.core.memdb import COROSYNC_CONF, MemDB
-from pmxfs.runtime import attachments
+from pmxfs.runtime import attachments, metrics_http
 from pmxfs.runtime.cluster_tree import TREE_AUTHKEY
 from pmxfs.runtime.config_file import load_checked
 from pmxfs.runtime.data_dir_lock import DataDirLocked, lock_data_dir
@@ -60,6 +62,8 @@ from pmxfs.runtime.durable_file import write_file
 from pmxfs.runtime.fuse_ops import MOUNT_OPTIONS, PmxfsOperations
 from pmxfs.runtime.ipc import serve_control
 from pmxfs.runtime.lifecycle import Lifecycle, LifecycleSettings
+from pmxfs.runtime.metrics_http import serve_metrics
+from pmxfs.runtime.node_metrics import render_node
 from pmxfs.runtime.qdevice_client import QdeviceClient
 from pmxfs.runtime.qdevice_setup import QdeviceSetup
 from pmxfs.runtime.replica_node import Attachment, ReplicaNode
@@ -92,6 +96,7 @@ class DaemonSettings:
     verify_interval_ms: int
     realtime: bool = True  # run under SCHED_RR (runtime/scheduling.py), as corosync does
     join_port: int = JOIN_PORT  # TCP port of the join service (runtime/lifecycle.py)
+    metrics_listen: tuple[str, int] | None = None  # (host, port) of /metrics; None: off
 
 
 def serve(settings: DaemonSettings) -> int:
@@ -357,9 +362,25 @@ async def _node(settings: DaemonSettings, name: str, database: Database) -> Repl
 async def _mounted(node: ReplicaNode, settings: DaemonSettings) -> int:
     """Serve the mount until SIGTERM or SIGINT, which unmount (0). Anything else raises and
     leaves the mount dead (module docstring)."""
-    mount = settings.mount
     gid = _www_data_gid()
     ops = PmxfsOperations(node, gid=gid)
+    metrics_listeners: list[trio.SocketListener] = []
+    if settings.metrics_listen is not None:
+        try:
+            metrics_listeners = await metrics_http.listen(*settings.metrics_listen)
+        except metrics_http.MetricsListenError as exc:
+            raise StartupError(str(exc)) from None
+    try:
+        return await _mounted_with(node, settings, ops, gid, metrics_listeners)
+    finally:
+        for listener in metrics_listeners:
+            await trio.aclose_forcefully(listener)
+
+
+async def _mounted_with(node: ReplicaNode, settings: DaemonSettings, ops: PmxfsOperations,
+                        gid: int, metrics_listeners: list[trio.SocketListener]) -> int:
+    """`_mounted` once the metrics socket (if any) is bound."""
+    mount = settings.mount
     _prepare_mount_point(mount)
     options = set(pyfuse3.default_options) | set(MOUNT_OPTIONS)
     try:
@@ -372,7 +393,7 @@ async def _mounted(node: ReplicaNode, settings: DaemonSettings) -> int:
     stopped = False
     try:
         await _serve_until_signal(node, ops, lifecycle, settings.run_dir / "pmxfs.sock", mount,
-                                  gid)
+                                  gid, metrics_listeners)
         stopped = True
     finally:
         if not stopped:
@@ -384,8 +405,10 @@ async def _mounted(node: ReplicaNode, settings: DaemonSettings) -> int:
 
 
 async def _serve_until_signal(node: ReplicaNode, ops: PmxfsOperations, lifecycle: Lifecycle,
-                              socket_path: Path, mount: Path, gid: int) -> None:
+                              socket_path: Path, mount: Path, gid: int,
+                              metrics_listeners: list[trio.SocketListener]) -> None:
     qdevice = QdeviceSetup(node, lifecycle.tree, lifecycle.lock)
+    metrics = functools.partial(render_node, node)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.run)
@@ -395,7 +418,9 @@ async def _serve_until_signal(node: ReplicaNode, ops: PmxfsOperations, lifecycle
             nursery.start_soon(QdeviceClient(node).run)
             await nursery.start(functools.partial(
                 serve_control, socket_path, node, lifecycle=lifecycle, qdevice=qdevice,
-                www_data_gid=gid or None))
+                www_data_gid=gid or None, metrics=metrics))
+            if metrics_listeners:
+                await nursery.start(serve_metrics, metrics_listeners, metrics)
             nursery.start_soon(_ready_when_mounted, mount, node)
             async for signum in signals:
                 log.info("signal %d: unmounting %s and stopping", signum, mount)
