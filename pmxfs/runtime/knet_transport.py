@@ -74,11 +74,11 @@ from pmxfs.runtime.transport import (
     ADDRESS_MISMATCH,
     DATAGRAMS_RECEIVED,
     DATAGRAMS_SENT,
-    MAX_CONSECUTIVE_RECV_ERRORS,
     RECV_BUFFER_BYTES,
     RECV_FAILED,
     SEND_FAILED,
     TRANSPORT_COUNTERS,
+    FrameReceiver,
     SockAddr,
     TransportError,
     _Addr,
@@ -241,7 +241,7 @@ async def _resolve_first(host: str, port: int, families: tuple[int, ...]) -> _Ad
     raise error
 
 
-class KnetTransport:
+class KnetTransport(FrameReceiver[tuple["_Link", bytes, SockAddr]]):
     """One node's end of a knet cluster network; create with `await KnetTransport.open(...)`."""
 
     def __init__(self, *, node_id: int, crypto: FrameCrypto, links: dict[int, _Link],
@@ -410,55 +410,6 @@ class KnetTransport:
 
     # ------------------------------------------------------------------ receiving
 
-    async def recv(self) -> tuple[int, bytes]:
-        """The next authentic, fresh totem frame: (sender node id, payload). Heartbeats are
-        sent and answered meanwhile; everything else is dropped and counted. Raises
-        `trio.ClosedResourceError` once closed."""
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this transport")
-        self._receiving = True
-        try:
-            errors = 0
-            waited = False
-            while True:
-                if not waited:
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                if self._closed:
-                    raise trio.ClosedResourceError("the transport is closed")
-                self._tick()
-                got = self._poll()
-                if got is None:
-                    await self._wait()
-                    waited = True
-                    continue
-                if not waited:  # a datagram taken must not be lost to a cancellation
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                waited = False
-                if isinstance(got, OSError):
-                    errors += 1
-                    if errors >= MAX_CONSECUTIVE_RECV_ERRORS:
-                        raise TransportError(f"receiving keeps failing: {got}", got.errno)
-                    continue
-                errors = 0
-                frame = self._accept(*got)
-                if frame is not None:
-                    return frame
-        finally:
-            self._receiving = False
-
-    async def recv_batch(self, limit: int = 64) -> list[tuple[int, bytes]]:
-        """At least one frame (waiting for it as `recv` does), plus those already queued, up to
-        `limit`."""
-        batch = [await self.recv()]
-        while len(batch) < limit and not self._closed:
-            got = self._poll()
-            if got is None or isinstance(got, OSError):
-                break
-            frame = self._accept(*got)
-            if frame is not None:
-                batch.append(frame)
-        return batch
-
     def _deadline(self) -> float:
         """The next heartbeat deadline on trio's clock (inf: none)."""
         return float("inf") if self._due is None else self._epoch + self._due / 1000
@@ -491,7 +442,8 @@ class KnetTransport:
             return link, data, tuple(src)
         return None
 
-    def _accept(self, link: _Link, data: bytes, src: SockAddr) -> tuple[int, bytes] | None:
+    def _accept(self, datagram: tuple[_Link, bytes, SockAddr]) -> tuple[int, bytes] | None:
+        link, data, src = datagram
         self._counters[DATAGRAMS_RECEIVED] += 1
         try:
             sender = self.crypto.claimed_sender(data)

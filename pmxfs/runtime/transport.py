@@ -56,10 +56,11 @@ Each trip through trio's scheduler costs about as much as opening a frame (an ep
 task switch), so `recv` makes one per datagram, as trio's own sockets do: a cancellation is
 checked before a datagram is taken (it is never lost), then the call either waits for
 readability -- the one trip -- or, when a datagram was already queued, yields once without
-being cancellable. `recv_batch` takes the datagrams queued behind the first without yielding. A
-datagram from the sender's nodelist address is recognised by comparing the source text
-recvfrom gives with that address's canonical text; only a different spelling of the address
-(an IPv6 `%scope`, say) is parsed and compared as bytes.
+being cancellable. `recv_batch` takes the datagrams queued behind the first without yielding.
+That loop is `FrameReceiver`, which the knet transport shares. A datagram from the sender's
+nodelist address is recognised by comparing the source text recvfrom gives with that address's
+canonical text; only a different spelling of the address (an IPv6 `%scope`, say) is parsed and
+compared as bytes.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Generic, Literal, TypeVar
 
 import trio
 
@@ -314,7 +315,81 @@ class _RateLimitedLog:
         logger.warning("%s: %s%s", reason, detail, more)
 
 
-class UdpTransport:
+Datagram = TypeVar("Datagram")
+
+
+class FrameReceiver(Generic[Datagram]):
+    """`recv` and `recv_batch` over a transport's `_poll`, `_accept`, `_wait` and `_tick`, for
+    both UDP transports (module header, "Receiving"): a transport supplies how to take one
+    datagram (`_poll`: it, an OSError, or None when nothing is queued), how to judge it
+    (`_accept`: the frame, or None when it was dropped and counted), how to wait (`_wait`) and
+    what to do before each pass (`_tick`: knet sends its heartbeats there)."""
+
+    _closed: bool
+    _receiving: bool
+
+    def _poll(self) -> Datagram | OSError | None:
+        raise NotImplementedError
+
+    def _accept(self, datagram: Datagram) -> tuple[int, bytes] | None:
+        raise NotImplementedError
+
+    async def _wait(self) -> None:
+        raise NotImplementedError
+
+    def _tick(self) -> None:
+        """Before each pass of `recv` (nothing by default)."""
+
+    async def recv(self) -> tuple[int, bytes]:
+        """The next authentic, fresh frame: (sender node id, payload). Everything else is
+        dropped, counted and waited past. Raises `trio.ClosedResourceError` once closed."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this transport")
+        self._receiving = True
+        try:
+            errors = 0
+            waited = False  # this pass follows a wait, which was a checkpoint already
+            while True:  # each pass takes one datagram or waits, and yields to trio once
+                if not waited:
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                if self._closed:
+                    raise trio.ClosedResourceError("the transport is closed")
+                self._tick()
+                got = self._poll()
+                if got is None:
+                    await self._wait()
+                    waited = True
+                    continue
+                if not waited:  # a datagram taken must not be lost to a cancellation
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                waited = False
+                if isinstance(got, OSError):
+                    errors += 1
+                    if errors >= MAX_CONSECUTIVE_RECV_ERRORS:
+                        raise TransportError(f"receiving keeps failing: {got}", got.errno)
+                    continue
+                errors = 0
+                frame = self._accept(got)
+                if frame is not None:
+                    return frame
+        finally:
+            self._receiving = False
+
+    async def recv_batch(self, limit: int = 64) -> list[tuple[int, bytes]]:
+        """At least one frame (waiting for it as `recv` does), plus those already queued in the
+        socket buffers, up to `limit`: under load the caller handles them in one go."""
+        batch = [await self.recv()]
+        while len(batch) < limit and not self._closed:
+            got = self._poll()
+            if got is None or isinstance(got, OSError):
+                break
+            frame = self._accept(got)
+            if frame is not None:
+                batch.append(frame)
+        return batch
+
+
+class UdpTransport(FrameReceiver[tuple[bytes, SockAddr]]):
     """One node's end of the cluster network; create with `await UdpTransport.open(...)`."""
 
     def __init__(self, *, node_id: int, mode: Mode, port: int, family: int,
@@ -463,53 +538,6 @@ class UdpTransport:
 
     # ------------------------------------------------------------------ receiving
 
-    async def recv(self) -> tuple[int, bytes]:
-        """The next authentic, fresh frame: (sender node id, payload). Everything else is
-        dropped, counted and waited past. Raises `trio.ClosedResourceError` once closed."""
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this transport")
-        self._receiving = True
-        try:
-            errors = 0
-            waited = False  # this pass follows a wait, which was a checkpoint already
-            while True:  # each pass takes one datagram or waits, and yields to trio once
-                if not waited:
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                if self._closed:
-                    raise trio.ClosedResourceError("the transport is closed")
-                got = self._poll()
-                if got is None:
-                    await self._wait_readable()
-                    waited = True
-                    continue
-                if not waited:  # a datagram taken must not be lost to a cancellation
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                waited = False
-                if isinstance(got, OSError):
-                    errors += 1
-                    if errors >= MAX_CONSECUTIVE_RECV_ERRORS:
-                        raise TransportError(f"receiving keeps failing: {got}", got.errno)
-                    continue
-                errors = 0
-                frame = self._accept(*got)
-                if frame is not None:
-                    return frame
-        finally:
-            self._receiving = False
-
-    async def recv_batch(self, limit: int = 64) -> list[tuple[int, bytes]]:
-        """At least one frame (waiting for it as `recv` does), plus those already queued in the
-        socket buffers, up to `limit`: under load the caller handles them in one go."""
-        batch = [await self.recv()]
-        while len(batch) < limit and not self._closed:
-            got = self._poll()
-            if got is None or isinstance(got, OSError):
-                break
-            frame = self._accept(*got)
-            if frame is not None:
-                batch.append(frame)
-        return batch
-
     def _poll(self) -> tuple[bytes, SockAddr] | OSError | None:
         """One datagram from whichever socket has one (round robin), an error, or None."""
         count = len(self._rx)
@@ -527,7 +555,8 @@ class UdpTransport:
             return data, tuple(src)
         return None
 
-    def _accept(self, data: bytes, src: SockAddr) -> tuple[int, bytes] | None:
+    def _accept(self, datagram: tuple[bytes, SockAddr]) -> tuple[int, bytes] | None:
+        data, src = datagram
         self._counters[DATAGRAMS_RECEIVED] += 1
         try:
             sender = self.crypto.claimed_sender(data)
@@ -552,7 +581,7 @@ class UdpTransport:
         except (OSError, ValueError):
             return False
 
-    async def _wait_readable(self) -> None:
+    async def _wait(self) -> None:
         if len(self._rx) == 1:
             await trio.lowlevel.wait_readable(self._rx[0])
             return
