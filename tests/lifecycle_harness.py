@@ -23,11 +23,12 @@ import re
 import secrets
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+import pytest
 from cpg_harness import PMXFS, wait_until
 from daemon_harness import MOUNT_TIMEOUT_S, fuse_unavailable, is_mounted, unmount
 from test_cpg_netns import _ip, _netns_unavailable
@@ -51,6 +52,35 @@ def running_token(configured: int, nodes: int) -> int:
 def lab_unavailable() -> str | None:
     """Why these tests cannot run here (no root, no network namespaces, no FUSE), or None."""
     return _netns_unavailable() or fuse_unavailable()
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+Lab = TypeVar("Lab", bound=_Closable)
+
+
+@contextlib.contextmanager
+def lab_set(root: Path) -> Iterator[Callable[[Callable[[Path], Lab]], Lab]]:
+    """For a fixture: skips the test when labs cannot run here, else gives `keep(build)`, which
+    builds a lab in a fresh directory under `root` (`build(directory)`); every lab kept is
+    closed at the end, whatever happened in the test."""
+    reason = lab_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    labs: list[_Closable] = []
+
+    def keep(build: Callable[[Path], Lab]) -> Lab:
+        lab = build(root / f"lab{len(labs)}")
+        labs.append(lab)
+        return lab
+
+    try:
+        yield keep
+    finally:
+        for lab in labs:
+            lab.close()
 
 
 @dataclass

@@ -40,7 +40,6 @@ from lifecycle_harness import (
     CLI_TIMEOUT_S,
     STOP_TIMEOUT_S,
     NetnsLab,
-    lab_unavailable,
 )
 from test_cpg_netns import _ip
 
@@ -54,7 +53,7 @@ QNETD_START_TIMEOUT_S = 30.0
 NOWHERE_MAC = "02:00:5e:00:00:fe"  # locally administered, no port of the bridge has it
 
 __all__ = ["DEVICE_SYNC_TIMEOUT_MS", "DEVICE_TIMEOUT_MS", "QNETD_PORT", "QdeviceLab",
-           "lab_unavailable", "with_device_timeouts"]
+           "with_device_timeouts"]
 
 
 def with_device_timeouts(text: str, timeout_ms: int, sync_timeout_ms: int) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from cpg_harness import wait_until
-from lifecycle_harness import lab_unavailable
+from lifecycle_harness import lab_set
 from links_harness import CLUSTER, RING_TIMEOUT_S, TOKEN_MS, LinksLab
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.fuse]
@@ -20,14 +20,8 @@ NAMES = ("a", "b")
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[LinksLab]:
-    reason = lab_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    made = LinksLab(tmp_path / "lab", NAMES, links=2)
-    try:
-        yield made
-    finally:
-        made.close()
+    with lab_set(tmp_path) as keep:
+        yield keep(lambda root: LinksLab(root, NAMES, links=2))
 
 
 def _both_up(lab: LinksLab, name: str, peer: str) -> Callable[[], bool]:

@@ -29,7 +29,7 @@ from lifecycle_harness import (
     RING_TIMEOUT_S,
     TOKEN_MS,
     NetnsLab,
-    lab_unavailable,
+    lab_set,
     running_token,
 )
 
@@ -48,21 +48,8 @@ LabFactory = Callable[[Sequence[str]], NetnsLab]
 @pytest.fixture
 def make_lab(tmp_path: Path) -> Iterator[LabFactory]:
     """`make_lab(names)`: namespaces and paths for those nodes; all torn down after the test."""
-    reason = lab_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    labs: list[NetnsLab] = []
-
-    def make(names: Sequence[str]) -> NetnsLab:
-        lab = NetnsLab(tmp_path / f"lab{len(labs)}", names)
-        labs.append(lab)
-        return lab
-
-    try:
-        yield make
-    finally:
-        for lab in labs:
-            lab.close()
+    with lab_set(tmp_path) as keep:
+        yield lambda names: keep(lambda root: NetnsLab(root, names))
 
 
 def _config_version(lab: NetnsLab, name: str) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from cpg_harness import wait_until
-from lifecycle_harness import lab_unavailable
+from lifecycle_harness import lab_set
 from links_harness import (
     RING_TIMEOUT_S,
     TOKEN_MS,
@@ -54,21 +54,8 @@ LabFactory = Callable[..., LinksLab]
 @pytest.fixture
 def make_lab(tmp_path: Path) -> Iterator[LabFactory]:
     """`make_lab(links=2)`: namespaces and paths for nodes a, b, c; torn down after the test."""
-    reason = lab_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    labs: list[LinksLab] = []
-
-    def make(links: int = 2) -> LinksLab:
-        lab = LinksLab(tmp_path / f"lab{len(labs)}", NAMES, links)
-        labs.append(lab)
-        return lab
-
-    try:
-        yield make
-    finally:
-        for lab in labs:
-            lab.close()
+    with lab_set(tmp_path) as keep:
+        yield lambda links=2: keep(lambda root: LinksLab(root, NAMES, links))
 
 
 def _pairs(name: str, names: Sequence[str] = NAMES) -> list[tuple[str, str]]:

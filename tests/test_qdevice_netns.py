@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 from cpg_harness import wait_until
-from lifecycle_harness import RING_TIMEOUT_S
-from qdevice_harness import DEVICE_TIMEOUT_MS, QdeviceLab, lab_unavailable
+from lifecycle_harness import RING_TIMEOUT_S, lab_set
+from qdevice_harness import DEVICE_TIMEOUT_MS, QdeviceLab
 
 from pmxfs.core.qnetd_token import decode_token, encode_token, record_name
 
@@ -47,21 +47,8 @@ LabFactory = Callable[[Sequence[str]], QdeviceLab]
 @pytest.fixture
 def make_lab(tmp_path: Path) -> Iterator[LabFactory]:
     """`make_lab(names)`: namespaces for those nodes and qnetd; all torn down after the test."""
-    reason = lab_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    labs: list[QdeviceLab] = []
-
-    def make(names: Sequence[str]) -> QdeviceLab:
-        lab = QdeviceLab(tmp_path / f"lab{len(labs)}", names)
-        labs.append(lab)
-        return lab
-
-    try:
-        yield make
-    finally:
-        for lab in labs:
-            lab.close()
+    with lab_set(tmp_path) as keep:
+        yield lambda names: keep(lambda root: QdeviceLab(root, names))
 
 
 def _config_version(lab: QdeviceLab, name: str) -> int:
