@@ -28,7 +28,6 @@ import random
 import traceback
 from dataclasses import dataclass
 
-from pmxfs.core.fsop import FsOp
 from pmxfs.core.qdevice_wire import (
     Hello,
     Membership,
@@ -101,7 +100,6 @@ class QdeviceWorld:
         self.clients: dict[int, _Client] = {}
         self.server_connected: set[int] = set()  # what qnetd believes
         self.server_loses: dict[int, int] = {}  # node -> when qnetd notices its link is gone
-        self.quorate_rings_seen = 0
 
     def _hello(self, node: int) -> Hello:
         return Hello("sim", CLUSTER_ID, node, self.algorithm, "lowest", False, TIMEOUT_MS,
@@ -217,7 +215,6 @@ class QdeviceWorld:
                 quorate[r.ring] = tuple(r.members)
         if len(quorate) > 1:
             raise Violation(f"two quorate partitions at {net.now}: {quorate}")
-        self.quorate_rings_seen += len(quorate)
 
 
 def run_qdevice_chaos(seed: int, node_range: tuple[int, int], *,
@@ -240,15 +237,12 @@ def run_qdevice_chaos(seed: int, node_range: tuple[int, int], *,
             net.run_until(min(until, net.now + STEP_MS))
             world.step()
 
-    def propose(node: int, op: FsOp) -> None:
-        cluster.propose(node, op)
-
     try:
         run_steps(net.now + 5_000)
         if not net.run_while(lambda: not cluster.settled(), net.now + 30_000):
             raise Violation("the cluster did not form and sync at start")
         for op in workload.setup():
-            propose(node_ids[0], op)
+            cluster.propose(node_ids[0], op)
         draw_faults(cluster, rng, f"seed {seed} nodes {node_ids} {world.algorithm}")
         chaos_until = net.now + rng.randint(10_000, 25_000)
         while net.now < chaos_until:
@@ -257,7 +251,7 @@ def run_qdevice_chaos(seed: int, node_range: tuple[int, int], *,
             if roll < 0.55:
                 live = cluster.live()
                 for _ in range(rng.randint(1, 5) if live else 0):
-                    propose(rng.choice(live), workload.op(net.now // 1000))
+                    cluster.propose(rng.choice(live), workload.op(net.now // 1000))
             elif roll < 0.68:
                 world.toggle_reach(rng.choice(node_ids))
             elif roll < 0.70:
