@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import trio
+from test_metrics import parse as parse_exposition
+from test_metrics import value as metric_value
 
 from pmxfs.core import conf
 from pmxfs.core.conf.edit import new_cluster, with_node
@@ -27,6 +29,7 @@ from pmxfs.runtime.database import Database
 from pmxfs.runtime.ipc import serve_control
 from pmxfs.runtime.ipc_client import ControlError, request
 from pmxfs.runtime.memory_transport import MemoryHub
+from pmxfs.runtime.node_metrics import render_node
 from pmxfs.runtime.qdevice_client import TREE_FILES, TREE_QDEVICE_DIR, QdeviceClient
 from pmxfs.runtime.qdevice_setup import QdeviceSetup
 from pmxfs.runtime.qnetd_server import QnetdServer
@@ -150,6 +153,10 @@ async def test_setup_split_and_remove(lab: Lab) -> None:
         quorum = status["quorum"]
         assert (quorum["expected_votes"], quorum["total_votes"], quorum["quorum"]) == (3, 3, 2)
         assert quorum["flags"][-3:] == ["Qdevice", "QdeviceAlive", "QdeviceCastVote"]
+        metrics = parse_exposition(render_node(lab.nodes[i]))
+        device = {"host": f"{HOST}:{lab.port}", "algorithm": "ffsplit"}
+        assert metric_value(metrics, "pmxfs_qdevice_connected", **device) == 1
+        assert metric_value(metrics, "pmxfs_qdevice_casting_vote", **device) == 1
 
     # a second setup is refused before the token is spent
     token = lab.token()

@@ -207,6 +207,15 @@ def _quorum_families(node: ReplicaNode) -> Iterator[Family]:
     yield gauge("pmxfs_quorum_votes_needed", "Votes needed for quorum.", q.quorum)
     yield gauge("pmxfs_quorum_qdevice_votes", "Votes of the quorum device the ring counts.",
                 q.qdevice_votes)
+    device = node.status().get("qdevice")
+    if device is not None:  # only while corosync.conf configures a quorum device
+        labels = {"host": str(device["host"]), "algorithm": str(device["algorithm"])}
+        yield gauge("pmxfs_qdevice_connected",
+                    "1 while this node's device client is connected to qnetd and welcomed.",
+                    int(bool(device["connected"])), labels)
+        yield gauge("pmxfs_qdevice_casting_vote",
+                    "1 while this node casts the device's vote for its ring.",
+                    int(bool(device["casting_vote"])), labels)
 
 
 def _link_families(node: ReplicaNode) -> Iterator[Family]:
