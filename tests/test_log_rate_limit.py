@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -56,6 +57,41 @@ def test_a_flood_of_refusals_is_one_line_and_a_count(logged: tuple[
         "WARNING ... last message repeated 4999 times: refused a write to "
         "qemu-server/100.conf: not quorate",
         "INFO quorum: quorate"]
+
+
+def test_a_flood_that_stops_is_summarised_when_its_window_ends(logged: tuple[
+        logging.Logger, io.StringIO, Clock, RepeatLimitedHandler]) -> None:
+    logger, out, clock, handler = logged
+    for _ in range(3):
+        logger.warning("refused")
+    clock.now = 29.0
+    handler.summarise_due()  # the window is not over: nothing yet
+    assert out.getvalue().splitlines() == ["WARNING refused"]
+    clock.now = 30.0
+    handler.summarise_due()  # as the timer does, with no later line
+    assert out.getvalue().splitlines() == [
+        "WARNING refused", "WARNING ... last message repeated 2 times: refused"]
+
+
+def test_the_timer_writes_the_summary_without_a_later_line() -> None:
+    out = io.StringIO()
+    handler = RepeatLimitedHandler(out, window=0.05)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("pmxfs.test-rate-limit-timer")
+    logger.propagate = False
+    logger.addHandler(handler)
+    handler.start_timer()
+    try:
+        logger.warning("refused")
+        logger.warning("refused")
+        deadline = time.monotonic() + 10
+        while "repeated 1 times" not in out.getvalue():
+            assert time.monotonic() < deadline, out.getvalue()
+            time.sleep(0.01)
+    finally:
+        logger.removeHandler(handler)
+        handler.flush_repeats()
+    assert out.getvalue().splitlines() == ["refused", "... last message repeated 1 times: refused"]
 
 
 def test_different_messages_pass_and_a_window_ends(logged: tuple[

@@ -3,12 +3,14 @@
 How it works. `install(debug=...)` gives the root logger one `RepeatLimitedHandler` on stderr.
 The handler passes the first of a run of identical messages (same logger, level and text) and
 counts the ones that follow within `REPEAT_WINDOW_S`; they are not written. When the window of a
-message is over, its next occurrence -- or any later line, whichever comes first -- writes one
-summary line "... last message repeated N times: <text>" before it. So a client retrying a
+message is over, its next occurrence, any later line or the handler's timer (a thread that
+looks every half window, started by `install`) -- whichever comes first -- writes one summary
+line "... last message repeated N times: <text>"; so a flood that stops is still counted within
+a window, not at the next line, which may come hours later. So a client retrying a
 refused write through a quorum loss, or any per-request line, costs a line per window, never
 one per request, and the count says how many there were. At most `MAX_TRACKED` distinct
-messages are remembered (the oldest is summarised and forgotten first); `flush()` (at the end of
-the daemon) writes the summaries still owed.
+messages are remembered (the oldest is summarised and forgotten first); `flush_repeats()` (at
+the end of the daemon) stops the timer and writes the summaries still owed.
 
 Levels. Under systemd, stderr is a journal stream (`$JOURNAL_STREAM` names its device and inode,
 and they match stderr's): each line then starts with a syslog priority `<N>` (3 error, 4
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -100,6 +103,8 @@ class RepeatLimitedHandler(logging.StreamHandler[TextIO]):
         self.clock = clock
         self.max_tracked = max_tracked
         self._runs: OrderedDict[tuple[str, int, str], _Run] = OrderedDict()
+        self._timer: threading.Thread | None = None
+        self._stop_timer = threading.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
         now = self.clock()
@@ -118,11 +123,36 @@ class RepeatLimitedHandler(logging.StreamHandler[TextIO]):
             self._summarise(self._runs.popitem(last=False)[1])
         super().emit(record)
 
+    def start_timer(self) -> None:
+        """Write due summaries every half window from a thread of its own (module header)."""
+        self._timer = threading.Thread(target=self._summarise_periodically,
+                                       name="pmxfs log summaries", daemon=True)
+        self._timer.start()
+
+    def summarise_due(self) -> None:
+        """Write the summaries of the runs whose window is over."""
+        self.acquire()
+        try:
+            self._summarise_due(self.clock())
+        finally:
+            self.release()
+
     def flush_repeats(self) -> None:
-        """Write every summary still owed (at the end of the daemon)."""
-        while self._runs:
-            self._summarise(self._runs.popitem(last=False)[1])
+        """Stop the timer and write every summary still owed (at the end of the daemon)."""
+        self._stop_timer.set()
+        if self._timer is not None:
+            self._timer.join()
+        self.acquire()
+        try:
+            while self._runs:
+                self._summarise(self._runs.popitem(last=False)[1])
+        finally:
+            self.release()
         self.flush()
+
+    def _summarise_periodically(self) -> None:
+        while not self._stop_timer.wait(self.window / 2):
+            self.summarise_due()
 
     def _summarise_due(self, now: float) -> None:
         """Runs are kept in the order they began, and every window is as long: the due ones
@@ -155,4 +185,5 @@ def install(*, debug: bool, stream: TextIO | None = None) -> RepeatLimitedHandle
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    handler.start_timer()
     return handler
