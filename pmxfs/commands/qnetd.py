@@ -29,6 +29,7 @@ import trio
 from pmxfs.core.join_token import format_host_port, parse_host_port, parse_ttl
 from pmxfs.core.qdevice_wire import QNETD_PORT
 from pmxfs.core.qnetd_token import DEFAULT_TTL_S, TokenError, encode_token
+from pmxfs.runtime import log_setup
 from pmxfs.runtime.qnetd_pki import DEFAULT_DIR, PkiError, init, issue_token, load
 from pmxfs.runtime.qnetd_server import QnetdServer
 
@@ -117,9 +118,14 @@ def run_token(args: argparse.Namespace) -> int:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    logging.basicConfig(stream=sys.stderr,
-                        format="%(asctime)s pmxfs-qnetd[%(process)d]: %(message)s",
-                        level=logging.INFO)
+    handler = log_setup.install(debug=False, program="pmxfs-qnetd")
+    try:
+        return _run_server(args)
+    finally:
+        handler.flush_repeats()
+
+
+def _run_server(args: argparse.Namespace) -> int:
     host, port = args.listen
     try:
         server = QnetdServer(load(Path(args.serve_dir)))

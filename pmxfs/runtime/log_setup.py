@@ -1,6 +1,7 @@
 """The daemon's log: one line per event with its level, repeats rate-limited, levels for journald.
 
-How it works. `install(debug=...)` gives the root logger one `RepeatLimitedHandler` on stderr.
+How it works. `install(debug=...)` gives the root logger one `RepeatLimitedHandler` on stderr
+(the daemon's and qnetd's).
 The handler passes the first of a run of identical messages (same logger, level and text) and
 counts the ones that follow within `REPEAT_WINDOW_S`; they are not written. When the window of a
 message is over, its next occurrence, any later line or the handler's timer (a thread that
@@ -71,10 +72,10 @@ class JournalFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
-    """`time pmxfs[pid]: LEVEL message` (the level word for warnings and worse)."""
+    """`time program[pid]: LEVEL message` (the level word for warnings and worse)."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s pmxfs[%(process)d]: %(message)s")
+    def __init__(self, program: str = "pmxfs") -> None:
+        super().__init__(f"%(asctime)s {program}[%(process)d]: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         text = super().formatMessage(record)
@@ -174,12 +175,14 @@ class RepeatLimitedHandler(logging.StreamHandler[TextIO]):
         super().emit(summary)
 
 
-def install(*, debug: bool, stream: TextIO | None = None) -> RepeatLimitedHandler:
-    """The daemon's log on `stream` (stderr) as the module header says; returns the handler."""
+def install(*, debug: bool, stream: TextIO | None = None,
+            program: str = "pmxfs") -> RepeatLimitedHandler:
+    """The log of the daemon (or of qnetd: `program` "pmxfs-qnetd") on `stream` (stderr) as
+    the module header says; returns the handler, whose `flush_repeats` the caller owes."""
     out = stream or sys.stderr
     handler = RepeatLimitedHandler(out)
     handler.setFormatter(JournalFormatter("%(message)s") if stderr_is_journal(out)
-                         else PlainFormatter())
+                         else PlainFormatter(program))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
