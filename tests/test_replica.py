@@ -276,6 +276,29 @@ def test_a_write_only_its_proposer_applied_is_resent_not_reported_lost() -> None
                    for e in c.replica(n).log_buffer.entries())
 
 
+def test_a_resent_write_overwritten_before_its_answer_is_not_reported_lost() -> None:
+    """As above, but another node overwrites the file between the resent write's application
+    and its answer: the resent write was acknowledged, so its content was never lost and must
+    not go to lost+found (lost+found holds only writes that were never acknowledged)."""
+    c = make()
+    request = c.propose(3, WriteFile("solo", b"mine", 5, create=True))
+    assert c.net.run_while(lambda: content(c, 3, "solo") is None, c.net.now + 5_000, step=1)
+    c.net.partition([[1, 2], [3]])
+    c.wait(lambda: not c.replica(3).writable(), 10_000, "n3 alone")
+    c.disk_delay = (50, 60)  # the answer waits for every member's disk: time to overwrite
+    c.net.heal()
+    assert c.net.run_while(lambda: content(c, 1, "solo") != b"mine", c.net.now + 60_000, step=1)
+    assert request not in c.replies  # applied again, not answered yet
+    overwrite = c.propose(1, WriteFile("solo", b"theirs", 5))
+    c.wait(lambda: request in c.replies and overwrite in c.replies, 60_000, "both answers")
+    assert c.replies[request].errno == 0
+    assert c.replies[overwrite].errno == 0
+    c.wait(c.settled, 30_000, "one synced ring")
+    assert all(content(c, n, "solo") == b"theirs" for n in (1, 2, 3))
+    assert c.lost == []
+    assert c.replica(3).lost_waiting == {}
+
+
 def test_a_node_away_when_corosync_conf_changed_takes_it_from_the_sync() -> None:
     c = make()
     c.crash(3)

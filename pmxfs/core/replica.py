@@ -40,7 +40,9 @@ How it works
   `SaveLost` (the runtime writes them under lost+found) and announced in the cluster log --
   but only what the cluster really lacks: a row at a path that one of this node's unanswered
   operations names waits until that operation is settled (it is usually sent again and
-  applied), and is saved then only if the tree does not hold the same content. Those waiting
+  applied), and is saved then only if the tree held the same content neither when that
+  operation was decided nor when it was answered (a write of another node may replace the
+  content in between: the resent write was acknowledged, nothing was lost). Those waiting
   rows are unacknowledged writes of this node, so a crash before the settling loses nothing
   anyone was told is written.
 * Minority reads are "dirty" by design: an operation that only this node delivered (in the
@@ -836,6 +838,12 @@ class Replica:
         if p is not None and p.state is not PendingState.DECIDED:
             p.state, p.errno, p.since = PendingState.DECIDED, errno, self._now
             p.ring, p.seq = self._deliver_at
+        waiting = self.lost_waiting.get(op_id)
+        if waiting is not None:
+            # A row the tree holds now, right after the operation's decision, is in the agreed
+            # order: a later write to the path before the answer is no loss.
+            _, files = waiting
+            files[:] = [(path, data) for path, data in files if not self._tree_holds(path, data)]
 
     def _answer(self, op_id: OpId, errno: int, message: str = "") -> None:
         p = self.pending.pop(op_id)
