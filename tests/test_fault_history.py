@@ -148,3 +148,17 @@ def test_many_violations_of_one_kind_are_summarised() -> None:
     violations = run(ops, {})
     assert len(violations) == 21
     assert violations[-1] == "acknowledged write lost: more violations of this kind left out"
+
+
+def test_an_empty_new_file_shows_only_on_its_node_while_it_is_created() -> None:
+    """docs/tree-rules.md "New files": open(O_CREAT) shows the file at once, empty, on its node."""
+    creating = write("own/a", "a:1", 0, 2)
+    assert run([creating, read("own/a", "", 0.5, 1)], {"own/a": "a:1"}) == []
+    only(run([creating, read("own/a", "", 0.5, 1, node="n2")], {"own/a": "a:1"}),
+         "read of a value never written")
+    only(run([creating, read("own/a", "", 2.5, 3)], {"own/a": "a:1"}),
+         "read of a value never written")
+    # While being created it counts as missing: after an acknowledged value, that goes back.
+    ops = [write("own/a", "a:1", 0, 1, node="n2"), read("own/a", "a:1", 2, 3),
+           write("own/a", "a:2", 3.5, 5), read("own/a", "", 4, 4.5)]
+    only(run(ops, {"own/a": "a:2"}), "read went back")

@@ -8,7 +8,10 @@ that died under it, no answer at all): an unknown write may take effect at any l
 is never taken as ordered before anything. Write values are unique, so a value names its write.
 
 The read guarantees pmxfs gives, and so exactly what is checked (docs/design.md §5, "Reads"):
-* every value read was written (never a value from nowhere or from the future);
+* every value read was written (never a value from nowhere or from the future). One exception
+  by design (docs/tree-rules.md, "New files"): a file being created shows at once, empty, on the
+  node that creates it; an empty read there while a write of the key through that node is under
+  way counts as the key not existing yet;
 * per node and daemon run, reads never go back past an acknowledged value: once a read returned
   the value of an acknowledged write w, no later read there returns a value whose acknowledged
   write ended before w started, nor finds the key missing. Acknowledged means on disk on every
@@ -33,7 +36,7 @@ import heapq
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 OpKind = Literal["write", "read"]
@@ -208,26 +211,41 @@ def _check_reads(ops: Sequence[Op], events: Sequence[NodeEvent], writes: Mapping
     changes = _incarnations(events)
     reads: dict[tuple[str, str], list[tuple[float, float, int, Op]]] = defaultdict(list)
     own_acks: dict[tuple[str, str], list[Op]] = defaultdict(list)
+    node_writes: dict[tuple[str, str], list[Op]] = defaultdict(list)
     for op in ops:
-        if op.kind == "write" and classify(op) == "acked" and op.end is not None:
-            own_acks[(op.node, op.key)].append(op)
-        if op.kind != "read" or op.outcome != "ok" or op.end is None:
+        if op.kind == "write":
+            node_writes[(op.node, op.key)].append(op)
+            if classify(op) == "acked" and op.end is not None:
+                own_acks[(op.node, op.key)].append(op)
+    for recorded in ops:
+        if recorded.kind != "read" or recorded.outcome != "ok" or recorded.end is None:
             continue
+        end = recorded.end
+        op = recorded
+        if op.value == "" and _creating(node_writes.get((op.node, op.key), []), op):
+            op = replace(op, value=None)
         if op.value is not None:
             written = writes.get(op.value)
             if written is None or written.key != op.key:
                 report.add("read of a value never written", _describe(op))
                 continue
-            if written.start > op.end:
+            if written.start > end:
                 report.add("read from the future", f"{_describe(op)} before {_describe(written)}")
                 continue
-        run = _run_of(changes.get(op.node, []), op.start, op.end)
+        run = _run_of(changes.get(op.node, []), op.start, end)
         if run is not None:
-            reads[(op.node, op.key)].append((op.start, op.end, run, op))
+            reads[(op.node, op.key)].append((op.start, end, run, op))
     for (node, key), node_reads in reads.items():
         _check_read_floor(sorted(node_reads, key=lambda r: r[0]),
                           sorted(own_acks.get((node, key), []), key=lambda w: w.end or 0.0),
                           writes, report)
+
+
+def _creating(writes: Sequence[Op], read: Op) -> bool:
+    """Whether one of `writes` (of the read's key, through its node) was under way while
+    `read` ran: the file it creates shows there, empty, until its content is committed."""
+    assert read.end is not None
+    return any(w.start < read.end and (w.end is None or w.end > read.start) for w in writes)
 
 
 def _check_read_floor(node_reads: list[tuple[float, float, int, Op]], acks: list[Op],
