@@ -830,8 +830,7 @@ def test_remote_changes_show_after_the_invalidator_ran(mnt: Mount) -> None:
     with Fd(f, os.O_RDONLY) as reader:
         assert os.pread(reader.fd, 100, 0) == b"one"
         mnt.remote(WriteFile("shared.cfg", b"second version", NOW + 1), tell_kernel=False)
-        assert f.stat().st_size == 3, "the attributes should still be cached"
-        assert os.pread(reader.fd, 100, 0) == b"one", "the pages should still be cached"
+        assert os.pread(reader.fd, 100, 0) == b"one", "a read handle keeps its version"
         mnt.invalidate(("shared.cfg", ""))
         assert f.stat().st_size == 14
         assert int(f.stat().st_mtime) == NOW + 1

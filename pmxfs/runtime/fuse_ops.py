@@ -62,9 +62,12 @@ once, after the last (asynchronously: nobody sees its error). The rules:
 
 * A read handle holds the content of its file at open (`_Snapshot`), so it sees one version of
   the file from open to close, also after the file was changed, unlinked or replaced by a sync.
-  The kernel's page cache is per inode and a change invalidates it, after which the handle's
-  reads come back here; a handle opened while another read handle holds an older version
-  reads with direct_io, so the pages of two versions never mix.
+  Every handle is opened with direct_io: its reads come here, never from the kernel's page
+  cache, which is per inode and bounded by the inode's size as the kernel believes it. That
+  size is not ours to keep right: when a writer opens the file with O_TRUNC the kernel sets it
+  to 0 itself (atomic O_TRUNC) until it asks again, and a reader on the same node that read
+  through the cache in that moment got an empty file while the tree held the old content
+  (tools/faults.py found it: one read in five with a writer and a reader on one file).
 * A write handle (O_WRONLY, O_RDWR or O_TRUNC) holds a private buffer: the content at open, or
   nothing with O_TRUNC. Writes change only the buffer (O_APPEND appends at its end whatever the
   offset, a write past the end fills the gap with zeros) and reads on that handle see it. Write
@@ -137,8 +140,8 @@ their content changes without any change to the tree. Opening one for writing is
 EINVAL. A truncate of `.debug` without a handle is accepted and does nothing, so shells that
 truncate before writing work.
 
-Kernel caching. Tree entries are answered with entry and attribute timeouts of CACHE_SECONDS and
-their read handles with keep_cache, so repeated reads come from the page cache; the fixed entries
+Kernel caching. Tree entries are answered with entry and attribute timeouts of CACHE_SECONDS (file
+content is never cached by the kernel: every handle is direct_io, see above); the fixed entries
 have attribute timeout 0 (their attributes follow the quorum or their changing content) and a long
 entry timeout (their name -> inode mapping never changes). Three things keep the cache right:
 
@@ -158,11 +161,10 @@ entry timeout (their name -> inode mapping never changes). Three things keep the
   piled up from a worker thread, while the trio loop keeps answering the requests that the kernel
   may be waiting for. `invalidations_settled` waits until everything queued so far was sent.
 * Open-time check. The queue runs behind the tree, so `open` does not trust it: each tree inode
-  remembers the row it last handed out attributes for and the row of its last open. When the row
-  is no longer the same object (memdb makes a new row for every change), the open first drops the
-  kernel's attributes (from a worker thread, awaited) and then opens without keep_cache, so the
-  kernel drops the pages too. `echo new > f; cat f` therefore prints the new content on this node
-  even before the queued notice went out.
+  remembers the row it last handed out attributes for. When the row is no longer the same object
+  (memdb makes a new row for every change), the open first drops the kernel's attributes (from a
+  worker thread, awaited), so `echo new > f; stat f` shows the new size on this node even before
+  the queued notice went out (the content is read from the handle's snapshot anyway).
 
 What the node must do: call the invalidator after every applied change with memdb's paths, with
 `everything=True` after a sync (a new memdb) and after a quorum change; run `run_invalidations` in
@@ -262,11 +264,10 @@ def _fail(code: int) -> None:
 @dataclass
 class _Snapshot:
     """A file opened read-only: its content at open (a tree file's or a virtual file's) and,
-    for a tree file, its inode and the row it was taken from."""
+    for a tree file, its inode."""
 
     data: bytes
     inode: int = 0
-    row: Entry | None = None
 
 
 @dataclass
@@ -322,14 +323,13 @@ class _Dir:
 @dataclass
 class _Known:
     """What the kernel holds for one inode: its lookup count, the dentries it was handed out
-    under, whether it was a directory, the rows of its cached attributes and pages, and the
-    attributes last handed out (reused while the row and the quorum are the same)."""
+    under, whether it was a directory, the row of its cached attributes, and the attributes
+    last handed out (reused while the row and the quorum are the same)."""
 
     count: int = 0
     links: set[tuple[int, bytes]] = field(default_factory=set)
     is_dir: bool = False
     attr_row: Entry | None = None
-    page_row: Entry | None = None
     # (row, quorate, the attributes made for them): what `_attrs` hands out again
     attrs: tuple[Entry, bool, pyfuse3.EntryAttributes] | None = None
 
@@ -1020,7 +1020,7 @@ class PmxfsOperations(pyfuse3.Operations):
             if _writes(flags):
                 return self._open_writer(entry, flags, truncates=True)
             fh = self._new_fh()
-            self._handles[fh] = _Snapshot(entry.data, created.inode, entry)
+            self._handles[fh] = _Snapshot(entry.data, created.inode)
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         return self._open_pending(created, flags)
 
@@ -1101,7 +1101,7 @@ class PmxfsOperations(pyfuse3.Operations):
         self._remember(parent_inode, name, attrs)
         entry = self._row(attrs.st_ino)
         if not _writes(flags):
-            return self._open_reader(entry, keep_cache=False), attrs
+            return self._open_reader(entry), attrs
         return self._open_writer(entry, flags, truncates=existed), attrs
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -1120,13 +1120,12 @@ class PmxfsOperations(pyfuse3.Operations):
             self._check_quorate()
             return self._open_writer(entry, flags, truncates=True)
         known = self._known.get(inode)
-        fresh = known is not None and known.attr_row is entry and known.page_row is entry
-        if not fresh:
+        if known is None or known.attr_row is not entry:
             await self._refresh_attrs(inode)
             entry = self._row(inode)
             if entry.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
-        return self._open_reader(entry, keep_cache=fresh)
+        return self._open_reader(entry)
 
     def _check_quorate(self) -> None:
         """Writing needs quorum; root passes the kernel's mode check, so it is made here, at
@@ -1153,21 +1152,15 @@ class PmxfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
-    def _open_reader(self, entry: Entry, *, keep_cache: bool) -> pyfuse3.FileInfo:
-        """A read handle of `entry`'s version. The inode's page cache serves it unless another
-        open read handle holds another version: pages are per inode, so then this one reads
-        past the cache (direct_io) and each handle sees only its own version."""
+    def _open_reader(self, entry: Entry) -> pyfuse3.FileInfo:
+        """A read handle of `entry`'s version, past the page cache (module header)."""
         inode = entry.inode + 1
         fh = self._new_fh()
-        alone = all(h.row is entry for h in self._handles.values()
-                    if isinstance(h, _Snapshot) and h.inode == inode)
-        self._handles[fh] = _Snapshot(entry.data, inode, entry)
-        if not alone:
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        self._handles[fh] = _Snapshot(entry.data, inode)
         known = self._known.get(inode)
         if known is not None:
-            known.attr_row = known.page_row = entry
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+            known.attr_row = entry
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     def _open_writer(self, entry: Entry, flags: int, *, truncates: bool) -> pyfuse3.FileInfo:
         truncate = bool(flags & os.O_TRUNC)
