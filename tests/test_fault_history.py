@@ -143,11 +143,13 @@ def test_read_your_writes_on_the_acknowledging_node() -> None:
     assert run([*base, read("own/a", "a:1", 2.5, 5)], final) == []
 
 
-def test_many_violations_of_one_kind_are_summarised() -> None:
+def test_every_violation_is_listed() -> None:
+    """The harness reports each line once over a run whose history keeps growing: a cap here
+    would hide the new violations of a kind behind the old ones."""
     ops = [write(f"own/k{i}", f"a:{i}", i, i + 0.5) for i in range(50)]
-    violations = run(ops, {})
-    assert len(violations) == 21
-    assert violations[-1] == "acknowledged write lost: more violations of this kind left out"
+    violations = run(ops, {}, trees={"n1": {}})
+    assert len(violations) == 50
+    assert len(set(violations)) == 50
 
 
 def test_an_empty_new_file_shows_only_on_its_node_while_it_is_created() -> None:
