@@ -15,7 +15,7 @@ from pmxfs.core.fsop import Mkdir, Rmdir, SetMtime, UnlockRequest, WriteFile
 from pmxfs.core.memdb import LOCK_TIMEOUT_MS
 from pmxfs.core.replica import APPLIED_PER_NODE, Mode, PendingState, Replica
 from pmxfs.core.replica_msgs import DoneMsg, OpId, OpMsg, decode_msg
-from pmxfs.sim.replica_sim import ReplicaCluster, cluster_config_text, run_fs_chaos
+from pmxfs.sim.replica_sim import DiskFault, ReplicaCluster, cluster_config_text, run_fs_chaos
 from pmxfs.sim.totem_sim import sim_params
 
 CI_SEEDS = int(os.environ.get("PMXFS_FS_SIM_SEEDS", "200"))
@@ -418,7 +418,7 @@ def test_the_checker_catches_a_durability_claim_made_before_the_disk(
             self.totem.set_durable(self._now, *self._deliver_at)
 
     monkeypatch.setattr(Replica, "_tell_durable", too_early)
-    result = run_fs_chaos(25, (3, 5))
+    result = run_fs_chaos(25, (3, 5), force_disk=DiskFault.SLOW)
     assert result.violation is not None
     assert "was on the disk of ring member" in result.violation
 

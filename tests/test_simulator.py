@@ -1,7 +1,10 @@
 """The deterministic simulator: it is deterministic, its checkers bite, and totem passes it.
 
 Every seed that once found a bug is kept in REGRESSION_SEEDS (totem alone) or
-LIFECYCLE_REGRESSION_SEEDS (nodes added and removed at run time) with what it found.
+LIFECYCLE_REGRESSION_SEEDS (nodes added and removed at run time) with what it found. The totem
+seeds were found before runs drew their own fault mix: they replay, exactly, as classic runs
+(`swarm=None`). The lifecycle seeds' runs have changed since (disk and fault mixes): they are
+kept as seeds that exercised those paths.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ LIFECYCLE_CI_SEEDS = int(os.environ.get("PMXFS_LIFECYCLE_SIM_SEEDS", "60"))
 
 @pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
 def test_regression_seed(seed: int) -> None:
-    result = run_chaos(seed, NODES)
+    result = run_chaos(seed, NODES, swarm=None)
     assert result.violation is None, f"seed {seed} ({REGRESSION_SEEDS[seed]}): {result.violation}"
 
 
@@ -235,8 +238,8 @@ def test_the_simulated_corosync_conf_keeps_the_simulator_timers() -> None:
 
 
 def test_lifecycle_same_seed_same_trace_and_nodes_come_and_go() -> None:
-    first = run_lifecycle_chaos(2, NODES, keep_trace=True)
-    second = run_lifecycle_chaos(2, NODES, keep_trace=True)
+    first = run_lifecycle_chaos(1, NODES, keep_trace=True)
+    second = run_lifecycle_chaos(1, NODES, keep_trace=True)
     assert first.violation is None, first.violation
     assert first.trace_hash == second.trace_hash
     assert first.trace == second.trace

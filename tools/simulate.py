@@ -5,6 +5,7 @@
     python tools/simulate.py --workload fs --seeds 0-999 --nodes 3-5   # replicas, file workload
     python tools/simulate.py --workload lifecycle --seeds 0-999     # nodes added and removed
     python tools/simulate.py --workload qdevice --seeds 0-999 --nodes 2-5   # a quorum device
+    python tools/simulate.py --seed 14 --classic               # a totem seed of the classic odds
 
 Workloads: `totem` runs the ordered broadcast alone with application messages; `fs` runs full
 replicas (totem + quorum + memdb + sync, with simulated disks) under a random file workload;
@@ -12,6 +13,14 @@ replicas (totem + quorum + memdb + sync, with simulated disks) under a random fi
 (`--nodes` is then the range of the first config's node count, at least 3); `qdevice` runs it
 on a cluster with a quorum device, qnetd's arbiter and every node's device client, with links to
 qnetd failing and qnetd restarting, and checks that never two partitions are quorate.
+
+Each seed draws its own fault mix (swarm testing, `pmxfs/sim/faults.py`): which fault kinds
+strike at all and how often -- partitions, isolation, bridges, one-way cuts, lossy directions,
+crashes and restarts, pauses, clock jumps, slow nodes, a stalled token holder, and the replica
+workloads' disk faults -- with loss (0-30 %), duplication, delay and jitter on every link. The
+mix is the first `fault mix` line of the trace. `--classic` runs the totem workload with the
+fixed odds of the time before the swarm, with which the regression seeds of
+tests/test_simulator.py were found (they replay exactly).
 
 A violation prints the seed, the broken guarantee and the one-line command that replays it.
 The same seed always gives the same trace (its hash is printed with --trace).
@@ -26,6 +35,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,8 +44,16 @@ from pmxfs.sim.qdevice_sim import run_qdevice_chaos
 from pmxfs.sim.replica_sim import run_fs_chaos
 from pmxfs.sim.totem_sim import RunResult, run_chaos
 
-RUNNERS = {"totem": run_chaos, "fs": run_fs_chaos, "lifecycle": run_lifecycle_chaos,
-           "qdevice": run_qdevice_chaos}
+
+class Runner(Protocol):
+    """A workload's chaos run of one seed."""
+
+    def __call__(self, seed: int, node_range: tuple[int, int], *,
+                 keep_trace: bool = False) -> RunResult: ...
+
+
+RUNNERS: dict[str, Runner] = {"totem": run_chaos, "fs": run_fs_chaos,
+                              "lifecycle": run_lifecycle_chaos, "qdevice": run_qdevice_chaos}
 # What RunResult's accepted / delivered / confchgs count, per workload: (json key, words).
 LABELS = {
     "totem": (("messages_accepted", "messages accepted"), ("messages_delivered", "deliveries"),
@@ -58,8 +76,10 @@ def parse_range(text: str) -> tuple[int, int]:
     return first, last
 
 
-def _run(args: tuple[str, int, tuple[int, int]]) -> RunResult:
-    workload, seed, nodes = args
+def _run(args: tuple[str, int, tuple[int, int], bool]) -> RunResult:
+    workload, seed, nodes, classic = args
+    if classic:
+        return run_chaos(seed, nodes, swarm=None)
     return RUNNERS[workload](seed, nodes)
 
 
@@ -74,11 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="store_true", help="print the trace of --seed")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--classic", action="store_true",
+                        help="totem: the fixed fault odds of the regression seeds, no mix")
     args = parser.parse_args(argv)
+    if args.classic and args.workload != "totem":
+        parser.error("--classic is for the totem workload")
     node_arg = f"{args.nodes[0]}-{args.nodes[1]}"
+    classic_arg = " --classic" if args.classic else ""
 
     if args.seed is not None:
-        result = RUNNERS[args.workload](args.seed, args.nodes, keep_trace=args.trace)
+        if args.classic:
+            result = run_chaos(args.seed, args.nodes, keep_trace=args.trace, swarm=None)
+        else:
+            result = RUNNERS[args.workload](args.seed, args.nodes, keep_trace=args.trace)
         if args.trace:
             print("\n".join(result.trace))
             print(f"trace hash {result.trace_hash}")
@@ -94,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     violations: list[RunResult] = []
     delivered = confchgs = accepted = 0
-    work = [(args.workload, seed, args.nodes) for seed in seeds]
+    work = [(args.workload, seed, args.nodes, args.classic) for seed in seeds]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for result in pool.map(_run, work, chunksize=4):
             delivered += result.delivered
@@ -104,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 violations.append(result)
                 print(f"seed {result.seed}: VIOLATION: {result.violation}", file=sys.stderr)
                 print(f"  replay: python tools/simulate.py --workload {args.workload} "
-                      f"--seed {result.seed} --nodes {node_arg} --trace", file=sys.stderr)
+                      f"--seed {result.seed} --nodes {node_arg}{classic_arg} --trace",
+                      file=sys.stderr)
     elapsed = time.monotonic() - start
     (a_key, a_words), (d_key, d_words), (c_key, c_words) = LABELS[args.workload]
     summary = {

@@ -14,10 +14,12 @@ A change whose write is refused, times out or loses its proposer is not carried 
 node starts; a node that was to be removed is a member again) -- though the write may still have
 been applied, which the checks allow for: they go by the configs the replicas hold.
 
-The checks are `ReplicaChecker`'s, with a changing config: a mutation is applied only in a ring
-holding a majority of the votes of the config the applying replica runs with at that moment; a
-node that was (or was to be) removed never is in a ring of a node whose config lacks it; every
-acknowledged write is in the final lineage. After healing (crashed members restart, and so does
+The network and process faults are those of the run's mix (`faults.draw_mix`, the same kinds
+as the fs workload's), the disk faults the fs workload's. The checks are `ReplicaChecker`'s, with
+a changing config: a mutation is applied only in a ring holding a majority of the votes of the
+config the applying replica runs with at that moment; a node that was (or was to be) removed
+never is in a ring of a node whose config lacks it; every acknowledged write is in the final
+lineage. After healing (crashed members restart, and so does
 a removed node now and then, with its old config): every live node outside the final config is
 one the administrator removed or tried to; the live nodes of the final config are one synced ring
 of exactly them with one checksum, each holding that config in the replica and in totem; no
@@ -38,10 +40,10 @@ from pmxfs.core.memdb import COROSYNC_CONF
 from pmxfs.core.replica import Replica
 from pmxfs.core.totem import State
 
-from .faults import random_fault
+from .faults import Swarm, draw_mix, install_mix, mixed_fault
 from .network import SimulationStuck
 from .replica_sim import (
-    REPLICA_FAULTS,
+    REPLICA_SWARM,
     NodeKey,
     ReplicaCluster,
     Workload,
@@ -244,8 +246,9 @@ def _describe(cluster: ReplicaCluster) -> str:
 # ------------------------------------------------------------------------------ chaos
 
 
-def run_lifecycle_chaos(seed: int, node_range: tuple[int, int], *,
-                        keep_trace: bool = False) -> RunResult:
+def run_lifecycle_chaos(seed: int, node_range: tuple[int, int], *, keep_trace: bool = False,
+                        swarm: Swarm = REPLICA_SWARM) -> RunResult:
+    """One seed's run; `swarm`: the chance of each fault kind to be in the run's mix."""
     rng = random.Random(seed)
     n_nodes = rng.randint(max(MIN_NODES, node_range[0]), max(MIN_NODES, node_range[1]))
     n_spare = rng.randint(1, 3)
@@ -268,6 +271,7 @@ def run_lifecycle_chaos(seed: int, node_range: tuple[int, int], *,
         for op in workload.setup():
             cluster.propose(installed[0], op)
         draw_faults(cluster, rng, f"seed {seed} nodes {installed} spare {spare}")
+        install_mix(net, draw_mix(rng, swarm, params.token))
         chaos_until = net.now + rng.randint(10_000, 25_000)
         while net.now < chaos_until:
             net.run_until(net.now + rng.randint(1, 300))
@@ -280,8 +284,8 @@ def run_lifecycle_chaos(seed: int, node_range: tuple[int, int], *,
                 for _ in range(rng.randint(1, 5) if live else 0):
                     cluster.propose(rng.choice(live), workload.op(net.now // 1000))
             else:
-                random_fault(roll, REPLICA_FAULTS, rng, net, admin.fault_targets(),
-                             params.token, cluster.crash, cluster.restart)
+                mixed_fault(rng, net, admin.fault_targets(), params.token, cluster.crash,
+                            cluster.restart)
         admin.settle(give_up=True)
         heal(cluster, sorted(admin.members))
         for node in admin.down_removed():

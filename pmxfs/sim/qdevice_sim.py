@@ -3,14 +3,16 @@
 What it runs
 ------------
 A cluster whose corosync.conf has a quorum device (ffsplit with one vote for an even node count,
-lms with nodes - 1 votes for an odd one), the fs workload, and next to the network's faults
-(partitions, crashes, restarts, pauses) the device's own: a node losing or regaining its link to
-qnetd, and qnetd restarting with no memory. The clients follow the runtime's rules
+lms with nodes - 1 votes for an odd one), the fs workload, and next to the faults of the run's
+mix (`faults.draw_mix`: partitions, one-way cuts, lossy directions, crashes, restarts, pauses,
+clock jumps, slow nodes, a stalled token holder) the device's own: a node losing or regaining
+its link to qnetd, and qnetd restarting with no memory. The clients follow the runtime's rules
 (`qdevice_wire`): they report every ring change, cast the vote through the replica only while
 the last answer is ACK for the node's current ring, and withdraw it at once on NACK / WAIT / a
-ring change, and when qnetd has been silent for `silence_limit_ms`. qnetd's side notices a lost
+ring change, and when qnetd has been silent for `silence_limit_ms` -- measured on their node's
+own clock, so a clock jump makes a client think qnetd went silent. qnetd's side notices a lost
 client only after a delay of up to the device timeout, as a TCP peer that vanished silently.
-The clients act every `STEP_MS`.
+The clients act every `STEP_MS`, except on a node that is paused or busy.
 
 What it checks
 --------------
@@ -39,10 +41,10 @@ from pmxfs.core.qnetd_arbiter import ClusterArbiter
 from pmxfs.core.replica import Mode
 from pmxfs.core.wire import RingId
 
-from .faults import random_fault
+from .faults import Swarm, draw_mix, install_mix, mixed_fault
 from .network import SimulationStuck
 from .replica_sim import (
-    REPLICA_FAULTS,
+    REPLICA_SWARM,
     ReplicaCluster,
     Workload,
     check_after_healing,
@@ -147,7 +149,7 @@ class QdeviceWorld:
             client = self.clients.get(node)
             if client is None or not client.connected or not self._link(node):
                 continue
-            client.last_heard = now  # heartbeats answered
+            client.last_heard = self.cluster.net.local_now(node)  # heartbeats answered
             reply = answers.get(node)
             if reply is not None and node in self.server_connected:
                 client.answer = (reply.ring, reply.vote)
@@ -165,13 +167,14 @@ class QdeviceWorld:
             return
         if client is None or client.incarnation != sim_node.incarnation:
             client = self.clients[node] = _Client(sim_node.incarnation)
+        local = self.cluster.net.local_now(node)  # the client runs on its node's clock
         if client.connected and not self._link(node):
-            if now - client.last_heard >= silence_limit_ms(TIMEOUT_MS) or not self.qnetd_up:
+            if local - client.last_heard >= silence_limit_ms(TIMEOUT_MS) or not self.qnetd_up:
                 client.connected, client.answer, client.reported = False, None, None
             if node in self.server_connected and node not in self.server_loses:
                 self.server_loses[node] = now + self.rng.randint(0, TIMEOUT_MS)
         if not client.connected and self._link(node) and node not in self.server_loses:
-            client.connected, client.last_heard = True, now
+            client.connected, client.last_heard = True, local
             client.reported, client.answer = None, None
             self.server_connected.add(node)
             self.arbiter.hello(now, self._hello(node))
@@ -185,20 +188,21 @@ class QdeviceWorld:
 
     def _cast(self, now: int, node: int) -> None:
         client = self.clients.get(node)
-        if client is None:
-            return
+        if client is None or self.cluster.net.nodes[node].paused_until is not None:
+            return  # a stopped (or busy) process acts when it runs again
         replica = self.cluster.replica(node)
         ring = Ring(replica.ring.seq, replica.ring.rep)
-        fresh = client.connected and now - client.last_heard < silence_limit_ms(TIMEOUT_MS)
+        local = self.cluster.net.local_now(node)
+        fresh = client.connected and local - client.last_heard < silence_limit_ms(TIMEOUT_MS)
         want = replica.ring if fresh and client.answer == (ring, Vote.ACK) else None
         if want == client.cast:
             return
         if client.cast is not None:
             self.cluster.trace(f"{now} n{node} withdraws the device vote for {client.cast}")
-            replica.set_qdevice_vote(now, client.cast, False)
+            replica.set_qdevice_vote(local, client.cast, False)
         if want is not None:
             self.cluster.trace(f"{now} n{node} casts the device vote for {want}")
-            replica.set_qdevice_vote(now, want, True)
+            replica.set_qdevice_vote(local, want, True)
         client.cast = want
         self.cluster.net.run_until(now)  # the replica's sends go out now
 
@@ -217,8 +221,9 @@ class QdeviceWorld:
             raise Violation(f"two quorate partitions at {net.now}: {quorate}")
 
 
-def run_qdevice_chaos(seed: int, node_range: tuple[int, int], *,
-                      keep_trace: bool = False) -> RunResult:
+def run_qdevice_chaos(seed: int, node_range: tuple[int, int], *, keep_trace: bool = False,
+                      swarm: Swarm = REPLICA_SWARM) -> RunResult:
+    """One seed's run; `swarm`: the chance of each fault kind to be in the run's mix."""
     rng = random.Random(seed)
     n_nodes = rng.randint(max(2, node_range[0]), max(2, node_range[1]))
     node_ids = sorted(rng.sample(range(1, 3 * n_nodes + 1), n_nodes))
@@ -244,6 +249,7 @@ def run_qdevice_chaos(seed: int, node_range: tuple[int, int], *,
         for op in workload.setup():
             cluster.propose(node_ids[0], op)
         draw_faults(cluster, rng, f"seed {seed} nodes {node_ids} {world.algorithm}")
+        install_mix(net, draw_mix(rng, swarm, params.token))
         chaos_until = net.now + rng.randint(10_000, 25_000)
         while net.now < chaos_until:
             run_steps(net.now + rng.randint(1, 300))
@@ -257,8 +263,7 @@ def run_qdevice_chaos(seed: int, node_range: tuple[int, int], *,
             elif roll < 0.70:
                 world.restart_qnetd()
             else:
-                random_fault(rng.uniform(0.75, 1.0), REPLICA_FAULTS, rng, net, node_ids,
-                             params.token, cluster.crash, cluster.restart)
+                mixed_fault(rng, net, node_ids, params.token, cluster.crash, cluster.restart)
         heal(cluster, node_ids)
         world.heal()
         deadline = net.now + 120_000

@@ -1,24 +1,46 @@
 """Replicas under the simulator: real `Replica` objects (totem + quorum + memdb) on the simulated
 network, a random file-system workload, a simulated disk, and checkers on every output.
 
-The disk of a node is what its `Persist` outputs committed, in order, and it is slow as the
-runtime's is: a Persist is queued, a commit takes every queued Persist at once (group commit) and
-completes after a latency drawn from the seed (`disk_delay`, with rare long `disk_stall`s), and
-only then is the replica told (`Replica.persisted`). Meanwhile the node goes on delivering and
-passing the token. A crash drops whatever was queued or being written (the deliveries were
-applied in memory, not on disk); it can also strike exactly when a Persist is handed out. A
-restart builds the replica from the disk and the node's own copy of corosync.conf (the runtime
-rewrites it as soon as the replica takes a new one, before the tree's rows are on disk).
+The disk of a node is what its `Persist` outputs committed, in order, and it behaves as the
+runtime's does (runtime/persister.py, runtime/replica_node.py): a Persist is queued, a commit
+takes every queued Persist at once (one transaction: group commit) and completes after a
+latency, and only then is the replica told (`Replica.persisted`). Meanwhile the node goes on
+delivering and passing the token. Each node's disk has a `DiskProfile` drawn from the seed
+(`draw_disk_faults`; each kind is on in about a third of the runs, at rates that differ per
+node):
+* slow: a latency per commit (a base shared by every disk; some nodes up to two token timeouts
+  on every commit) and stalls (rare ones of 3 to 20 token timeouts): the ring must not notice,
+  only the replies that need the slow disk wait;
+* failing: a commit ends in an error, and the runtime stops the node: the node crashes there,
+  what was queued is lost, and a failed fsync may or may not have left the group on disk (both
+  are drawn). It starts again later from what its disk holds -- unless the disk failed for good
+  (at most one node per run), when it stays down and the others, a majority, go on;
+* torn: a crash strikes a commit, either during it (nothing of the group: SQLite's transaction
+  is atomic) or after it but before the report (all of the group on disk, the node never told:
+  it must not have acknowledged anything on that basis, and when it starts again it uses it).
+The ring seq file is written apart from the database, at once and before any later output is
+carried out, as the runtime writes it (fsynced before the commit token that follows leaves): a
+failure or a crash there leaves the old or the new value and stops the node. A crash also drops
+whatever was queued or being written (the deliveries were applied in memory, not on disk), and
+can strike exactly when a Persist is handed out. `heal` ends stalls, failures and crashes; slow
+disks stay slow. A restart builds the replica from the disk and the node's own copy of
+corosync.conf (the runtime rewrites it as soon as the replica takes a new one, before the tree's
+rows are on disk). Each Persist makes durable the lineage (below) the replica had when it made
+the Persist, which is not always the lineage at the drain (operations applied between two
+Persists of one drain belong to the second).
 
 Checkers (`ReplicaChecker`):
 * lineage: every node's tree is the result of a sequence of applied operations (its *lineage*);
   a sync that adopts the leader's tree adopts the leader's lineage as it was when the leader sent
-  its state; a restart goes back to the lineage of the last Persist. At the end, replaying the
-  final lineage on an empty tree must give exactly the final tree (sync transfer is exact);
+  its state; a restart goes back to the lineage of the last Persist on disk, and the restarted
+  tree must be exactly that lineage replayed (the node uses what its disk holds, also a group
+  it never heard was written). At the end, replaying the final lineage on an empty tree must
+  give exactly the final tree (sync transfer is exact);
 * an operation is answered with its decision (Reply 0, or a refusal the ring decided) only
   after the Persist that holds the decision completed on the disk of every member of the
   proposer's ring (the disks are checked at the reply, so a reply that came from a durability
-  claim made too early is caught), and every acknowledged
+  claim made too early is caught; a disk's lineage counts only the Persists written without a
+  gap, so a node that ran on past a lost commit is caught too), and every acknowledged
   operation is in the final lineage; an operation answered with an error is never in the final
   lineage as a success;
 * a mutation is applied only in a ring whose members hold a majority of the votes of the config
@@ -36,6 +58,7 @@ import random
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from pmxfs.core.conf import ClusterConfig, parse, totem_params
 from pmxfs.core.entry import Entry, guest_config
@@ -72,14 +95,14 @@ from pmxfs.core.totem import ConfChange, ConfChangeKind, PersistRingSeq, State
 from pmxfs.core.totem_params import TotemParams
 from pmxfs.core.wire import RingId
 
-from .faults import FaultOdds, random_fault
+from .faults import EVERY_FAULT, Swarm, draw_mix, install_mix, mixed_fault
 from .network import Network, SimNode, SimulationStuck
 from .totem_checker import Violation
 from .totem_sim import RunResult, sim_params
 from .trace import Trace
 
 NodeKey = tuple[int, int]
-REPLICA_FAULTS = FaultOdds(partition=0.80, isolate=0.83, heal=0.90, crash=0.93, restart=0.97)
+REPLICA_SWARM: Swarm = EVERY_FAULT  # the fault kinds of the replica workloads' mixes
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +124,36 @@ class _Lineage:
         return self.steps, len(self.steps)
 
 
+class DiskFault(Enum):
+    """The kinds of disk fault; `run_fs_chaos(force_disk=...)` forces one on for every node."""
+
+    SLOW = "slow"  # long latencies on some nodes, stalls far longer than the token timeout
+    FAILING = "failing"  # a commit fails: the node stops (its disk may be gone for good)
+    TORN = "torn"  # a crash in the middle of a commit, or between the commit and its report
+
+
+class CommitEnd(Enum):
+    """How one commit ends, drawn when it starts."""
+
+    DONE = "done"  # on disk, reported
+    FAILED = "failed"  # the commit reports an error: nothing of the group on disk, node stops
+    FAILED_WRITTEN = "failed but written"  # an error (a failed fsync), yet all of it on disk
+    TORN_BEFORE = "crash during it"  # power cut during the commit: nothing of the group
+    TORN_AFTER = "crash before its report"  # the group is on disk, the node never learns it
+
+
+@dataclass
+class DiskProfile:
+    """How one node's disk behaves in a run, drawn from the seed (`draw_disk_faults`)."""
+
+    delay: tuple[int, int] = (0, 0)  # a commit's latency in ms, drawn uniformly from this range
+    stall: float = 0.0  # the chance that a commit stalls, for a time drawn from `stall_ms`
+    stall_ms: tuple[int, int] = (0, 0)
+    fail: float = 0.0  # the chance that a commit (or a write of the ring seq file) fails
+    fail_for_good: bool = False  # after failing, the disk never comes back: the node stays down
+    torn: float = 0.0  # the chance that a crash strikes during a commit or a ring seq write
+
+
 @dataclass
 class _Disk:
     rows: dict[int, Entry] = field(default_factory=dict)
@@ -111,8 +164,14 @@ class _Disk:
     # Handed out, not written yet: each Persist with the lineage it makes durable.
     queue: list[tuple[Persist, tuple[list[_Step], int]]] = field(default_factory=list)
     writing: bool = False  # a commit is under way (it took what was queued when it started)
+    written: int = 0  # the id of the last Persist of the running incarnation on disk
+    profile: DiskProfile = field(default_factory=DiskProfile)
+    dead: bool = False  # failed for good: the node cannot start again
 
     def write(self, batch: Persist, lineage: tuple[list[_Step], int]) -> None:
+        """Write one Persist. Its lineage is durable only if every earlier Persist of the
+        incarnation is: a write that follows a lost one (which a correct runtime never makes)
+        leaves the durable lineage where it was, so the reply checker sees the hole."""
         if batch.replace_all:
             self.rows = {}
         for inode in batch.removed:
@@ -121,12 +180,32 @@ class _Disk:
             self.rows[entry.inode] = entry
         self.version = batch.version
         self.meta.update(batch.meta)
-        self.lineage = lineage
+        if batch.id == self.written + 1:
+            self.written = batch.id
+            self.lineage = lineage
 
     def lose_unwritten(self) -> None:
         """The node crashed: what was queued or being written never reached the disk."""
         self.queue = []
         self.writing = False
+
+    def stored(self) -> StoredState:
+        """What a node starting from this disk reads."""
+        return StoredState(entries=tuple(self.rows[i] for i in sorted(self.rows)),
+                           version=self.version, meta=dict(self.meta))
+
+
+def _persists(batch: list[tuple[Persist, tuple[list[_Step], int]]]) -> str:
+    return f"committing Persists {batch[0][0].id}-{batch[-1][0].id}"
+
+
+def _healed(end: CommitEnd, profile: DiskProfile) -> bool:
+    """Whether the fault drawn for a commit (`end`) was ended by `heal` before it struck."""
+    if end is CommitEnd.FAILED or end is CommitEnd.FAILED_WRITTEN:
+        return not profile.fail
+    if end is CommitEnd.TORN_BEFORE or end is CommitEnd.TORN_AFTER:
+        return not profile.torn
+    return False
 
 
 def cluster_config_text(node_ids: Iterable[int], config_version: int = 1) -> str:
@@ -226,16 +305,27 @@ class ReplicaChecker:
         if reply.errno not in (E.ETIMEDOUT, E.EIO):
             self.acked[op_id] = reply.errno
 
-    def check_final(self, key: NodeKey, memdb: MemDB) -> None:
-        steps = self.lineages[key].steps
+    def check_restart(self, key: NodeKey, memdb: MemDB) -> None:
+        """A node that starts holds what its disk holds: the tree its lineage gives (after a
+        crash between a commit and its report, the unreported group too)."""
+        if self._replay(key).checksum() != memdb.checksum():
+            raise Violation(f"n{key[0]} started with a tree that is not the result of the "
+                            f"{len(self.lineages[key].steps)} operations on its disk")
+
+    def _replay(self, key: NodeKey) -> MemDB:
+        """An empty tree with `key`'s lineage applied (each step must decide as it did)."""
         replay = MemDB()
-        for step in steps:
+        for step in self.lineages[key].steps:
             if step.applied:
                 got = replay.apply(step.op, step.writer).errno
                 if got != step.errno:
                     raise Violation(f"replaying {step.op_id} {step.op} gave errno {got}, the "
                                     f"cluster decided {step.errno}")
-        if replay.checksum() != memdb.checksum():
+        return replay
+
+    def check_final(self, key: NodeKey, memdb: MemDB) -> None:
+        steps = self.lineages[key].steps
+        if self._replay(key).checksum() != memdb.checksum():
             raise Violation(f"n{key[0]}'s tree is not the result of its lineage of "
                             f"{len(steps)} operations")
         decided = {s.op_id: s.errno for s in steps}
@@ -274,9 +364,12 @@ class ReplicaCluster:
         self.next_request = 0
         self.crash_in_batch = 0.0
         self.crash_at_next_persist: set[int] = set()
-        self.disk_delay = (0, 0)  # a commit's latency in ms, drawn uniformly from this range
-        self.disk_stall = 0.0  # the chance that a commit stalls for one to three tokens
-        self.stall_range = (params.token, 3 * params.token)
+        # The lineage each Persist makes durable, as it was when the replica made the Persist
+        # (several may leave in one drain, with operations applied between them): per running
+        # replica, how many Persists it had made at its last event, and the lineages of those
+        # not carried out yet.
+        self.persists_made: dict[NodeKey, int] = {}
+        self.persist_lineages: dict[NodeKey, dict[int, tuple[list[_Step], int]]] = {}
         self.verify_interval = verify_interval
         self.replies: dict[int, Reply] = {}
         self.lost: list[tuple[int, SaveLost]] = []
@@ -288,6 +381,17 @@ class ReplicaCluster:
 
     # ------------------------------------------------------------------ plumbing
 
+    @property
+    def disk_delay(self) -> tuple[int, int]:
+        """A commit's latency in ms, drawn uniformly from this range (the first node's; setting
+        it sets every node's)."""
+        return self.disks[self.node_ids[0]].profile.delay
+
+    @disk_delay.setter
+    def disk_delay(self, delay: tuple[int, int]) -> None:
+        for disk in self.disks.values():
+            disk.profile.delay = delay
+
     def key(self, node_id: int) -> NodeKey:
         return node_id, self.net.nodes[node_id].incarnation
 
@@ -298,18 +402,18 @@ class ReplicaCluster:
         self.started.add(node_id)
         key = (node_id, node.incarnation)
         disk = self.disks[node_id]
+        disk.written = 0  # the new incarnation numbers its Persists from 1
         self.checker.started(key, disk.lineage)
         self.requests[key] = {}
-        stored = StoredState(entries=tuple(disk.rows[i] for i in sorted(disk.rows)),
-                             version=disk.version, meta=dict(disk.meta))
         config = self.configs[node_id]
-        core = Replica(node_id, config, totem_params(config), self.net.now,
-                       incarnation=node.incarnation, stored=stored, ring_seq=disk.ring_seq,
-                       first_log_uid=node.incarnation * 1_000_000 + 1,
+        core = Replica(node_id, config, totem_params(config), self.net.local_now(node_id),
+                       incarnation=node.incarnation, stored=disk.stored(),
+                       ring_seq=disk.ring_seq, first_log_uid=node.incarnation * 1_000_000 + 1,
                        verify_interval=self.verify_interval,
                        on_event=lambda ev: self._on_event(key, ev),
                        on_totem_event=lambda text: self.trace(
                            f"{self.net.now} n{node_id} {text}"))
+        self.checker.check_restart(key, core.memdb)
         self.net.start(node_id, core)
 
     def _on_event(self, key: NodeKey, ev: ReplicaEvent) -> None:
@@ -318,7 +422,22 @@ class ReplicaCluster:
         core = self.net.nodes[key[0]].core
         # While it is being built, a replica runs with the config it was started with.
         config = core.config if isinstance(core, Replica) else self.configs[key[0]]
+        if isinstance(core, Replica):
+            self._note_persists_made(key, core)
         self.checker.on_event(key, ev, config)
+
+    def _note_persists_made(self, key: NodeKey, core: Replica) -> None:
+        """Before the replica's event changes the lineage: the Persists it made since its last
+        event hold the lineage as it is now (the runtime has no need of the count, so it is
+        read from the replica's own)."""
+        made = core._next_persist
+        seen = self.persists_made.get(key, 0)
+        if made > seen:
+            snapshot = self.checker.lineages[key].snapshot()
+            lineages = self.persist_lineages.setdefault(key, {})
+            for persist_id in range(seen + 1, made + 1):
+                lineages[persist_id] = snapshot
+            self.persists_made[key] = made
 
     def _on_output(self, node: SimNode, out: object) -> None:
         key = (node.node_id, node.incarnation)
@@ -330,13 +449,15 @@ class ReplicaCluster:
                 self.trace(f"{self.net.now} n{node.node_id} crashes before a Persist")
                 self.crash(node.node_id)
                 return
-            disk.queue.append((out, self.checker.lineages[key].snapshot()))
+            lineage = self.persist_lineages.get(key, {}).pop(out.id, None)
+            self.persists_made[key] = max(self.persists_made.get(key, 0), out.id)
+            disk.queue.append((out, lineage or self.checker.lineages[key].snapshot()))
             if not disk.writing:
                 self._start_commit(key)
         elif isinstance(out, SaveLost):
             self.lost.append((node.node_id, out))
         elif isinstance(out, PersistRingSeq):
-            disk.ring_seq = max(disk.ring_seq, out.ring_seq)
+            self._write_ring_seq(key, out.ring_seq)
         elif isinstance(out, ConfChange):
             self.trace(f"{self.net.now} n{node.node_id} {out.kind.value} {out.ring_id} "
                         f"{list(out.members)}")
@@ -358,27 +479,89 @@ class ReplicaCluster:
                 self.checker.on_reply(key, op_id, out,
                                       {m: self.disks[m].lineage for m in members})
 
+    def _write_ring_seq(self, key: NodeKey, ring_seq: int) -> None:
+        """The ring seq file, as the runtime writes it: at once, before any later output is
+        carried out (runtime/ring_seq.py: temporary file, fsync, rename). A failed write stops
+        the node and a crash may strike during it; either way the file holds the old value or
+        the new one, and nothing after it happens."""
+        disk = self.disks[key[0]]
+        end = self._draw_end(disk.profile)
+        if end is not CommitEnd.FAILED and end is not CommitEnd.TORN_BEFORE:
+            disk.ring_seq = max(disk.ring_seq, ring_seq)
+        if end is not CommitEnd.DONE:
+            self._stop_node(key, end, f"writing ring seq {ring_seq}")
+
+    def _draw_end(self, profile: DiskProfile) -> CommitEnd:
+        """How a write ends (no draw at all when the disk has neither fault)."""
+        if profile.fail and self.rng.random() < profile.fail:
+            return self.rng.choice([CommitEnd.FAILED, CommitEnd.FAILED_WRITTEN])
+        if profile.torn and self.rng.random() < profile.torn:
+            return self.rng.choice([CommitEnd.TORN_BEFORE, CommitEnd.TORN_AFTER])
+        return CommitEnd.DONE
+
     def _start_commit(self, key: NodeKey) -> None:
-        """The disk takes everything queued and writes it in one commit."""
+        """The disk takes everything queued and writes it in one commit (one transaction)."""
         disk = self.disks[key[0]]
         batch, disk.queue = disk.queue, []
         disk.writing = True
-        latency = self.rng.randint(*self.disk_delay)
-        if self.disk_stall and self.rng.random() < self.disk_stall:
-            latency += self.rng.randint(*self.stall_range)
+        profile = disk.profile
+        latency = self.rng.randint(*profile.delay)
+        if profile.stall and self.rng.random() < profile.stall:
+            latency += self.rng.randint(*profile.stall_ms)
             self.trace(f"{self.net.now} n{key[0]} disk stalls for {latency} ms")
-        self.net.schedule(self.net.now + latency, lambda: self._commit_done(key, batch))
+        end = self._draw_end(profile)
+        if end is CommitEnd.TORN_BEFORE:
+            at = self.net.now + self.rng.randint(0, latency)
+            self.net.schedule(at, lambda: self._crash_during_commit(key, batch))
+        self.net.schedule(self.net.now + latency, lambda: self._commit_done(key, batch, end))
 
-    def _commit_done(self, key: NodeKey,
-                     batch: list[tuple[Persist, tuple[list[_Step], int]]]) -> None:
+    def _commit_done(self, key: NodeKey, batch: list[tuple[Persist, tuple[list[_Step], int]]],
+                     end: CommitEnd) -> None:
         node_id = key[0]
         if not self.net.nodes[node_id].up or self.key(node_id) != key:
             return  # the node crashed meanwhile: the commit never completed
         disk = self.disks[node_id]
+        if _healed(end, disk.profile):
+            end = CommitEnd.DONE
+        if end is CommitEnd.FAILED or end is CommitEnd.FAILED_WRITTEN:
+            self._commit_failed(key, batch, end)
+            return
         for persist, lineage in batch:
             disk.write(persist, lineage)
+        if end is CommitEnd.TORN_AFTER:
+            self._stop_node(key, end, _persists(batch))
+            return
         self.trace(f"{self.net.now} n{node_id} persisted up to {batch[-1][0].id}")
         self._tell_persisted(key, batch[-1][0].id)
+
+    def _commit_failed(self, key: NodeKey,
+                       batch: list[tuple[Persist, tuple[list[_Step], int]]],
+                       end: CommitEnd) -> None:
+        """The commit reported an error: the runtime stops the node (runtime/replica_node.py),
+        which never learns whether a failed fsync left the group on disk after all."""
+        if end is CommitEnd.FAILED_WRITTEN:
+            disk = self.disks[key[0]]
+            for persist, lineage in batch:
+                disk.write(persist, lineage)
+        self._stop_node(key, end, _persists(batch))
+
+    def _crash_during_commit(self, key: NodeKey,
+                             batch: list[tuple[Persist, tuple[list[_Step], int]]]) -> None:
+        if (self.net.nodes[key[0]].up and self.key(key[0]) == key
+                and not _healed(CommitEnd.TORN_BEFORE, self.disks[key[0]].profile)):
+            self._stop_node(key, CommitEnd.TORN_BEFORE, _persists(batch))
+
+    def _stop_node(self, key: NodeKey, end: CommitEnd, what: str) -> None:
+        """A write ended in a failure (the runtime stops the node) or a crash struck it."""
+        node_id = key[0]
+        disk = self.disks[node_id]
+        if end is CommitEnd.FAILED or end is CommitEnd.FAILED_WRITTEN:
+            disk.dead = disk.profile.fail_for_good
+            self.trace(f"{self.net.now} n{node_id}'s disk fails {what} ({end.value}): the node "
+                       f"stops{' and its disk is gone for good' if disk.dead else ''}")
+        else:
+            self.trace(f"{self.net.now} n{node_id} crashes, {what}: {end.value}")
+        self.crash(node_id)
 
     def _tell_persisted(self, key: NodeKey, persist_id: int) -> None:
         """The commit is on disk; a paused process learns it when it runs again."""
@@ -392,7 +575,7 @@ class ReplicaCluster:
             return
         disk = self.disks[key[0]]
         disk.writing = False
-        self.replica(key[0]).persisted(self.net.now, persist_id)
+        self.replica(key[0]).persisted(self.net.local_now(key[0]), persist_id)
         self.net.flush(node)
         if disk.queue and node.up and self.key(key[0]) == key:
             self._start_commit(key)
@@ -413,7 +596,7 @@ class ReplicaCluster:
         self.next_request += 1
         request = self.next_request
         self.requests[key][request] = None
-        op_id = self.replica(node_id).propose(self.net.now, request, op)
+        op_id = self.replica(node_id).propose(self.net.local_now(node_id), request, op)
         if request in self.requests[key]:
             self.requests[key][request] = op_id
         self.trace(f"{self.net.now} n{node_id} propose {request} {op_id} {op}"[:200])
@@ -426,7 +609,7 @@ class ReplicaCluster:
         self.next_request += 1
         request = self.next_request
         self.requests[self.key(node_id)][request] = None
-        self.replica(node_id).propose_expected(self.net.now, request, expected)
+        self.replica(node_id).propose_expected(self.net.local_now(node_id), request, expected)
         self.net.flush(self.net.nodes[node_id])
         return request
 
@@ -469,6 +652,10 @@ class ReplicaCluster:
         self.disks[node_id].lose_unwritten()
 
     def restart(self, node_id: int) -> None:
+        """Start a node that is down again from its disk (not when its disk failed for good)."""
+        if self.disks[node_id].dead:
+            self.trace(f"{self.net.now} n{node_id} cannot start: its disk failed for good")
+            return
         self._start(node_id)
 
     def install(self, node_id: int, config_text: str) -> None:
@@ -486,11 +673,15 @@ class ReplicaCluster:
     def live(self) -> list[int]:
         return [n for n, node in self.net.nodes.items() if node.up]
 
+    def runnable(self) -> list[int]:
+        """The nodes whose disks did not fail for good."""
+        return [n for n in self.node_ids if not self.disks[n].dead]
+
     def settled(self, nodes: Iterable[int] | None = None) -> bool:
-        """`nodes` (default: all) are up and in one ring of exactly them, synced, with one state
-        and nothing outstanding."""
+        """`nodes` (default: all that can run) are up and in one ring of exactly them, synced,
+        with one state and nothing outstanding."""
         live = self.live()
-        members = sorted(self.node_ids if nodes is None else nodes)
+        members = sorted(self.runnable() if nodes is None else nodes)
         if not members or not set(members) <= set(live):
             return False
         reps = [self.replica(n) for n in members]
@@ -577,8 +768,10 @@ class Workload:
 # ------------------------------------------------------------------------------ chaos
 
 
-def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
-                 keep_trace: bool = False) -> RunResult:
+def run_fs_chaos(seed: int, node_range: tuple[int, int], *, keep_trace: bool = False,
+                 force_disk: DiskFault | None = None) -> RunResult:
+    """One run of the file workload under chaos; `force_disk` turns one kind of disk fault on
+    for every node (tests use it to show the checkers catch what the fault targets)."""
     rng = random.Random(seed)
     n_nodes = rng.randint(*node_range)
     node_ids = sorted(rng.sample(range(1, 3 * n_nodes + 1), n_nodes))
@@ -592,7 +785,9 @@ def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
             raise Violation("the cluster did not form and sync at start")
         for op in workload.setup():
             cluster.propose(node_ids[0], op)
-        draw_faults(cluster, rng, f"seed {seed} nodes {node_ids}")
+        draw_faults(cluster, rng, f"seed {seed} nodes {node_ids}", permanent_failures=True,
+                    force_disk=force_disk)
+        install_mix(net, draw_mix(rng, REPLICA_SWARM, params.token))
         chaos_until = net.now + rng.randint(8_000, 20_000)
         while net.now < chaos_until:
             net.run_until(net.now + rng.randint(1, 300))
@@ -600,7 +795,7 @@ def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
         heal(cluster, node_ids)
         if not net.run_while(lambda: not cluster.settled(), net.now + 120_000):
             raise Violation(f"no single synced ring 120 s after healing: {node_states(cluster)}")
-        check_after_healing(cluster, node_ids)
+        check_after_healing(cluster, cluster.runnable())
     except (Violation, SimulationStuck) as exc:
         violation = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # a crash of the code under test is a finding
@@ -608,18 +803,48 @@ def run_fs_chaos(seed: int, node_range: tuple[int, int], *,
     return run_result(cluster, seed, n_nodes, violation)
 
 
-def draw_faults(cluster: ReplicaCluster, rng: random.Random, what: str) -> None:
-    """Draw the run's network and disk faults from the seed (and trace them after `what`)."""
-    faults = cluster.net.faults
-    faults.loss = rng.choice([0.0, 0.01, 0.05, 0.1, 0.2])
-    faults.duplicate = rng.choice([0.0, 0.0, 0.02])
-    faults.min_delay = rng.randint(0, 2)
-    faults.max_jitter = rng.choice([0, 1, 3, 10])
+def draw_faults(cluster: ReplicaCluster, rng: random.Random, what: str, *,
+                permanent_failures: bool = False, force_disk: DiskFault | None = None) -> None:
+    """Draw the run's disk faults and crashes within a batch of outputs from the seed (and
+    trace them after `what`); see `draw_disk_faults` for the two keywords. The network's faults
+    are the run's mix (`faults.draw_mix`, installed by the caller)."""
     cluster.crash_in_batch = rng.choice([0.0, 0.0, 0.002, 0.01])
-    cluster.disk_delay = rng.choice([(0, 0), (0, 2), (1, 10), (5, 60)])
-    cluster.disk_stall = rng.choice([0.0, 0.0, 0.005, 0.02])
-    cluster.trace(f"{what} loss {faults.loss} dup {faults.duplicate} "
-                  f"disk {cluster.disk_delay} stall {cluster.disk_stall}")
+    cluster.trace(f"{what} crash in batch {cluster.crash_in_batch}")
+    draw_disk_faults(cluster, rng, permanent_failures=permanent_failures, force=force_disk)
+
+
+def draw_disk_faults(cluster: ReplicaCluster, rng: random.Random, *,
+                     permanent_failures: bool = False, force: DiskFault | None = None) -> None:
+    """Each node's `DiskProfile` for the run (swarm testing: each kind of fault is on in about
+    a third of the runs, and its rates differ per node and per seed). Every disk shares a base
+    latency; slow: some nodes take up to two token timeouts per commit, and stalls last 3 to 20
+    token timeouts (else rare stalls of one to three); failing: commits and ring seq writes fail
+    at a rate per node, and with `permanent_failures` one node's disk may be gone for good
+    (the others are a majority, so the cluster goes on); torn: crashes strike writes. `force`
+    turns a kind on for every node."""
+    token = cluster.params.token
+    base = rng.choice([(0, 0), (0, 2), (1, 10), (5, 60)])
+    kinds = {kind for kind in DiskFault if rng.random() < 0.3 or kind is force}
+    doomed = (rng.choice(cluster.node_ids) if DiskFault.FAILING in kinds and permanent_failures
+              and rng.random() < 0.3 else None)
+    for n in cluster.node_ids:
+        profile = cluster.disks[n].profile = DiskProfile(delay=base)
+        if DiskFault.SLOW in kinds:
+            if force is DiskFault.SLOW or rng.random() < 0.5:
+                profile.delay = (token // 4, 2 * token)
+            profile.stall = rng.choice([0.002, 0.005])
+            profile.stall_ms = (3 * token, 20 * token)
+        else:
+            profile.stall = rng.choice([0.0, 0.0, 0.005, 0.02])
+            profile.stall_ms = (token, 3 * token)
+        if DiskFault.FAILING in kinds:
+            profile.fail = rng.choice([0.0005, 0.002, 0.005] if n == doomed or
+                                      force is DiskFault.FAILING else [0.0, 0.0005, 0.002])
+            profile.fail_for_good = n == doomed
+        if DiskFault.TORN in kinds:
+            profile.torn = rng.choice([0.002, 0.01] if force is DiskFault.TORN
+                                      else [0.0, 0.002, 0.01])
+        cluster.trace(f"n{n} disk {profile}")
 
 
 def check_after_healing(cluster: ReplicaCluster, nodes: list[int]) -> None:
@@ -666,14 +891,16 @@ def node_states(cluster: ReplicaCluster) -> dict[int, object]:
 
 
 def heal(cluster: ReplicaCluster, nodes: Iterable[int]) -> None:
-    """End every fault: the network heals, loss and disk stalls stop, the nodes of `nodes`
-    that are down restart and paused nodes resume."""
+    """End every fault: the network heals, loss, disk stalls, failures and crashes stop (slow
+    disks stay slow), the nodes of `nodes` that are down restart (not those whose disk failed
+    for good) and paused nodes resume."""
     net = cluster.net
     net.heal()
     net.faults.loss = 0.0
     net.faults.duplicate = 0.0
     cluster.crash_in_batch = 0.0
-    cluster.disk_stall = 0.0
+    for disk in cluster.disks.values():
+        disk.profile.stall = disk.profile.fail = disk.profile.torn = 0.0
     for n in nodes:
         node = net.nodes[n]
         if not node.up:
@@ -694,6 +921,5 @@ def _random_action(cluster: ReplicaCluster, workload: Workload, rng: random.Rand
         for _ in range(rng.randint(1, 5) if live else 0):
             cluster.propose(rng.choice(live), workload.op(net.now // 1000))
     else:
-        random_fault(roll, REPLICA_FAULTS, rng, net, ids, params.token, cluster.crash,
-                     cluster.restart)
+        mixed_fault(rng, net, ids, params.token, cluster.crash, cluster.restart)
 

@@ -1,12 +1,15 @@
 """Totem under the simulator: a cluster of real `Totem` objects on the simulated network, the
 checkers wired to every output, scripted scenario helpers and the seeded chaos run.
 
-A chaos run draws everything from its seed: node count, loss (0 to 30 %), duplication, delay and
-jitter, and a schedule of faults (partitions, isolation, heal, crash, restart from the persisted
-ring seq, pauses longer than the token timeout) interleaved with application messages of all
-sizes. Then the network heals, crashed nodes restart and paused ones resume; after a quiet
-period every node must be in one ring, every message a surviving node accepted must have been
-delivered by it, and a probe from every node must reach every node.
+A chaos run draws everything from its seed: node count, the run's fault mix (`faults.draw_mix`:
+loss 0 to 30 %, duplication, delay and jitter, and which of the fault kinds strike how often --
+partitions, isolation, bridges, one-way cuts, lossy directions, heal, crash, restart from the
+persisted ring seq, pauses longer than the token timeout, clock jumps, slow nodes, a stalled
+token holder), and a schedule of fault steps interleaved with application messages of all sizes.
+Then the network heals, crashed nodes restart and paused ones resume; after a quiet period every
+node must be in one ring, every message a surviving node accepted must have been delivered by
+it, and a probe from every node must reach every node. Every call into a core passes the node's
+own clock (`Network.local_now`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,20 @@ from pmxfs.core.totem import (
 )
 from pmxfs.core.totem_params import TotemParams, derive_params
 
-from .faults import FaultOdds, random_fault
+from .faults import (
+    EVERY_FAULT,
+    FaultOdds,
+    Swarm,
+    classic_fault,
+    draw_mix,
+    install_mix,
+    mixed_fault,
+)
 from .network import Network, SimNode, SimulationStuck
 from .totem_checker import TotemChecker, Violation
 from .trace import Trace
+
+BYTE_CYCLE = bytes(range(256))  # payload bodies count up from the message counter, mod 256
 
 
 @dataclass
@@ -77,7 +90,7 @@ class TotemCluster:
     # ------------------------------------------------------------------ plumbing
 
     def _make_core(self, node_id: int) -> Totem:
-        return Totem(node_id, self.node_ids, self.params, self.net.now,
+        return Totem(node_id, self.node_ids, self.params, self.net.local_now(node_id),
                      ring_seq=self.disk.get(node_id, 0),
                      on_event=lambda text: self.trace(f"{self.net.now} n{node_id} {text}"))
 
@@ -123,9 +136,10 @@ class TotemCluster:
         counter = self.counters.get(node_id, 0) + 1
         self.counters[node_id] = counter
         head = b"%d:%d:" % (node_id, counter)
-        payload = head + bytes((counter + i) & 0xFF for i in range(max(0, size - len(head))))
+        length, start = max(0, size - len(head)), counter % 256
+        payload = head + (BYTE_CYCLE * ((start + length) // 256 + 1))[start:start + length]
         self.checker.accepted(payload)
-        result = self.core(node_id).mcast(self.net.now, payload)
+        result = self.core(node_id).mcast(self.net.local_now(node_id), payload)
         self.net.flush(node)
         if result is McastResult.TRY_AGAIN:
             return None
@@ -184,6 +198,7 @@ class TotemCluster:
 
 
 TOTEM_FAULTS = FaultOdds(partition=0.76, isolate=0.80, heal=0.88, crash=0.92, restart=0.96)
+TOTEM_SWARM: Swarm = EVERY_FAULT
 
 
 def sim_params(node_count: int) -> TotemParams:
@@ -191,7 +206,11 @@ def sim_params(node_count: int) -> TotemParams:
     return derive_params(node_count, token=400, token_coefficient=50, join=30, merge=100)
 
 
-def run_chaos(seed: int, node_range: tuple[int, int], *, keep_trace: bool = False) -> RunResult:
+def run_chaos(seed: int, node_range: tuple[int, int], *, keep_trace: bool = False,
+              swarm: Swarm | None = TOTEM_SWARM) -> RunResult:
+    """One seed's chaos run. `swarm`: the chance of each fault kind to be in the run's mix;
+    None runs the classic fixed odds (`TOTEM_FAULTS`) with which the regression seeds were
+    found."""
     rng = random.Random(seed)
     n_nodes = rng.randint(*node_range)
     node_ids = sorted(rng.sample(range(1, 3 * n_nodes + 1), n_nodes))
@@ -199,15 +218,19 @@ def run_chaos(seed: int, node_range: tuple[int, int], *, keep_trace: bool = Fals
     cluster = TotemCluster(node_ids, params, rng, keep_trace=keep_trace)
     net = cluster.net
     faults = net.faults
-    faults.loss = rng.choice([0.0, 0.01, 0.05, 0.1, 0.2, 0.3])
-    faults.duplicate = rng.choice([0.0, 0.0, 0.02, 0.05])
-    faults.min_delay = rng.randint(0, 2)
-    faults.max_jitter = rng.choice([0, 1, 3, 10])
-    cluster.trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate} "
-                   f"delay {faults.min_delay}+{faults.max_jitter}")
+    if swarm is None:
+        faults.loss = rng.choice([0.0, 0.01, 0.05, 0.1, 0.2, 0.3])
+        faults.duplicate = rng.choice([0.0, 0.0, 0.02, 0.05])
+        faults.min_delay = rng.randint(0, 2)
+        faults.max_jitter = rng.choice([0, 1, 3, 10])
+        cluster.trace(f"seed {seed} nodes {node_ids} loss {faults.loss} dup {faults.duplicate} "
+                      f"delay {faults.min_delay}+{faults.max_jitter}")
+    else:
+        cluster.trace(f"seed {seed} nodes {node_ids}")
+        install_mix(net, draw_mix(rng, swarm, params.token))
     violation: str | None = None
     try:
-        chaos_until = rng.randint(8_000, 25_000)
+        chaos_until = rng.randint(8_000, 25_000 if swarm is None else 20_000)
         while net.now < chaos_until:
             net.run_until(net.now + rng.randint(1, 400))
             _random_action(cluster, rng, params)
@@ -261,6 +284,8 @@ def _random_action(cluster: TotemCluster, rng: random.Random, params: TotemParam
             size = rng.choice([8, 32, 100, 500, 1400, 3000]) if rng.random() < 0.97 else rng.choice(
                 [20_000, 100_000, 300_000])
             cluster.mcast(rng.choice(ids), size)
+    elif net.mix is not None:
+        mixed_fault(rng, net, ids, params.token, cluster.crash, cluster.restart)
     else:
-        random_fault(roll, TOTEM_FAULTS, rng, net, ids, params.token, cluster.crash,
-                     cluster.restart)
+        classic_fault(roll, TOTEM_FAULTS, rng, net, ids, params.token, cluster.crash,
+                      cluster.restart)
