@@ -501,6 +501,11 @@ class Replica:
     def writable(self) -> bool:
         return self.quorum.status().quorate
 
+    @property
+    def persists_made(self) -> int:
+        """How many Persists the replica has handed out (the id of the last one)."""
+        return self._next_persist
+
     def status(self) -> ReplicaStatus:
         return ReplicaStatus(self.ring, self.members, self.mode, self.quorum.status(),
                              self.totem.status(), dict(self.counters),

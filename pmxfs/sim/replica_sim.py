@@ -428,9 +428,8 @@ class ReplicaCluster:
 
     def _note_persists_made(self, key: NodeKey, core: Replica) -> None:
         """Before the replica's event changes the lineage: the Persists it made since its last
-        event hold the lineage as it is now (the runtime has no need of the count, so it is
-        read from the replica's own)."""
-        made = core._next_persist
+        event hold the lineage as it is now."""
+        made = core.persists_made
         seen = self.persists_made.get(key, 0)
         if made > seen:
             snapshot = self.checker.lineages[key].snapshot()
