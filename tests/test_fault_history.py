@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
-from tools.faultlab.history import CheckInput, NodeEvent, Op, check, classify, write_counts
+from faultlab.history import CheckInput, NodeEvent, Op, check, classify, write_counts
 
 
 def write(key: str, value: str, start: float, end: float | None, outcome: str = "ok",
@@ -163,4 +163,18 @@ def test_an_empty_new_file_shows_only_on_its_node_while_it_is_created() -> None:
     # While being created it counts as missing: after an acknowledged value, that goes back.
     ops = [write("own/a", "a:1", 0, 1, node="n2"), read("own/a", "a:1", 2, 3),
            write("own/a", "a:2", 3.5, 5), read("own/a", "", 4, 4.5)]
+    only(run(ops, {"own/a": "a:2"}), "read went back")
+
+
+def test_a_value_read_before_its_acknowledgement_sets_no_floor() -> None:
+    """design.md §5: a write delivered only on its node (the tail of a ring the others left)
+    shows there, a sync takes it away, the node sends it again and it is acknowledged then --
+    a read between the sync and the resend returns the older value."""
+    ops = [write("own/a", "a:1", 0, 1, node="n2"), write("own/a", "a:2", 2, 9, node="n2"),
+           read("own/a", "a:2", 3, 4, node="n2"), read("own/a", "a:1", 5, 6, node="n2"),
+           read("own/a", "a:2", 10, 11, node="n2")]
+    assert run(ops, {"own/a": "a:2"}) == []
+    # Once a read that began after the acknowledgement returned it, going back is reported.
+    ops = [*ops, read("own/a", "a:1", 12, 13, node="n2"), read("own/a", "a:2", 14, 15),
+           read("own/a", "a:1", 16, 17)]
     only(run(ops, {"own/a": "a:2"}), "read went back")

@@ -5,6 +5,7 @@ its refusal of bad usage (exit 2, one line). The long runs are in the README."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,27 @@ KINDS = ("kill", "pause", "kill-during-sync", "slowdisk", "partition", "isolate"
          "oneway", "loss", "duplicate", "delay", "linkdown", "flap", "combo")
 RUN_BOUND_S = 200  # --max-seconds: the harness stops starting cycles after this
 DEADLINE_S = 300  # the subprocess's own deadline: the bound plus the last cycle and cleanup
+CLEANUP_S = 120  # past its deadline it gets SIGTERM and this long to remove the lab
 SUMMARY = re.compile(r"^faults: (\d+) cycles, 3 nodes, (\d+) violations, (\d+) acked, "
                      r"(\d+) refused, (\d+) unknown$", re.MULTILINE)
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    """faults.py with `args`; past `timeout` it is stopped with SIGTERM, on which it removes
+    its namespaces, mounts and daemons (a SIGKILL, subprocess.run's way, would leave them)."""
+    with subprocess.Popen([sys.executable, str(TOOL), *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                out, err = proc.communicate(timeout=CLEANUP_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            pytest.fail(f"faults.py did not finish within {timeout} s:\n{out}{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize("args", [["--nodes", "2"], ["--nodes", "8"], ["--kinds", "kill,nope"],

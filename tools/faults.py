@@ -63,7 +63,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the run keeps its files (default: a fresh temp dir)")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help=f"bound on the whole run (default: cycles x {SECONDS_PER_CYCLE:g})")
+                        help="no cycle starts after this many seconds; the last one and the "
+                             "clean-up still finish, each wait bounded (default: cycles x "
+                             f"{SECONDS_PER_CYCLE:g})")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON")
     args = parser.parse_args(argv)
     if not 3 <= args.nodes <= 7:
@@ -103,12 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, interrupt)
     runner = Runner(root, args.nodes, args.kinds, seed, time.monotonic() + budget)
     status = 0
+    built = False
     try:
         runner.build()
+        built = True
         summary = runner.run(args.cycles)
     except Unavailable as exc:
-        print(f"faults: cannot build the lab: {exc}", file=sys.stderr)
-        return 2
+        if not built:
+            print(f"faults: cannot build the lab: {exc}", file=sys.stderr)
+            return 2
+        summary = runner.summary  # the lab failed under the run (an `ip` command, say)
+        summary.stopped_early = f"the lab failed: {exc}"
+        status = 1
     except Interrupted as exc:
         summary = runner.summary
         summary.stopped_early = f"interrupted by {exc}"

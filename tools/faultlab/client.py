@@ -10,7 +10,10 @@ shared key, read any key (its own, a shared one, another client's). A write's va
 `<client>:<counter>`, the counter starting at B and growing with every attempt (the harness
 gives each run of this process a higher B, so values are unique over the whole run). A write is
 open(O_WRONLY|O_CREAT|O_TRUNC) + write + close, its outcome the first errno of those calls or
-"ok"; a read returns None when the key does not exist.
+"ok"; a read returns None when the key does not exist. A read looks the key up in a descriptor of
+its directory, opened first: while a restarted daemon replaces its dead mount, the mount point is
+a plain empty directory for a moment, and a key missing there must read as an error (ENOENT on
+the directory), not as a key missing from the tree -- that would break read-your-writes.
 
 History: one JSON line per event, appended with a single write(2) to an O_APPEND file: a "start"
 line before the first syscall (end None, outcome "unknown") and an "end" line when the last one
@@ -101,8 +104,21 @@ class Workload:
         return "ok"
 
     def read(self, key: str) -> tuple[str, str | None]:
+        directory, name = key.rsplit("/", 1)
         try:
-            fd = os.open(self.root / key, os.O_RDONLY)
+            dir_fd = os.open(self.root / directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:  # ENOENT here: not the tree's directory (module header)
+            return errno_name(exc), None
+        try:
+            return self._read_in(dir_fd, name)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(dir_fd)
+
+    @staticmethod
+    def _read_in(dir_fd: int, name: str) -> tuple[str, str | None]:
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
         except FileNotFoundError:
             return "ok", None
         except OSError as exc:

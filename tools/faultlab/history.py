@@ -12,12 +12,15 @@ The read guarantees pmxfs gives, and so exactly what is checked (docs/design.md 
   by design (docs/tree-rules.md, "New files"): a file being created shows at once, empty, on the
   node that creates it; an empty read there while a write of the key through that node is under
   way counts as the key not existing yet;
-* per node and daemon run, reads never go back past an acknowledged value: once a read returned
-  the value of an acknowledged write w, no later read there returns a value whose acknowledged
-  write ended before w started, nor finds the key missing. Acknowledged means on disk on every
-  member of the proposer's ring, and a sync adopts only the tree of the newest quorate ring, which
-  holds every acknowledged write (majorities intersect); only a restart goes back to the disk,
-  which may lack what was applied but not yet written when the node died;
+* per node and daemon run, reads never go back past an acknowledged value: once a read that
+  began after write w was acknowledged returned w's value, no later read there returns a value
+  whose acknowledged write ended before w started, nor finds the key missing. Acknowledged means
+  on disk on every member of the proposer's ring, and a sync adopts only the tree of the newest
+  quorate ring, which holds every acknowledged write (majorities intersect); only a restart goes
+  back to the disk, which may lack what was applied but not yet written when the node died. A
+  read that returned w before its acknowledgement sets no floor: w may have been delivered only
+  here, in the tail of a ring the others left; the next sync then takes it away and the
+  proposer sends it again, and it is acknowledged once applied anew (docs/design.md §5);
 * read-your-writes: after a write is acknowledged on a node, reads there (in any later run: the
   write is on its disk) return it or a value not ordered before it;
 * a read may return a value that is later lost: a write delivered only on this node in the tail
@@ -247,8 +250,8 @@ def _creating(writes: Sequence[Op], read: Op) -> bool:
 def _check_read_floor(node_reads: list[tuple[float, float, int, Op]], acks: list[Op],
                       writes: Mapping[str, Op], report: _Report) -> None:
     """One node's reads of one key in start order: each must not return a value ordered before
-    the floor -- the newest acknowledged write an earlier finished read of the same run
-    returned, or that this node acknowledged before the read began."""
+    the floor -- the newest write acknowledged before an earlier finished read of the same run
+    began and returned by it, or that this node acknowledged before the read began."""
     seen: list[tuple[float, int, int, Op]] = []  # (read end, order, run, write it returned)
     floor_by_run: dict[int, Op] = {}
     ack_index = 0
@@ -273,5 +276,5 @@ def _check_read_floor(node_reads: list[tuple[float, float, int, Op]], acks: list
                          else "read lost its own write")
                 report.add(check, f"{_describe(read)}; {why} {_describe(floor)}")
                 break
-        if held is not None and classify(held) == "acked":
+        if held is not None and _acked_end(held) < start:
             heapq.heappush(seen, (end, order, run, held))

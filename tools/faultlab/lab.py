@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -115,19 +115,27 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
+def mount_target(path: Path) -> str:
+    """`path` as the mount table names it: its parent resolved, the mount point itself never
+    touched (a stopped daemon would block the lookup, a dead one answers ENOTCONN)."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
 def is_mounted(path: Path) -> bool:
     """From the mount table: a dead FUSE mount counts (os.path.ismount would say no)."""
-    target = os.path.realpath(path)
+    target = mount_target(path)
     with open("/proc/self/mounts", encoding="utf-8") as mounts:
         return any(line.split()[1] == target for line in mounts)
 
 
 def unmount(path: Path) -> None:
+    """Lazily, without looking at the mount point (`mount_target`); bounded."""
     for _ in range(3):
         if not is_mounted(path):
             return
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30,
-                       check=False)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(["umount", "-l", "--no-canonicalize", mount_target(path)],
+                           capture_output=True, timeout=30, check=False)
 
 
 def render_config(nodes: Sequence[tuple[str, int, str]], token_ms: int = TOKEN_MS) -> str:
@@ -153,7 +161,6 @@ class Node(NodeHome):
     paused: bool = False
     link_up: bool = True
     slowdisk: subprocess.Popen[bytes] | None = None
-    pids: list[int] = field(default_factory=list)
 
     def argv(self) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.ns}", "--", str(PMXFS), "daemon",
@@ -207,8 +214,8 @@ class Lab:
     def _make_namespace(self, node: Node) -> None:
         node.home.mkdir(parents=True)
         node.mount.mkdir()
+        self.namespaces.append(node.ns)  # before it exists: an interrupted `ip` may make it
         ip("netns", "add", node.ns)
-        self.namespaces.append(node.ns)
         self.switch.add_port(node.name, node.ifname, node.addr)
         ip("link", "set", node.ifname, "netns", node.ns)
         ip("-n", node.ns, "link", "set", "lo", "up")
@@ -249,7 +256,6 @@ class Lab:
         with open(node.log, "ab") as log:
             node.proc = subprocess.Popen(node.argv(), stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL)
-        node.pids.append(node.proc.pid)
         node.paused = False
         self.events.append(NodeEvent(time.monotonic(), name, "started"))
         if wait:
@@ -379,23 +385,26 @@ class Lab:
                     node.proc.send_signal(signal.SIGTERM)
         for node in self.nodes.values():
             if node.proc is not None:
-                try:
-                    node.proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    node.proc.kill()
-                    node.proc.wait(STOP_TIMEOUT_S)
+                stop(node.proc)
             unmount(node.mount)
         for node in self.nodes.values():
             if node.slowdisk is not None:
                 if node.slowdisk.poll() is None:
                     node.slowdisk.send_signal(signal.SIGTERM)
-                    try:
-                        node.slowdisk.wait(STOP_TIMEOUT_S)
-                    except subprocess.TimeoutExpired:
-                        node.slowdisk.kill()
-                        node.slowdisk.wait(STOP_TIMEOUT_S)
+                    stop(node.slowdisk)
                 unmount(node.data_dir)
         self.switch.close()
         for ns in reversed(self.namespaces):
-            ip("netns", "del", ns, check=False)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                ip("netns", "del", ns, check=False)
         self.namespaces.clear()
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for `proc`, signalled to stop, then SIGKILL it; bounded, never raises."""
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_TIMEOUT_S)

@@ -5,24 +5,27 @@ the lab, then one heal that undoes everything.
 cycle's start, each a description and an action on the lab. Kinds (`KINDS`):
 * process faults (`PROCESS_KINDS`): kill (SIGKILL 1..(N-1)/2 nodes, restart after a while),
   pause (SIGSTOP/SIGCONT 1..(N-1)/2 nodes, shorter or longer than the token timeout),
-  kill-during-sync (heal an isolation or restart a killed node, then SIGKILL a node within the
-  first few hundred ms of the sync), slowdisk (stall the slow node's fsyncs);
+  kill-during-sync (heal an isolation or restart a killed node without waiting for its mount,
+  then SIGKILL a node 0-100 ms after a daemon logs the ring that takes that node back: the sync
+  of a small tree takes a few token rotations), slowdisk (stall the slow node's fsyncs);
 * network faults, through the switch's rules: partition (a random minority), isolate (one
   node), bridge (two sides that both see one node), oneway (a node's packets out, or in, are
   dropped), loss, duplicate, delay (with jitter, which reorders); and through the node's TUN
   link: linkdown (down, then up), flap (toggled every 1-2 s);
-* combo: two or three of the above at once, at most one of them a process fault (so a majority
-  can always form).
+* combo: two or three of the above at once, at most one of them a process fault (so at most a
+  minority of the daemons is down at once; a partition on top may still leave no quorum).
 Network rules of simultaneous faults are merged (`Rules.merged`).
 
 `heal()` clears the rules, brings every link up, continues every paused daemon and restarts every
 daemon the nemesis killed; a daemon that is dead although the nemesis never killed it is
-reported (and restarted, so the run goes on). Every action is logged with its time.
+reported (and restarted, so the run goes on). Every action is logged with its time, and each
+heal logs the switch's counters (forwarded, dropped, overflow, ...).
 """
 
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +42,19 @@ PROCESS_KINDS = ("kill", "pause", "kill-during-sync", "slowdisk")
 KINDS = (*PROCESS_KINDS, *NETWORK_KINDS, "combo")
 TOKEN_S = 1.0
 SYNC_WAIT_S = 10.0
+SYNC_POLL_S = 0.005
+SYNC_KILL_DELAY_S = 0.1
+MEMBERSHIP = re.compile(r"membership \d+\.\d+: (.+)$", re.MULTILINE)  # replica_node's log line
+
+
+def ring_takes_back(log_text: str, node: str) -> bool:
+    """Whether `log_text` holds a daemon's membership line of a ring with `node` and another
+    node (a restarted daemon first logs a ring of its own, which starts no sync with anyone)."""
+    for match in MEMBERSHIP.finditer(log_text):
+        members = match.group(1).strip().split(", ")
+        if node in members and len(members) > 1:
+            return True
+    return False
 
 
 @dataclass
@@ -87,10 +103,10 @@ class Nemesis:
         self.lab.kill(name)
         self.killed.add(name)
 
-    def _restart(self, name: str) -> None:
+    def _restart(self, name: str, *, wait: bool = True) -> None:
         if name in self.killed and not self.lab.nodes[name].running():
             self.killed.discard(name)
-            self.lab.start(name, wait=True)
+            self.lab.start(name, wait=wait)
 
     # ------------------------------------------------------------------ plans
 
@@ -148,7 +164,7 @@ class Nemesis:
         victim = self.rng.choice(self.lab.names)
         cause = self.rng.choice(self.lab.names)
         cut = self.rng.uniform(2.0, 5.0)
-        delay = self.rng.uniform(0.0, 0.3)
+        delay = self.rng.uniform(0.0, SYNC_KILL_DELAY_S)
         if self.rng.random() < 0.5:
             others = [n for n in self.lab.names if n != cause]
             plan.add(0.5, f"isolate {cause}",
@@ -156,28 +172,34 @@ class Nemesis:
             what, heal = f"heal the isolation of {cause}", partial(self._set_net, "sync", None)
         else:
             plan.add(0.5, f"SIGKILL {cause}", partial(self._kill, cause))
-            what, heal = f"restart {cause}", partial(self._restart, cause)
-        plan.add(0.5 + cut, f"{what}, SIGKILL {victim} {delay * 1000:.0f} ms after the next "
-                            "membership change", partial(self._kill_in_sync, heal, victim, delay))
+            what, heal = f"restart {cause}", partial(self._restart, cause, wait=False)
+        plan.add(0.5 + cut, f"{what}, SIGKILL {victim} {delay * 1000:.0f} ms after the ring that "
+                            f"takes {cause} back forms",
+                 partial(self._kill_in_sync, heal, cause, victim, delay))
         plan.add(0.5 + cut + self.rng.uniform(1.5, 3.5), f"restart {victim}",
                  partial(self._restart, victim))
 
-    def _kill_in_sync(self, heal: Callable[[], None], victim: str, delay: float) -> None:
-        """`heal()`, then SIGKILL `victim` `delay` seconds after a daemon logs the membership
-        change that starts the sync (bounded: SYNC_WAIT_S, then it is killed anyway)."""
+    def _kill_in_sync(self, heal: Callable[[], None], cause: str, victim: str,
+                      delay: float) -> None:
+        """`heal()`, then SIGKILL `victim` `delay` seconds after a daemon logs the ring that
+        takes `cause` back, whose sync then runs (bounded: SYNC_WAIT_S, then it is killed
+        anyway)."""
         marks = {name: self.lab.log_size(name) for name in self.lab.names}
         heal()
         deadline = time.monotonic() + SYNC_WAIT_S
         while time.monotonic() < deadline:
-            if any("membership" in self.lab.log_since(name, offset)
+            if any(ring_takes_back(self.lab.log_since(name, offset), cause)
                    for name, offset in marks.items()):
+                seen = time.monotonic()
                 break
-            time.sleep(0.02)
+            time.sleep(SYNC_POLL_S)
         else:
-            self.note("no membership change seen; killing anyway")
+            seen = time.monotonic()
+            self.note(f"no ring with {cause} seen; killing anyway")
         time.sleep(delay)
-        self.note(f"SIGKILL {victim}")
         self._kill(victim)
+        self.note(f"SIGKILL {victim} {(time.monotonic() - seen) * 1000:.0f} ms after the ring "
+                  "was seen")
 
     def _plan_slowdisk(self, plan: Plan) -> None:
         stalls = self.rng.randint(1, 2)
@@ -300,5 +322,6 @@ class Nemesis:
         for name in self.lab.names:
             if not self.lab.wait_mounted(name):
                 problems.append(f"the mount of {name} did not answer after the heal")
-        self.note("healed")
+        counters = self.lab.switch.counters.copy()
+        self.note("healed; switch " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
         return problems

@@ -40,6 +40,7 @@ from faultlab.workload import ClientSet, History, prepare
 CONVERGE_S = 120.0
 TREES_S = 30.0
 READ_TREE_S = 15.0
+READ_ATTEMPTS = 3
 WARMUP_S = 1.0
 POLL_S = 0.3
 PRINTED_VIOLATIONS = 20  # per cycle on the terminal; violations.txt has them all
@@ -93,17 +94,41 @@ class Summary:
 
 
 def read_tree(root: Path) -> dict[str, str]:
-    """key -> content of every file under `root`."""
+    """key -> content of every file under `root`; OSError when any of it cannot be read (os.walk
+    would skip a directory it cannot list: a dead mount would read as an empty tree)."""
     tree = {}
-    for dirpath, _, files in os.walk(root):
+    for dirpath, _, files in os.walk(root, onerror=_raise):
         for name in files:
             path = Path(dirpath) / name
             tree[str(path.relative_to(root))] = path.read_text(errors="replace")
     return tree
 
 
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def tree_or_none(root: Path) -> dict[str, str] | None:
+    """`read_tree(root)`, or None when the mount does not answer it (ENOTCONN, ...)."""
+    try:
+        return read_tree(root)
+    except OSError:
+        return None
+
+
 def read_lost_found(data_dir: Path) -> list[str]:
-    return list(read_tree(data_dir / "lost+found").values())
+    """The contents of every file under the data directory's lost+found (none: no directory).
+    A file the daemon is writing right now may vanish between listing and reading: retried."""
+    lost_found = data_dir / "lost+found"
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        if not lost_found.exists():
+            return []
+        try:
+            return list(read_tree(lost_found).values())
+        except FileNotFoundError:
+            if attempt == READ_ATTEMPTS:
+                raise
+    return []
 
 
 class Runner:
@@ -225,7 +250,7 @@ class Runner:
         while True:
             trees = {}
             for name, node in self.lab.nodes.items():
-                tree = bounded(partial(read_tree, node.mount / WORKLOAD), READ_TREE_S)
+                tree = bounded(partial(tree_or_none, node.mount / WORKLOAD), READ_TREE_S)
                 if tree is not None:
                     trees[name] = tree
             if len(trees) < len(self.lab.nodes) or time.monotonic() > end:

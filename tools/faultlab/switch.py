@@ -88,10 +88,6 @@ class Switch:
         self._rules = rules
         self._wake()
 
-    @property
-    def rules(self) -> Rules:
-        return self._rules
-
     def close(self) -> None:
         """Stop the thread and close every port (their devices go with them)."""
         self._stop.set()
