@@ -299,6 +299,29 @@ def test_a_resent_write_overwritten_before_its_answer_is_not_reported_lost() -> 
     assert c.replica(3).lost_waiting == {}
 
 
+def test_another_node_s_write_it_got_in_a_ring_s_tail_is_left_to_its_writer() -> None:
+    """n4's write reaches only n5 before {4, 5} is cut off from the majority: both apply it in
+    the old ring's tail. After the heal n4 sends it again and it is acknowledged; n5 must not
+    have saved it to lost+found (found by tools/faults.py on five nodes): only the writer can
+    tell whether its own write comes back."""
+    c = make(5)
+    majority, minority = [1, 2, 3], [4, 5]
+    c.net.cut((4, b) for b in majority)  # its frames reach n5 only; the token still goes round
+    request = c.propose(4, WriteFile("theirs", b"from n4", 5, create=True))
+    assert c.net.run_while(lambda: content(c, 5, "theirs") is None, c.net.now + 10_000, step=1)
+    c.net.partition([majority, minority])
+    c.wait(lambda: not c.replica(5).writable() and c.replica(1).writable(), 20_000,
+           "two rings, the majority quorate")
+    assert all(content(c, n, "theirs") is None for n in majority)
+    assert request not in c.replies
+    c.net.heal()
+    c.wait(lambda: request in c.replies, 60_000, "the answer to the resent write")
+    assert c.replies[request].errno == 0
+    c.wait(c.settled, 30_000, "one synced ring")
+    assert all(content(c, n, "theirs") == b"from n4" for n in range(1, 6))
+    assert c.lost == []
+
+
 def test_a_node_away_when_corosync_conf_changed_takes_it_from_the_sync() -> None:
     c = make()
     c.crash(3)

@@ -44,7 +44,10 @@ How it works
   operation was decided nor when it was answered (a write of another node may replace the
   content in between: the resent write was acknowledged, nothing was lost). Those waiting
   rows are unacknowledged writes of this node, so a crash before the settling loses nothing
-  anyone was told is written.
+  anyone was told is written. Each node saves only the rows it wrote itself: a row of another
+  node that reached it in the tail of a ring may come back when that node sends its operation
+  again, and only the writer knows that; the writer holds every row of its own (on disk, if it
+  was ever acknowledged), so it saves what is really lost, also when it comes back later.
 * Minority reads are "dirty" by design: an operation that only this node delivered (in the
   transitional tail of a ring whose other members never got it) is visible here until the next
   sync replaces it; it was never acknowledged (acknowledgement waits for every member's disk)
@@ -1053,8 +1056,8 @@ class Replica:
     def _save_lost(self, old: MemDB, old_history: Sequence[HistorySpan]) -> None:
         lost: list[tuple[str, bytes]] = []
         for entry in old.entries():
-            if entry.type is not EntryType.FILE:
-                continue
+            if entry.type is not EntryType.FILE or entry.writer != self.node_id:
+                continue  # another node's write: its writer saves it (see the module header)
             span = next((h for h in old_history if h.first <= entry.version <= h.last), None)
             if span is None or any(h.ring == span.ring and h.first <= entry.version <= h.last
                                    for h in self.history):
