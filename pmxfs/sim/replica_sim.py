@@ -238,7 +238,8 @@ class ReplicaChecker:
         self.removed: set[int] = set()
         self.lineages: dict[NodeKey, _Lineage] = {}
         self.snapshots: dict[tuple[int, RingId, int], tuple[list[_Step], int]] = {}
-        self.sync_sums: dict[tuple[RingId, int], bytes] = {}
+        # Per sync: the checksum and every node run that completed it with that checksum.
+        self.sync_sums: dict[tuple[RingId, int], tuple[bytes, set[NodeKey]]] = {}
         self.ring_members: dict[NodeKey, tuple[int, ...]] = {}
         self.acked: dict[OpId, int] = {}
         self.applied_ops = 0
@@ -265,13 +266,25 @@ class ReplicaChecker:
             self.snapshots[(key[0], ev.ring, ev.epoch)] = lineage.snapshot()
         elif isinstance(ev, SyncCompleted):
             self.syncs += 1
-            first = self.sync_sums.setdefault((ev.ring, ev.epoch), ev.checksum)
+            first, completed = self.sync_sums.setdefault((ev.ring, ev.epoch),
+                                                         (ev.checksum, set()))
             if first != ev.checksum:
                 raise Violation(f"n{key[0]} completed sync {ev.ring}/{ev.epoch} with another "
                                 f"state than its peers")
+            completed.add(key)
             if ev.adopted:
                 steps, length = self.snapshots[(ev.leader, ev.ring, ev.epoch)]
                 self.lineages[key] = _Lineage(steps[:length])
+
+    def ring_void(self, key: NodeKey, ring_seq: int) -> None:
+        """Node run `key` died before its ring seq file held `ring_seq`: nothing of a ring with
+        that seq left it (no frame leaves before the file is written), and its next run forms
+        a ring with the same id again -- what it completed in such a ring never happened."""
+        for sync, (_, completed) in list(self.sync_sums.items()):
+            if sync[0].seq == ring_seq:
+                completed.discard(key)
+                if not completed:
+                    del self.sync_sums[sync]
 
     def on_confchg(self, key: NodeKey, c: ConfChange, config: ClusterConfig | None) -> None:
         """`config`: the one the replica runs with, when its totem is still in `c`'s ring
@@ -487,6 +500,8 @@ class ReplicaCluster:
         end = self._draw_end(disk.profile)
         if end is not CommitEnd.FAILED and end is not CommitEnd.TORN_BEFORE:
             disk.ring_seq = max(disk.ring_seq, ring_seq)
+        elif disk.ring_seq < ring_seq:
+            self.checker.ring_void(key, ring_seq)
         if end is not CommitEnd.DONE:
             self._stop_node(key, end, f"writing ring seq {ring_seq}")
 
