@@ -97,9 +97,7 @@ class LabNode(NodeHome):
 
     def argv(self) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.ns}", "--", str(PMXFS), "daemon",
-                "--node", self.name, "--config", str(self.config), "--authkey",
-                str(self.authkey), "--data-dir", str(self.data_dir), "--run-dir",
-                str(self.run_dir), "--mount", str(self.mount), "--no-realtime"]
+                *self.daemon_options(self.name), "--no-realtime"]
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

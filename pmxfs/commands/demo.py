@@ -129,9 +129,7 @@ class DemoNode(NodeHome):
 
     def argv(self) -> list[str]:
         """The full command line of this node's daemon; it restarts the node on its own."""
-        return [sys.executable, "-m", "pmxfs", "daemon", "--config", str(self.config),
-                "--authkey", str(self.authkey), "--node", self.name, "--mount", str(self.mount),
-                "--data-dir", str(self.data_dir), "--run-dir", str(self.run_dir)]
+        return [sys.executable, "-m", "pmxfs", "daemon", *self.daemon_options(self.name)]
 
 
 @dataclass(frozen=True)

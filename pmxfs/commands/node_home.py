@@ -35,3 +35,9 @@ class NodeHome:
     @property
     def log(self) -> Path:
         return self.home / "daemon.log"
+
+    def daemon_options(self, name: str) -> list[str]:
+        """The options of `pmxfs daemon` that run node `name` from these files."""
+        return ["--config", str(self.config), "--authkey", str(self.authkey), "--node", name,
+                "--mount", str(self.mount), "--data-dir", str(self.data_dir), "--run-dir",
+                str(self.run_dir)]
