@@ -73,6 +73,7 @@ class Cluster:
         setup = [f"nodes/{n.node_name}/{d}" for n in self.nodes.values() for d in NODE_DIRS]
         return all(n.quorate() and n.replica.synced() and len(n.replica.members) == len(self.nodes)
                    and all(n.memdb.lookup(path) is not None for path in setup)
+                   and n.pending_writes() == 0  # their answers too (metrics count them)
                    for n in self.nodes.values())
 
     async def settled(self) -> None:
