@@ -8,13 +8,13 @@ import errno
 import functools
 import math
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
-from test_replica_node import Cluster
+from test_replica_node import Cluster, cluster
 
 from pmxfs import cli
 from pmxfs.core.fsop import Mkdir, WriteFile
@@ -25,6 +25,8 @@ from pmxfs.runtime.node_metrics import render_node
 from pmxfs.runtime.replica_node import ReplicaNode
 
 Families = dict[str, list[tuple[str, dict[str, str], float]]]
+
+__all__ = ["cluster"]  # the fixture, imported from test_replica_node
 
 
 def parse(text: str) -> Families:
@@ -59,18 +61,6 @@ def test_histogram_buckets_are_cumulative() -> None:
     samples = families["d_seconds"]
     assert ("d_seconds_count", {}, 5) in samples
     assert value(families, "d_seconds_sum") == pytest.approx(5.65)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with trio.open_nursery() as nursery:
-        c = Cluster(tmp_path, nursery, 3)
-        with trio.fail_after(60):
-            await c.settled()
-        yield c
-        nursery.cancel_scope.cancel()
-    c.close()
-    assert c.failures == {}
 
 
 def check_exposition(text: str) -> Families:
